@@ -1,0 +1,206 @@
+"""``elastic-run``: Hydra composes the config, then one elastic run per job (per sweep point
+with ``--multirun``). The only module that knows Hydra's objects.
+
+Exit codes: 0 success; 1 the job failed; 2 bad configuration (one line on stderr naming
+the key, the value and what is allowed); 128+N stopped by signal N.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from elastic_runner.agent import ElasticAgent
+from elastic_runner.config import (
+    ConfigError,
+    ElasticRunConfig,
+    parse_nnodes,
+    parse_nproc_per_node,
+    register_configs,
+    validate,
+)
+from elastic_runner.plugins import make_plugin_manager
+from elastic_runner.registry import ComponentKind, Registry
+from elastic_runner.report import format_report
+from elastic_runner.resources import conf_dir, example_path
+from elastic_runner.signals import handle_signals
+from elastic_runner.spec import RunContext, WorkerSpec
+from elastic_runner.workers.command import resolve_command
+from elastic_runner.workers.logs import WorkerLogPaths
+from elastic_runner.workers.supervisor import ProcessSupervisor
+
+__all__ = ["main", "run_job"]
+
+log = logging.getLogger("elastic_runner")
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main() -> None:
+    """Console entry point of ``elastic-run``."""
+    base_env = dict(os.environ)
+    registry = Registry(make_plugin_manager())
+    register_configs(registry)
+    OmegaConf.register_new_resolver("er.example", example_path, replace=True)
+
+    codes: list[int] = []
+
+    def task(cfg: DictConfig) -> None:
+        codes.append(run_job(cfg, registry, base_env))
+
+    # Hydra re-raises instead of printing its own multi-line report; we print one line.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(
+            task
+        )()
+    except ConfigError as exc:
+        _config_error(str(exc))
+    except Exception as exc:
+        message = describe_hydra_error(exc, sys.argv[1:])
+        if message is None:
+            raise
+        _config_error(message)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    sys.exit(max(codes, default=0))
+
+
+def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) -> int:
+    """One whole elastic run from a composed config; returns the exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    conf: ElasticRunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(conf)
+    min_nodes, max_nodes = parse_nnodes(conf.nnodes)
+    nproc = parse_nproc_per_node(conf.job.nproc_per_node)
+    command = resolve_command(conf.job.entrypoint, conf.job.module, conf.job.args, env=base_env)
+    run_id = conf.rdzv.id or uuid.uuid4().hex
+    context = RunContext(run_id, run_dir, socket.gethostname(), min_nodes, max_nodes)
+
+    rdzv = _build(registry, ComponentKind.RENDEZVOUS, conf.rdzv, context)
+    timer = _build(registry, ComponentKind.TIMER, conf.timer, context)
+    events = _build(registry, ComponentKind.EVENTS, conf.events, context)
+    metrics = _build(registry, ComponentKind.METRICS, conf.metrics, context)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved.setdefault("rdzv", {})["id"] = run_id
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    log.info("run %s: %d worker(s) of %s; run directory: %s", run_id, nproc,
+             " ".join(command), run_dir)
+
+    spec = WorkerSpec(
+        role=conf.job.role,
+        local_world_size=nproc,
+        command=command,
+        env={**conf.job.env, **timer.worker_env()},
+        max_restarts=conf.max_restarts,
+        stop_timeout=conf.stop_timeout,
+    )
+    tee = conf.logs.tee
+    supervisor = ProcessSupervisor(console_out=1 if tee else None, console_err=2 if tee else None)
+    agent = ElasticAgent(
+        spec, rdzv, supervisor, context=context, events=events, metrics=metrics,
+        base_env=base_env, log_prefix=conf.logs.prefix,
+    )
+    timer.start()
+    try:
+        with handle_signals(agent.request_stop):
+            result = agent.run()
+    finally:
+        supervisor.close()
+        timer.stop()
+        metrics.close()
+        events.close()
+    report = format_report(
+        result, spec, run_dir,
+        lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr,
+    )
+    print(report, file=sys.stderr, flush=True)
+    return result.exit_code
+
+
+def _build(registry: Registry, kind: ComponentKind, config: Any, context: RunContext) -> Any:
+    name = getattr(config, kind.name_key)
+    try:
+        spec = registry.get(kind, name)
+    except KeyError:
+        allowed = ", ".join(registry.names(kind))
+        raise ConfigError(f"{kind.group}.{kind.name_key}", name, f"allowed: {allowed}") from None
+    return spec.factory(config, context)
+
+
+def _config_error(message: str) -> NoReturn:
+    print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+# -- turning Hydra's and OmegaConf's errors into one line ------------------------------
+
+
+def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
+    """One line for a composition error, or ``None`` when ``exc`` is not one."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if not isinstance(exc, HydraException | OmegaConfBaseException):
+        return None
+    cause: BaseException = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    text = str(exc).strip()
+    if isinstance(exc, MissingConfigException):
+        return _missing_option(exc, text)
+    if "No match in the defaults list" in text and (m := re.search(r"'([\w.]+)'", text)):
+        group = m.group(1)
+        return f"{group}: '{group}' has no default to override; select a preset with +{group}=NAME"
+    if isinstance(cause, ConfigKeyError) and (key := getattr(cause, "full_key", None)):
+        value = _override_value(argv, key)
+        fields = _fields(getattr(cause, "object_type", None))
+        where = key.rpartition(".")[0] or "top level"
+        allowed = f"allowed keys at {where}: {', '.join(fields)}" if fields else "unknown key"
+        return f"{key}={value}: no such key; {allowed}"
+    if isinstance(cause, ValidationError) and (key := getattr(cause, "full_key", None)):
+        msg = str(getattr(cause, "msg", cause)).splitlines()[0]
+        return f"{key}={_override_value(argv, key)}: {msg}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _missing_option(exc: Any, text: str) -> str:
+    missing = getattr(exc, "missing_cfg_file", None) or ""
+    options = getattr(exc, "options", None)
+    group, _, name = missing.rpartition("/")
+    if group and options is not None:
+        return f"{group}={name}: no such option in group '{group}'; allowed: {', '.join(options)}"
+    if m := re.search(r"Could not load '([\w/.-]+)'", text):
+        group, _, name = m.group(1).rpartition("/")
+        return f"{group}={name}: no such option in group '{group}'"
+    return text.splitlines()[0]
+
+
+def _override_value(argv: list[str], key: str) -> str:
+    for arg in argv:
+        k, sep, v = arg.lstrip("+~").partition("=")
+        if sep and k == key:
+            return v
+    return "?"
+
+
+def _fields(object_type: Any) -> list[str]:
+    fields = getattr(object_type, "__dataclass_fields__", None)
+    return sorted(fields) if fields else []

@@ -1,0 +1,1 @@
+"""Stdlib-only demo workers used by the ``+job=hello`` preset."""

@@ -1,0 +1,69 @@
+"""The interface between the agent loop and any rendezvous backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "NodeInfo",
+    "RendezvousError",
+    "RendezvousHandler",
+    "RendezvousInfo",
+    "RendezvousTimeoutError",
+]
+
+
+class RendezvousError(Exception):
+    """A rendezvous could not complete; the message says why, for a person."""
+
+
+class RendezvousTimeoutError(RendezvousError):
+    """Not enough nodes arrived in time."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What each node announces when it joins: enough to assign every global rank."""
+
+    role: str
+    local_world_size: int
+
+
+@dataclass(frozen=True)
+class RendezvousInfo:
+    """One completed round, from this node's point of view. ``nodes`` lists every node of
+    the round in group-rank order."""
+
+    round: int
+    group_rank: int
+    nodes: tuple[NodeInfo, ...]
+    master_addr: str
+    master_port: int
+
+    @property
+    def group_world_size(self) -> int:
+        return len(self.nodes)
+
+
+@runtime_checkable
+class RendezvousHandler(Protocol):
+    """What the agent needs from a backend.
+
+    ``next_round`` blocks until this node is part of a complete round. A backend that can
+    see membership change while workers run calls the callback given to
+    ``on_membership_change`` (from any thread); the agent then regroups without spending
+    a restart.
+    """
+
+    @property
+    def backend(self) -> str: ...
+
+    def next_round(self, node: NodeInfo) -> RendezvousInfo: ...
+
+    def num_nodes_waiting(self) -> int: ...
+
+    def on_membership_change(self, callback: Callable[[], None]) -> None: ...
+
+    def shutdown(self) -> None: ...

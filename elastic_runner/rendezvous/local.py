@@ -1,0 +1,87 @@
+"""The single-node rendezvous: no server, this node is group rank 0 of a one-node round.
+
+Registered as backend ``local`` (the default) through the rendezvous hook, exactly like a
+third-party backend.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from elastic_runner.config import ConfigError, RendezvousConfig, parse_nnodes
+from elastic_runner.hookspecs import hookimpl
+from elastic_runner.registry import ComponentSpec
+from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
+from elastic_runner.spec import RunContext
+
+__all__ = ["LocalRendezvous", "LocalRendezvousConfig", "find_free_port"]
+
+
+@dataclass
+class LocalRendezvousConfig(RendezvousConfig):
+    backend: str = "local"
+    #: MASTER_ADDR given to workers; loopback always works on one node.
+    local_addr: str = "127.0.0.1"
+
+
+def find_free_port(host: str) -> int:
+    """A port free on ``host`` right now (bind to port 0, read it, release it).
+
+    The port is released before workers start because worker rank 0 binds it for torch's
+    store; a fresh one per run keeps two jobs on one machine apart (torch #73320).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRendezvous:
+    """Every round has one node: this one. Membership never changes."""
+
+    backend = "local"
+
+    def __init__(self, local_addr: str = "127.0.0.1") -> None:
+        self._addr = local_addr
+        self._round = -1
+
+    @classmethod
+    def from_config(cls, config: LocalRendezvousConfig, context: RunContext) -> LocalRendezvous:
+        lo, hi = parse_nnodes(f"{context.min_nodes}:{context.max_nodes}")
+        if (lo, hi) != (1, 1):
+            raise ConfigError(
+                "nnodes", f"{lo}:{hi}" if lo != hi else lo,
+                "rdzv=local runs one node; use 1 (multi-node backends come as plugins)",
+            )
+        return cls(config.local_addr)
+
+    def next_round(self, node: NodeInfo) -> RendezvousInfo:
+        self._round += 1
+        return RendezvousInfo(
+            round=self._round,
+            group_rank=0,
+            nodes=(node,),
+            master_addr=self._addr,
+            master_port=find_free_port(self._addr),
+        )
+
+    def num_nodes_waiting(self) -> int:
+        return 0
+
+    def on_membership_change(self, callback: Callable[[], None]) -> None:
+        """Membership of a one-node job never changes."""
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+@hookimpl
+def elastic_runner_rendezvous_backends() -> Sequence[ComponentSpec]:
+    return [
+        ComponentSpec(
+            "local", LocalRendezvous.from_config, LocalRendezvousConfig,
+            "one node, no server (the default)",
+        )
+    ]

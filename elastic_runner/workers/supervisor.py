@@ -1,0 +1,293 @@
+"""Starting, watching and stopping worker processes on this node.
+
+One ``select`` waits on everything: a pidfd per worker (readable the moment the process
+exits, so detection is immediate and nothing polls), each worker's stdout and stderr pipe
+(teed line by line), and a wake pipe that signal handlers and other threads write to.
+
+Each worker leads its own process group and gets PR_SET_PDEATHSIG=SIGKILL, so a dying
+agent takes its workers along and a stop reaches shell grandchildren too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from elastic_runner.spec import WorkerExit
+from elastic_runner.workers.logs import LineTee, WorkerLogPaths
+
+__all__ = ["ProcessSupervisor", "WorkerLaunch"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+#: How long to wait after SIGKILL before giving up on a process (stuck in the kernel).
+_KILL_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything needed to start one worker."""
+
+    local_rank: int
+    global_rank: int
+    argv: Sequence[str]
+    env: dict[str, str]
+    logs: WorkerLogPaths
+    #: Console line prefix for this worker's output.
+    prefix: str = ""
+
+
+@dataclass
+class _Proc:
+    launch: WorkerLaunch
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+    #: Open output pipes by fd: the pipe's file object and its tee.
+    streams: dict[int, tuple[IO[bytes], LineTee]] = field(default_factory=dict)
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child between fork and exec: only async-signal-safe-ish work.
+        os.setpgid(0, 0)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the agent died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class ProcessSupervisor:
+    """Starts a group's processes, waits for them and stops them (honcho's manager, with an
+    injectable clock).
+
+    ``console_out`` / ``console_err`` are the fds teed output goes to (``None`` = files
+    only). Not thread-safe except :meth:`wake`.
+    """
+
+    def __init__(
+        self,
+        *,
+        console_out: int | None = 1,
+        console_err: int | None = 2,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._console = {1: console_out, 2: console_err}
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._procs: dict[int, _Proc] = {}
+        #: Process groups of this attempt's workers, swept when the attempt ends.
+        self._pgids: set[int] = set()
+
+    # -- public interface ---------------------------------------------------------------
+
+    def start(self, launches: Sequence[WorkerLaunch]) -> dict[int, int]:
+        """Start every worker; returns {local_rank: pid}. On a spawn error, workers
+        already started are stopped and the error is raised."""
+        started: dict[int, int] = {}
+        try:
+            for launch in launches:
+                started[launch.local_rank] = self._spawn(launch)
+        except BaseException:
+            self.stop(signal.SIGKILL, 0)
+            raise
+        return started
+
+    @property
+    def running(self) -> list[int]:
+        """Local ranks whose process has not been seen to exit."""
+        return sorted(self._procs)
+
+    def wait(self, timeout: float | None = None) -> list[WorkerExit]:
+        """Block until at least one worker exits, :meth:`wake` is called, or ``timeout``
+        passes; tees worker output meanwhile. Returns the exits seen (maybe none)."""
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - self._clock())
+            exits, woken = self._poll(remaining)
+            if exits or woken or (deadline is not None and self._clock() >= deadline):
+                return exits
+
+    def wake(self) -> None:
+        """Make a blocked :meth:`wait` return (safe from signal handlers and threads)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already pending
+
+    def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
+        """Send ``sig`` to every worker's process group, wait up to ``timeout`` s, then
+        SIGKILL what is left; returns the exits of workers that were still running (marked
+        ``stopped_by_agent``). Leftover processes of the attempt's groups are killed too."""
+        exits: list[WorkerExit] = []
+        for proc in self._procs.values():
+            proc.stopping = True
+        self._signal_groups(sig)
+        exits += self._wait_all(timeout)
+        if self._procs:
+            self._signal_groups(signal.SIGKILL)
+            exits += self._wait_all(_KILL_WAIT)
+        for proc in list(self._procs.values()):
+            log.error(
+                "worker local_rank %d (pid %d) did not exit after SIGKILL (stuck in the "
+                "kernel?); giving up on it",
+                proc.launch.local_rank, proc.pid,
+            )
+            self._forget(proc)
+        self._sweep_groups()
+        return exits
+
+    def close(self) -> None:
+        if self._procs:
+            self.stop(signal.SIGKILL, 0)
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _spawn(self, launch: WorkerLaunch) -> int:
+        launch.logs.dir.mkdir(parents=True, exist_ok=True)
+        popen = subprocess.Popen(
+            list(launch.argv),
+            env=launch.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_child_setup(os.getpid()),
+            close_fds=True,
+        )
+        pidfd = os.pidfd_open(popen.pid)
+        proc = _Proc(launch, popen, pidfd)
+        prefix = launch.prefix.encode()
+        for stream, path, console in (
+            (popen.stdout, launch.logs.stdout, self._console[1]),
+            (popen.stderr, launch.logs.stderr, self._console[2]),
+        ):
+            assert stream is not None
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            proc.streams[fd] = (stream, LineTee(path, console, prefix))
+            self._sel.register(fd, selectors.EVENT_READ, proc)
+        self._sel.register(pidfd, selectors.EVENT_READ, proc)
+        self._procs[launch.local_rank] = proc
+        self._pgids.add(popen.pid)
+        return popen.pid
+
+    def _poll(self, timeout: float | None) -> tuple[list[WorkerExit], bool]:
+        exits: list[WorkerExit] = []
+        woken = False
+        for key, _ in self._sel.select(timeout):
+            proc = key.data
+            if proc is None:
+                woken = True
+                self._drain_wake()
+            elif key.fd == proc.pidfd:
+                exits.append(self._reap(proc))
+            elif key.fd in proc.streams:
+                self._read(proc, key.fd)
+        return exits, woken
+
+    def _read(self, proc: _Proc, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
+            if not data:
+                self._close_stream(proc, fd)
+                return
+            proc.streams[fd][1].feed(data)
+
+    def _close_stream(self, proc: _Proc, fd: int) -> None:
+        self._sel.unregister(fd)
+        pipe, tee = proc.streams.pop(fd)
+        tee.close()
+        pipe.close()
+
+    def _reap(self, proc: _Proc) -> WorkerExit:
+        timestamp = self._wall_clock()
+        returncode = proc.popen.wait()  # the pidfd is readable: it has exited
+        # Output written before the exit comes before the exit in every report.
+        for fd in list(proc.streams):
+            self._read(proc, fd)
+        launch = proc.launch
+        self._forget(proc)
+        return WorkerExit(
+            local_rank=launch.local_rank,
+            global_rank=launch.global_rank,
+            pid=proc.pid,
+            returncode=returncode,
+            timestamp=timestamp,
+            stopped_by_agent=proc.stopping,
+        )
+
+    def _forget(self, proc: _Proc) -> None:
+        """Stop watching ``proc``; streams a grandchild still holds are closed here."""
+        self._procs.pop(proc.launch.local_rank, None)
+        if proc.pidfd in self._sel.get_map():
+            self._sel.unregister(proc.pidfd)
+            os.close(proc.pidfd)
+        for fd in list(proc.streams):
+            self._close_stream(proc, fd)
+
+    def _wait_all(self, timeout: float) -> list[WorkerExit]:
+        exits: list[WorkerExit] = []
+        deadline = self._clock() + timeout
+        while self._procs:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            got, _ = self._poll(remaining)
+            exits += got
+        return exits
+
+    def _signal_groups(self, sig: int) -> None:
+        for proc in self._procs.values():
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # the group leader changed its group; reach it alone
+                proc.popen.send_signal(sig)
+
+    def _sweep_groups(self) -> None:
+        for pgid in self._pgids:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._pgids.clear()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
