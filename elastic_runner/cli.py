@@ -56,7 +56,11 @@ def main() -> None:
     codes: list[int] = []
 
     def task(cfg: DictConfig) -> None:
-        codes.append(run_job(cfg, registry, base_env))
+        try:
+            codes.append(run_job(cfg, registry, base_env))
+        except ConfigError as exc:  # before any worker started
+            print(f"elastic-run: error: {exc}", file=sys.stderr, flush=True)
+            codes.append(EXIT_CONFIG_ERROR)
 
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -155,21 +159,36 @@ def _config_error(message: str) -> NoReturn:
 
 def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
     """One line for a composition error, or ``None`` when ``exc`` is not one."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        OmegaConfBaseException,
+        ValidationError,
+    )
 
     if not isinstance(exc, HydraException | OmegaConfBaseException):
         return None
     cause: BaseException = exc
-    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__
+    while not isinstance(cause, OmegaConfBaseException):
+        nxt = cause.__cause__ or cause.__context__
+        if nxt is None:
+            break
+        cause = nxt
     text = str(exc).strip()
     if isinstance(exc, MissingConfigException):
         return _missing_option(exc, text)
+    if isinstance(exc, OverrideParseException):
+        return (
+            f"{exc.override}: cannot parse this override ({text.splitlines()[0]}); quote "
+            "values with special characters, e.g. 'job.args=[\"--x=1\"]'"
+        )
     if "No match in the defaults list" in text and (m := re.search(r"'([\w.]+)'", text)):
         group = m.group(1)
         return f"{group}: '{group}' has no default to override; select a preset with +{group}=NAME"
-    if isinstance(cause, ConfigKeyError) and (key := getattr(cause, "full_key", None)):
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and (
+        key := getattr(cause, "full_key", None)
+    ):
         value = _override_value(argv, key)
         fields = _fields(getattr(cause, "object_type", None))
         where = key.rpartition(".")[0] or "top level"
