@@ -170,7 +170,7 @@ def elastic_tool(elastic_run: str) -> Tool:
         return [
             elastic_run,
             f"job.entrypoint={WORKER}",
-            f"job.args=[{out},{mode}]",
+            f"job.args=['{out}',{mode}]",
             f"job.nproc_per_node={n}",
             "max_restarts=1",
             f"hydra.run.dir={run_dir}",
@@ -376,7 +376,7 @@ def format_table(results: Results, tools: list[Tool]) -> list[str]:
         f"{'metric (ms)':<42}{'tool':<13}{'median':>8}{'min':>9}{'max':>9}{'n':>4}",
     ]
     for sc in SCENARIOS:
-        lines.append(f"-- {sc.title} " + "-" * (82 - len(sc.title)))
+        lines.append(f"-- {sc.title} " + "-" * (81 - len(sc.title)))
         for key, label in ROWS:
             present = [name for name in names if results.values(sc.key, name, key)]
             if not present:

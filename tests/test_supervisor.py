@@ -1,0 +1,158 @@
+"""ProcessSupervisor with real processes: immediate exit detection, tee, bounded stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from elastic_runner.workers.logs import WorkerLogPaths
+from elastic_runner.workers.supervisor import ProcessSupervisor, WorkerLaunch
+
+
+def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLaunch:
+    return WorkerLaunch(
+        local_rank=rank, global_rank=rank, argv=[sys.executable, "-c", code],
+        env=dict(os.environ), logs=WorkerLogPaths(tmp_path / str(rank)), prefix=prefix,
+    )
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path):  # type: ignore[no-untyped-def]
+    out_r, out_w = os.pipe()
+    os.set_blocking(out_r, False)
+    sup = ProcessSupervisor(console_out=out_w, console_err=out_w)
+    sup.console_read = lambda: _read_all(out_r)  # type: ignore[attr-defined]
+    yield sup
+    sup.close()
+    os.close(out_r)
+    os.close(out_w)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_exit_is_seen_at_once_without_polling(supervisor: ProcessSupervisor,
+                                             tmp_path: Path) -> None:
+    pids = supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
+    time.sleep(0.2)
+    latencies = []
+    t0 = time.time()
+    os.kill(pids[0], signal.SIGKILL)
+    exits = supervisor.wait(timeout=5)
+    latencies.append(exits[0].timestamp - t0)
+    assert exits[0].returncode == -signal.SIGKILL and not exits[0].stopped_by_agent
+    assert latencies[0] < 0.05  # generous bound; the benchmark measures the median
+
+
+def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor,
+                                          tmp_path: Path) -> None:
+    supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
+    t0 = time.monotonic()
+    assert supervisor.wait(timeout=0.1) == []
+    assert 0.09 < time.monotonic() - t0 < 1
+    supervisor.wake()
+    t0 = time.monotonic()
+    assert supervisor.wait(timeout=5) == []
+    assert time.monotonic() - t0 < 0.5
+    exits = supervisor.stop(signal.SIGTERM, 5)
+    assert [e.stopped_by_agent for e in exits] == [True]
+
+
+def test_output_is_teed_in_whole_prefixed_lines(supervisor: ProcessSupervisor,
+                                               tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "for i in range(200):\n"
+        "    sys.stdout.write('part-'); sys.stdout.flush(); sys.stdout.write(f'{i}\\n')\n"
+        "sys.stdout.flush(); sys.stderr.write('no newline at end'); sys.stderr.flush()\n"
+    )
+    supervisor.start([_launch(tmp_path, 0, code, "[a0]: "), _launch(tmp_path, 1, code, "[a1]: ")])
+    exits = []
+    while len(exits) < 2:
+        exits += supervisor.wait(timeout=10)
+    supervisor.stop(signal.SIGTERM, 1)
+    console = supervisor.console_read().decode()  # type: ignore[attr-defined]
+    lines = console.splitlines()
+    for rank in (0, 1):
+        mine = [line for line in lines if line.startswith(f"[a{rank}]: part-")]
+        assert mine == [f"[a{rank}]: part-{i}" for i in range(200)]
+        assert f"[a{rank}]: no newline at end" in lines
+        stdout = (tmp_path / str(rank) / "stdout.log").read_text()
+        assert stdout == "".join(f"part-{i}\n" for i in range(200))
+        assert (tmp_path / str(rank) / "stderr.log").read_text() == "no newline at end"
+
+
+def test_stop_escalates_to_sigkill_after_timeout(supervisor: ProcessSupervisor,
+                                                tmp_path: Path) -> None:
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(30)")
+    supervisor.start([_launch(tmp_path, 0, code)])
+    while b"ready" not in (tmp_path / "0" / "stdout.log").read_bytes():
+        supervisor.wait(timeout=0.05)
+    t0 = time.monotonic()
+    exits = supervisor.stop(signal.SIGTERM, 0.5)
+    assert 0.45 < time.monotonic() - t0 < 3
+    assert exits[0].returncode == -signal.SIGKILL and exits[0].stopped_by_agent
+
+
+def test_stop_reaches_grandchildren_in_the_worker_process_group(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True); time.sleep(30)")
+    supervisor.start([_launch(tmp_path, 0, code)])
+    log = tmp_path / "0" / "stdout.log"
+    while not log.read_text().strip():
+        supervisor.wait(timeout=0.05)
+    grandchild = int(log.read_text())
+    supervisor.stop(signal.SIGTERM, 2)
+    assert not psutil.pid_exists(grandchild) or (
+        psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_a_group_leftover_after_success_is_swept(supervisor: ProcessSupervisor,
+                                                tmp_path: Path) -> None:
+    code = "import subprocess; p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True)"
+    supervisor.start([_launch(tmp_path, 0, code)])
+    exits = supervisor.wait(timeout=10)
+    assert exits[0].returncode == 0
+    leftover = int((tmp_path / "0" / "stdout.log").read_text())
+    assert psutil.pid_exists(leftover)
+    supervisor.stop(signal.SIGTERM, 1)
+    deadline = time.monotonic() + 3
+    while psutil.pid_exists(leftover) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(leftover).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    assert not psutil.pid_exists(leftover) or (
+        psutil.Process(leftover).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_spawn_error_stops_what_was_started(supervisor: ProcessSupervisor,
+                                           tmp_path: Path) -> None:
+    good = _launch(tmp_path, 0, "import time; time.sleep(30)")
+    bad = WorkerLaunch(1, 1, ["/nonexistent/binary"], dict(os.environ),
+                       WorkerLogPaths(tmp_path / "1"))
+    with pytest.raises(FileNotFoundError):
+        supervisor.start([good, bad])
+    assert supervisor.running == []
