@@ -146,8 +146,10 @@ class ElasticAgent:
         group.attempt += 1
         self._metrics.put("rendezvous.duration_s", rdzv_s)
         self._emit_agent(
-            "torchelastic.worker.status.RENDEZVOUS", round=info.round,
-            group_rank=info.group_rank, group_world_size=info.group_world_size,
+            "torchelastic.worker.status.RENDEZVOUS",
+            round=info.round,
+            group_rank=info.group_rank,
+            group_world_size=info.group_world_size,
             duration_ms=round(rdzv_s * 1000, 3),
         )
         launches = []
@@ -157,17 +159,28 @@ class ElasticAgent:
             w.world_size, w.role_world_size = ranks.world_size, ranks.role_world_size
             paths = WorkerLogPaths.of(self._context.run_dir, group.attempt, w.local_rank)
             env = worker_environment(
-                group, w, run_id=self._context.run_id, base_env=self._base_env,
+                group,
+                w,
+                run_id=self._context.run_id,
+                base_env=self._base_env,
                 error_file=str(paths.error_file),
             )
             prefix = self._log_prefix.format(
-                role=spec.role, rank=w.global_rank, local_rank=w.local_rank,
+                role=spec.role,
+                rank=w.global_rank,
+                local_rank=w.local_rank,
                 node=self._context.node,
             )
-            launches.append(WorkerLaunch(
-                w.local_rank, w.global_rank, spec.argv_for(w.local_rank), env, paths,
-                prefix + " " if prefix else "",
-            ))
+            launches.append(
+                WorkerLaunch(
+                    w.local_rank,
+                    w.global_rank,
+                    spec.argv_for(w.local_rank),
+                    env,
+                    paths,
+                    prefix + " " if prefix else "",
+                )
+            )
         pids = self._launcher.start(launches)
         group.state = WorkerState.HEALTHY
         for w in group.workers:
@@ -175,9 +188,13 @@ class ElasticAgent:
             self._emit_worker("START", w.global_rank, pid=w.pid, local_rank=w.local_rank)
         log.info(
             "attempt %d: started %d workers (ranks %d-%d of %d, restart %d/%d)",
-            group.attempt, len(pids), group.workers[0].global_rank,
-            group.workers[-1].global_rank, group.workers[0].world_size,
-            group.restart_count, spec.max_restarts,
+            group.attempt,
+            len(pids),
+            group.workers[0].global_rank,
+            group.workers[-1].global_rank,
+            group.workers[0].world_size,
+            group.restart_count,
+            spec.max_restarts,
         )
 
     def _record_exit(self, exit_: WorkerExit) -> None:
@@ -188,13 +205,19 @@ class ElasticAgent:
         else:
             state = "SUCCEEDED" if exit_.succeeded else "FAILED"
         self._emit_worker(
-            state, exit_.global_rank, pid=exit_.pid, local_rank=exit_.local_rank,
-            exit_code=exit_.returncode, signal=exit_.signal_name,
+            state,
+            exit_.global_rank,
+            pid=exit_.pid,
+            local_rank=exit_.local_rank,
+            exit_code=exit_.returncode,
+            signal=exit_.signal_name,
             detected_at=exit_.timestamp,
         )
         if state == "FAILED":
             log.warning(
-                "worker rank %d (pid %d) failed: %s", exit_.global_rank, exit_.pid,
+                "worker rank %d (pid %d) failed: %s",
+                exit_.global_rank,
+                exit_.pid,
                 exit_.describe(),
             )
 
@@ -244,12 +267,23 @@ class ElasticAgent:
         self._emit(f"torchelastic.worker.status.{state}", "WORKER", rank, state, metadata)
 
     def _emit(
-        self, name: str, source: str, rank: int | None, state: str | None,
+        self,
+        name: str,
+        source: str,
+        rank: int | None,
+        state: str | None,
         metadata: dict[str, object],
     ) -> None:
         metadata.setdefault("attempt", self.group.attempt)
         metadata.setdefault("restart_count", self.group.restart_count)
-        self._events.emit(Event(
-            name=name, source=source, run_id=self._context.run_id, node=self._context.node,
-            rank=rank, state=state, metadata=dict(metadata),
-        ))
+        self._events.emit(
+            Event(
+                name=name,
+                source=source,
+                run_id=self._context.run_id,
+                node=self._context.node,
+                rank=rank,
+                state=state,
+                metadata=dict(metadata),
+            )
+        )

@@ -66,9 +66,7 @@ def main() -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(
-            task
-        )()
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)()
     except ConfigError as exc:
         _config_error(str(exc))
     except Exception as exc:
@@ -105,8 +103,9 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
     assert isinstance(resolved, dict)
     resolved.setdefault("rdzv", {})["id"] = run_id
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    log.info("run %s: %d worker(s) of %s; run directory: %s", run_id, nproc,
-             " ".join(command), run_dir)
+    log.info(
+        "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
+    )
 
     spec = WorkerSpec(
         role=conf.job.role,
@@ -119,8 +118,14 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
     tee = conf.logs.tee
     supervisor = ProcessSupervisor(console_out=1 if tee else None, console_err=2 if tee else None)
     agent = ElasticAgent(
-        spec, rdzv, supervisor, context=context, events=events, metrics=metrics,
-        base_env=base_env, log_prefix=conf.logs.prefix,
+        spec,
+        rdzv,
+        supervisor,
+        context=context,
+        events=events,
+        metrics=metrics,
+        base_env=base_env,
+        log_prefix=conf.logs.prefix,
     )
     timer.start()
     try:
@@ -132,7 +137,9 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         metrics.close()
         events.close()
     report = format_report(
-        result, spec, run_dir,
+        result,
+        spec,
+        run_dir,
         lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr,
     )
     print(report, file=sys.stderr, flush=True)

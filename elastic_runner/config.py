@@ -142,8 +142,7 @@ def register_configs(registry: Registry) -> None:
         base = _GROUP_BASES[kind]
         if not (isinstance(spec.config_class, type) and issubclass(spec.config_class, base)):
             raise TypeError(
-                f"{kind.group} component {spec.name!r}: config_class must subclass "
-                f"{base.__name__}"
+                f"{kind.group} component {spec.name!r}: config_class must subclass {base.__name__}"
             )
         cs.store(
             group=kind.group,

@@ -119,7 +119,11 @@ def _jsonl(config: JsonlEventsConfig, context: RunContext) -> JsonlEventSink:
 def elastic_runner_event_sinks() -> Sequence[ComponentSpec]:
     return [
         ComponentSpec("jsonl", _jsonl, JsonlEventsConfig, "events.jsonl in the run directory"),
-        ComponentSpec("console", lambda c, ctx: ConsoleEventSink(), ConsoleEventsConfig,
-                      "JSON lines on stderr"),
+        ComponentSpec(
+            "console",
+            lambda c, ctx: ConsoleEventSink(),
+            ConsoleEventsConfig,
+            "JSON lines on stderr",
+        ),
         ComponentSpec("null", lambda c, ctx: NullEventSink(), NullEventsConfig, "discard"),
     ]

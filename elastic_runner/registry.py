@@ -80,7 +80,9 @@ class Registry:
             return self._by_kind[kind][name].spec
         except KeyError:
             allowed = ", ".join(self.names(kind)) or "(none installed)"
-            raise KeyError(f"{kind.group}={name}: unknown {kind.group}; allowed: {allowed}") from None
+            raise KeyError(
+                f"{kind.group}={name}: unknown {kind.group}; allowed: {allowed}"
+            ) from None
 
     def provider(self, kind: ComponentKind, name: str) -> str:
         return self._by_kind[kind][name].plugin

@@ -40,7 +40,6 @@ def format_report(
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
     attempts = f"{result.attempts} attempt{'s' if result.attempts != 1 else ''}"
     if result.signal is not None and not result.failures:
-
         return (
             f"elastic-run: stopped by {signal.Signals(result.signal).name} after {attempts}; "
             f"workers stopped. Run directory: {run_dir}"

@@ -10,7 +10,10 @@ __all__ = ["DEFAULT_STOP_SIGNALS", "handle_signals"]
 
 #: torchrun's default TORCHELASTIC_SIGNALS_TO_HANDLE.
 DEFAULT_STOP_SIGNALS: tuple[signal.Signals, ...] = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
 )
 
 

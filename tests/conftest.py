@@ -78,8 +78,12 @@ class ElasticRunner:
     def popen(self, *overrides: str, **kwargs: object) -> tuple[subprocess.Popen[str], Path, str]:
         argv, run_dir, run_id = self.command(*overrides)
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            stdin=subprocess.DEVNULL, **kwargs,  # type: ignore[call-overload]
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            **kwargs,  # type: ignore[call-overload]
         )
         return proc, run_dir, run_id
 
@@ -87,11 +91,16 @@ class ElasticRunner:
         argv, run_dir, run_id = self.command(*overrides)
         t0 = time.monotonic()
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
             cwd=cwd or self.tmp_path,
         )
-        return Run(done.returncode, done.stdout, done.stderr, run_dir, run_id,
-                   time.monotonic() - t0)
+        return Run(
+            done.returncode, done.stdout, done.stderr, run_dir, run_id, time.monotonic() - t0
+        )
 
 
 @pytest.fixture

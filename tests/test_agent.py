@@ -91,25 +91,31 @@ class Events:
         pass
 
     def names(self) -> list[str]:
-        return [e.name.rsplit(".", 1)[-1] if e.source == "WORKER" else e.name
-                for e in self.events]
+        return [e.name.rsplit(".", 1)[-1] if e.source == "WORKER" else e.name for e in self.events]
 
 
 def make_agent(
-    tmp_path: Path, script: list[list[list[tuple[int, int]]]], nproc: int = 2,
+    tmp_path: Path,
+    script: list[list[list[tuple[int, int]]]],
+    nproc: int = 2,
     max_restarts: int = 0,
 ) -> tuple[ElasticAgent, FakeLauncher, FakeRendezvous, Events]:
     spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=1)
     launcher, rdzv, events = FakeLauncher(script), FakeRendezvous(), Events()
     agent = ElasticAgent(
-        spec, rdzv, launcher, context=RunContext("rid", tmp_path, "node0"), events=events,
-        metrics=NoMetrics(), base_env={},
+        spec,
+        rdzv,
+        launcher,
+        context=RunContext("rid", tmp_path, "node0"),
+        events=events,
+        metrics=NoMetrics(),
+        base_env={},
     )
     return agent, launcher, rdzv, events
 
 
 def test_happy_path_succeeds_without_spending_restarts(tmp_path: Path) -> None:
-    agent, launcher, rdzv, events = make_agent(tmp_path, [[[(0, 0)], [(1, 0)]]], max_restarts=3)
+    agent, _, rdzv, events = make_agent(tmp_path, [[[(0, 0)], [(1, 0)]]], max_restarts=3)
     result = agent.run()
     assert result.state == WorkerState.SUCCEEDED
     assert result.exit_code == 0
@@ -120,7 +126,7 @@ def test_happy_path_succeeds_without_spending_restarts(tmp_path: Path) -> None:
 
 
 def test_failure_stops_the_group_and_restarts_it(tmp_path: Path) -> None:
-    agent, launcher, rdzv, events = make_agent(
+    agent, launcher, _, events = make_agent(
         tmp_path, [[[(1, 3)]], [[(0, 0), (1, 0)]]], max_restarts=1
     )
     result = agent.run()
@@ -134,7 +140,7 @@ def test_failure_stops_the_group_and_restarts_it(tmp_path: Path) -> None:
 
 
 def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> None:
-    agent, launcher, _, _ = make_agent(tmp_path, [[[(0, 1)]]] * 4, max_restarts=3)
+    agent, _, _, _ = make_agent(tmp_path, [[[(0, 1)]]] * 4, max_restarts=3)
     result = agent.run()
     assert result.state == WorkerState.FAILED and result.exit_code == 1
     assert result.attempts == 4 and result.restart_count == 3
@@ -143,9 +149,7 @@ def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> 
 
 
 def test_membership_change_regroups_without_spending_a_restart(tmp_path: Path) -> None:
-    agent, launcher, rdzv, events = make_agent(
-        tmp_path, [[], [[(0, 0), (1, 0)]]], max_restarts=0
-    )
+    agent, launcher, rdzv, events = make_agent(tmp_path, [[], [[(0, 0), (1, 0)]]], max_restarts=0)
     launcher.on_wait = lambda: rdzv.callback and rdzv.callback()  # type: ignore[func-returns-value]
     result = agent.run()
     assert result.state == WorkerState.SUCCEEDED

@@ -35,8 +35,9 @@ def composed() -> Iterator[object]:
     yield _compose
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1", (1, 1)), ("2", (2, 2)), ("1:4", (1, 4)),
-                                                (" 3:3 ", (3, 3))])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("1", (1, 1)), ("2", (2, 2)), ("1:4", (1, 4)), (" 3:3 ", (3, 3))]
+)
 def test_parse_nnodes(text: str, expected: tuple[int, int]) -> None:
     assert parse_nnodes(text) == expected
 
@@ -50,8 +51,9 @@ def test_parse_nnodes_rejects(text: str) -> None:
 def test_parse_nproc_per_node() -> None:
     assert parse_nproc_per_node(4) == 4
     assert parse_nproc_per_node("2") == 2
-    assert parse_nproc_per_node("cpu") == parse_nproc_per_node("auto") == len(
-        os.sched_getaffinity(0))
+    assert (
+        parse_nproc_per_node("cpu") == parse_nproc_per_node("auto") == len(os.sched_getaffinity(0))
+    )
     for bad in (0, -1, "abc", True, 1.5):
         with pytest.raises(ConfigError, match=r"^job.nproc_per_node="):
             parse_nproc_per_node(bad)

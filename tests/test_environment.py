@@ -18,15 +18,28 @@ def _group(nproc: int, env: dict[str, str] | None = None) -> WorkerGroup:
 
 def test_contract_values_and_string_forms() -> None:
     g = _group(2)
-    env = worker_environment(g, g.workers[1], run_id="rid", base_env={"KEEP": "1", "RANK": "x"},
-                             error_file="/e.json")
+    env = worker_environment(
+        g, g.workers[1], run_id="rid", base_env={"KEEP": "1", "RANK": "x"}, error_file="/e.json"
+    )
     assert env == {
-        "KEEP": "1", "RANK": "11", "LOCAL_RANK": "1", "GROUP_RANK": "1", "ROLE_RANK": "6",
-        "ROLE_NAME": "r", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "20", "GROUP_WORLD_SIZE": "2",
-        "ROLE_WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
-        "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_MAX_RESTARTS": "4",
-        "TORCHELASTIC_RUN_ID": "rid", "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCHELASTIC_ERROR_FILE": "/e.json",
+        "KEEP": "1",
+        "RANK": "11",
+        "LOCAL_RANK": "1",
+        "GROUP_RANK": "1",
+        "ROLE_RANK": "6",
+        "ROLE_NAME": "r",
+        "LOCAL_WORLD_SIZE": "2",
+        "WORLD_SIZE": "20",
+        "GROUP_WORLD_SIZE": "2",
+        "ROLE_WORLD_SIZE": "8",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1234",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+        "TORCHELASTIC_MAX_RESTARTS": "4",
+        "TORCHELASTIC_RUN_ID": "rid",
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCHELASTIC_ERROR_FILE": "/e.json",
         "OMP_NUM_THREADS": "1",
     }
 
@@ -34,10 +47,15 @@ def test_contract_values_and_string_forms() -> None:
 def test_omp_only_defaulted_for_several_workers_and_never_overridden() -> None:
     g1 = _group(1)
     assert "OMP_NUM_THREADS" not in worker_environment(
-        g1, g1.workers[0], run_id="r", base_env={}, error_file="")
+        g1, g1.workers[0], run_id="r", base_env={}, error_file=""
+    )
     g2 = _group(2, env={"OMP_NUM_THREADS": "4"})
-    assert worker_environment(g2, g2.workers[0], run_id="r", base_env={},
-                              error_file="")["OMP_NUM_THREADS"] == "4"
+    assert (
+        worker_environment(g2, g2.workers[0], run_id="r", base_env={}, error_file="")[
+            "OMP_NUM_THREADS"
+        ]
+        == "4"
+    )
 
 
 def test_job_env_cannot_override_the_contract() -> None:

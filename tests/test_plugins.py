@@ -29,7 +29,9 @@ def _plugin(name: str) -> types.SimpleNamespace:
     def elastic_runner_rendezvous_backends() -> list[ComponentSpec]:
         return [ComponentSpec(name, lambda c, ctx: None, FakeRdzvConfig)]
 
-    return types.SimpleNamespace(elastic_runner_rendezvous_backends=elastic_runner_rendezvous_backends)
+    return types.SimpleNamespace(
+        elastic_runner_rendezvous_backends=elastic_runner_rendezvous_backends
+    )
 
 
 def test_builtins_register_through_the_hooks() -> None:
@@ -46,13 +48,14 @@ def test_each_manager_is_fresh() -> None:
     pm1.register(_plugin("fake"), name="fake-plugin")
     assert "fake" in Registry(pm1).names(ComponentKind.RENDEZVOUS)
     assert "fake" not in Registry(make_plugin_manager(autoload=False)).names(
-        ComponentKind.RENDEZVOUS)
+        ComponentKind.RENDEZVOUS
+    )
 
 
 def test_duplicate_names_are_rejected() -> None:
     pm = make_plugin_manager(autoload=False)
     pm.register(_plugin("local"), name="impostor")
-    with pytest.raises(DuplicateComponentError, match="'local'.*impostor"):
+    with pytest.raises(DuplicateComponentError, match=r"'local'.*impostor"):
         Registry(pm)
 
 
@@ -65,14 +68,16 @@ def test_unknown_name_lists_the_allowed() -> None:
 def test_entry_points_load_and_broken_ones_warn(monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.ModuleType("er_test_plugin_mod")
     module.elastic_runner_rendezvous_backends = _plugin(  # type: ignore[attr-defined]
-        "fromep").elastic_runner_rendezvous_backends
+        "fromep"
+    ).elastic_runner_rendezvous_backends
     monkeypatch.setitem(__import__("sys").modules, "er_test_plugin_mod", module)
     eps = [
         importlib.metadata.EntryPoint("good", "er_test_plugin_mod", ENTRY_POINT_GROUP),
         importlib.metadata.EntryPoint("broken", "er_no_such_module_xyz", ENTRY_POINT_GROUP),
     ]
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: eps if group == ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: eps if group == ENTRY_POINT_GROUP else []
+    )
     with pytest.warns(PluginLoadWarning, match="plugin 'broken'.*failed to load"):
         pm = make_plugin_manager(autoload=True)
     assert "fromep" in Registry(pm).names(ComponentKind.RENDEZVOUS)

@@ -12,15 +12,26 @@ def _all_ranks(nodes: list[NodeInfo]) -> list[tuple[str, int, int, int, int]]:
     for g, node in enumerate(nodes):
         a = assign_ranks(nodes, g)
         for local in range(node.local_world_size):
-            out.append((node.role, a.base_global_rank + local, a.world_size,
-                        a.base_role_rank + local, a.role_world_size))
+            out.append(
+                (
+                    node.role,
+                    a.base_global_rank + local,
+                    a.world_size,
+                    a.base_role_rank + local,
+                    a.role_world_size,
+                )
+            )
     return out
 
 
 def test_heterogeneous_roles_like_torch() -> None:
     # torch's correct_rank_assignment_heterogeneous: master(8), trainer(1,2,3,4), ps(5,2)
-    nodes = [NodeInfo("master", 8), *(NodeInfo("trainer", n) for n in (1, 2, 3, 4)),
-             NodeInfo("ps", 5), NodeInfo("ps", 2)]
+    nodes = [
+        NodeInfo("master", 8),
+        *(NodeInfo("trainer", n) for n in (1, 2, 3, 4)),
+        NodeInfo("ps", 5),
+        NodeInfo("ps", 2),
+    ]
     ranks = _all_ranks(nodes)
     assert sorted(r[1] for r in ranks) == list(range(25))
     assert {r[2] for r in ranks} == {25}

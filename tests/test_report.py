@@ -16,14 +16,17 @@ def test_root_cause_is_the_earliest_failure(tmp_path: Path) -> None:
         WorkerExit(1, 1, 11, -15, timestamp=6.0, stopped_by_agent=True),
     ]
     spec = WorkerSpec("r", 4, ("x",), max_restarts=2)
-    text = format_report(RunResult(WorkerState.FAILED, 3, 2, exits), spec, tmp_path,
-                         lambda e: tmp_path / f"{e.local_rank}.err")
+    text = format_report(
+        RunResult(WorkerState.FAILED, 3, 2, exits),
+        spec,
+        tmp_path,
+        lambda e: tmp_path / f"{e.local_rank}.err",
+    )
     lines = text.splitlines()
     assert "2 of 4 workers failed in the last of 3 attempts (max_restarts=2)" in lines[0]
     assert lines[1].startswith("  root cause: rank 3 (local_rank 3, pid 13): killed by SIGKILL")
     assert "line 29" in text and "line 19" not in text
-    assert any(line.startswith("  also failed: rank 0") and "exit code 1" in line
-               for line in lines)
+    assert any(line.startswith("  also failed: rank 0") and "exit code 1" in line for line in lines)
     assert "  stopped by the agent: ranks 1" in lines
 
 

@@ -17,8 +17,12 @@ from elastic_runner.workers.supervisor import ProcessSupervisor, WorkerLaunch
 
 def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLaunch:
     return WorkerLaunch(
-        local_rank=rank, global_rank=rank, argv=[sys.executable, "-c", code],
-        env=dict(os.environ), logs=WorkerLogPaths(tmp_path / str(rank)), prefix=prefix,
+        local_rank=rank,
+        global_rank=rank,
+        argv=[sys.executable, "-c", code],
+        env=dict(os.environ),
+        logs=WorkerLogPaths(tmp_path / str(rank)),
+        prefix=prefix,
     )
 
 
@@ -34,6 +38,19 @@ def supervisor(tmp_path: Path):  # type: ignore[no-untyped-def]
     os.close(out_w)
 
 
+def _gone(pid: int, within: float = 3.0) -> bool:
+    """True once ``pid`` has exited (or is a zombie awaiting its reaper)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     while True:
@@ -46,8 +63,9 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
 
 
-def test_exit_is_seen_at_once_without_polling(supervisor: ProcessSupervisor,
-                                             tmp_path: Path) -> None:
+def test_exit_is_seen_at_once_without_polling(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
     pids = supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
     time.sleep(0.2)
     latencies = []
@@ -59,8 +77,7 @@ def test_exit_is_seen_at_once_without_polling(supervisor: ProcessSupervisor,
     assert latencies[0] < 0.05  # generous bound; the benchmark measures the median
 
 
-def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor,
-                                          tmp_path: Path) -> None:
+def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor, tmp_path: Path) -> None:
     supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
     t0 = time.monotonic()
     assert supervisor.wait(timeout=0.1) == []
@@ -73,8 +90,9 @@ def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor,
     assert [e.stopped_by_agent for e in exits] == [True]
 
 
-def test_output_is_teed_in_whole_prefixed_lines(supervisor: ProcessSupervisor,
-                                               tmp_path: Path) -> None:
+def test_output_is_teed_in_whole_prefixed_lines(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
     code = (
         "import sys, time\n"
         "for i in range(200):\n"
@@ -97,10 +115,13 @@ def test_output_is_teed_in_whole_prefixed_lines(supervisor: ProcessSupervisor,
         assert (tmp_path / str(rank) / "stderr.log").read_text() == "no newline at end"
 
 
-def test_stop_escalates_to_sigkill_after_timeout(supervisor: ProcessSupervisor,
-                                                tmp_path: Path) -> None:
-    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('ready', flush=True); time.sleep(30)")
+def test_stop_escalates_to_sigkill_after_timeout(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(30)"
+    )
     supervisor.start([_launch(tmp_path, 0, code)])
     while b"ready" not in (tmp_path / "0" / "stdout.log").read_bytes():
         supervisor.wait(timeout=0.05)
@@ -113,21 +134,22 @@ def test_stop_escalates_to_sigkill_after_timeout(supervisor: ProcessSupervisor,
 def test_stop_reaches_grandchildren_in_the_worker_process_group(
     supervisor: ProcessSupervisor, tmp_path: Path
 ) -> None:
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True); time.sleep(30)")
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True); time.sleep(30)"
+    )
     supervisor.start([_launch(tmp_path, 0, code)])
     log = tmp_path / "0" / "stdout.log"
     while not log.read_text().strip():
         supervisor.wait(timeout=0.05)
     grandchild = int(log.read_text())
     supervisor.stop(signal.SIGTERM, 2)
-    assert not psutil.pid_exists(grandchild) or (
-        psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
-    )
+    assert _gone(grandchild)
 
 
-def test_a_group_leftover_after_success_is_swept(supervisor: ProcessSupervisor,
-                                                tmp_path: Path) -> None:
+def test_a_group_leftover_after_success_is_swept(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
     code = "import subprocess; p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True)"
     supervisor.start([_launch(tmp_path, 0, code)])
     exits = supervisor.wait(timeout=10)
@@ -135,24 +157,14 @@ def test_a_group_leftover_after_success_is_swept(supervisor: ProcessSupervisor,
     leftover = int((tmp_path / "0" / "stdout.log").read_text())
     assert psutil.pid_exists(leftover)
     supervisor.stop(signal.SIGTERM, 1)
-    deadline = time.monotonic() + 3
-    while psutil.pid_exists(leftover) and time.monotonic() < deadline:
-        try:
-            if psutil.Process(leftover).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    assert not psutil.pid_exists(leftover) or (
-        psutil.Process(leftover).status() == psutil.STATUS_ZOMBIE
-    )
+    assert _gone(leftover)
 
 
-def test_spawn_error_stops_what_was_started(supervisor: ProcessSupervisor,
-                                           tmp_path: Path) -> None:
+def test_spawn_error_stops_what_was_started(supervisor: ProcessSupervisor, tmp_path: Path) -> None:
     good = _launch(tmp_path, 0, "import time; time.sleep(30)")
-    bad = WorkerLaunch(1, 1, ["/nonexistent/binary"], dict(os.environ),
-                       WorkerLogPaths(tmp_path / "1"))
+    bad = WorkerLaunch(
+        1, 1, ["/nonexistent/binary"], dict(os.environ), WorkerLogPaths(tmp_path / "1")
+    )
     with pytest.raises(FileNotFoundError):
         supervisor.start([good, bad])
     assert supervisor.running == []

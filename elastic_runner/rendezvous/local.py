@@ -52,7 +52,8 @@ class LocalRendezvous:
         lo, hi = parse_nnodes(f"{context.min_nodes}:{context.max_nodes}")
         if (lo, hi) != (1, 1):
             raise ConfigError(
-                "nnodes", f"{lo}:{hi}" if lo != hi else lo,
+                "nnodes",
+                f"{lo}:{hi}" if lo != hi else lo,
                 "rdzv=local runs one node; use 1 (multi-node backends come as plugins)",
             )
         return cls(config.local_addr)
@@ -81,7 +82,9 @@ class LocalRendezvous:
 def elastic_runner_rendezvous_backends() -> Sequence[ComponentSpec]:
     return [
         ComponentSpec(
-            "local", LocalRendezvous.from_config, LocalRendezvousConfig,
+            "local",
+            LocalRendezvous.from_config,
+            LocalRendezvousConfig,
             "one node, no server (the default)",
         )
     ]

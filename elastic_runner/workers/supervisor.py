@@ -10,6 +10,7 @@ agent takes its workers along and a stop reaches shell grandchildren too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -131,10 +132,8 @@ class ProcessSupervisor:
 
     def wake(self) -> None:
         """Make a blocked :meth:`wait` return (safe from signal handlers and threads)."""
-        try:
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
             os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # already pending
 
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
         """Send ``sig`` to every worker's process group, wait up to ``timeout`` s, then
@@ -152,7 +151,8 @@ class ProcessSupervisor:
             log.error(
                 "worker local_rank %d (pid %d) did not exit after SIGKILL (stuck in the "
                 "kernel?); giving up on it",
-                proc.launch.local_rank, proc.pid,
+                proc.launch.local_rank,
+                proc.pid,
             )
             self._forget(proc)
         self._sweep_groups()
@@ -278,10 +278,8 @@ class ProcessSupervisor:
 
     def _sweep_groups(self) -> None:
         for pgid in self._pgids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self._pgids.clear()
 
     def _drain_wake(self) -> None:
@@ -290,4 +288,3 @@ class ProcessSupervisor:
                 pass
         except BlockingIOError:
             pass
-

@@ -10,13 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROBE, ElasticRunner, probe_job, probe_records
+from tests.conftest import (
+    PROBE,
+    ElasticRunner,
+    assert_nothing_survives,
+    probe_job,
+    probe_records,
+)
 
 CONTRACT_KEYS = [
-    "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE",
-    "WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
     "TORCHELASTIC_ERROR_FILE",
 ]
 
@@ -30,7 +48,8 @@ def test_worker_environment_contract(
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     run = elastic_run(
         *probe_job(probe_out, "--lr=%local_rank%", nproc=nproc),
-        "max_restarts=2", "+job.env.ER_TEST_EXTRA=extra",
+        "max_restarts=2",
+        "+job.env.ER_TEST_EXTRA=extra",
     )
     assert run.returncode == 0, run.stderr
     records = probe_records(probe_out)
@@ -115,8 +134,9 @@ def test_hello_preset_succeeds(elastic_run: ElasticRunner) -> None:
 
 
 def test_executable_on_path_and_module(elastic_run: ElasticRunner) -> None:
-    run = elastic_run("job.entrypoint=printenv", "job.args=[RANK,LOCAL_WORLD_SIZE]",
-                      "job.nproc_per_node=2")
+    run = elastic_run(
+        "job.entrypoint=printenv", "job.args=[RANK,LOCAL_WORLD_SIZE]", "job.nproc_per_node=2"
+    )
     assert run.returncode == 0, run.stderr
     assert "[default1]: 1" in run.stdout and "[default0]: 2" in run.stdout
     run = elastic_run("job.module=elastic_runner.demo.hello", "job.nproc_per_node=cpu")
@@ -128,12 +148,24 @@ def test_failing_worker_without_restarts_exits_1_and_names_it(
     elastic_run: ElasticRunner, probe_out: Path
 ) -> None:
     run = elastic_run(
-        *probe_job(probe_out, "--ranks", "2", "--exit-code", "3", "--stderr",
-                   "ValueError: bad batch", "--sleep", "30", "--sleep-others", "--on-term",
-                   nproc=3),
+        *probe_job(
+            probe_out,
+            "--ranks",
+            "2",
+            "--exit-code",
+            "3",
+            "--stderr",
+            "ValueError: bad batch",
+            "--sleep",
+            "30",
+            "--sleep-others",
+            "--on-term",
+            "--wait-for-peers",
+            nproc=3,
+        ),
     )
     assert run.returncode == 1
-    report = run.stderr[run.stderr.index("job failed"):]
+    report = run.stderr[run.stderr.index("job failed") :]
     assert "root cause: rank 2 (local_rank 2" in report
     assert "exit code 3" in report
     assert "ValueError: bad batch" in report  # the tail of its stderr
@@ -146,9 +178,7 @@ def test_failing_worker_without_restarts_exits_1_and_names_it(
     assert (2, "FAILED") in states
 
 
-def test_sigkill_on_first_attempt_then_success(
-    elastic_run: ElasticRunner, probe_out: Path
-) -> None:
+def test_sigkill_on_first_attempt_then_success(elastic_run: ElasticRunner, probe_out: Path) -> None:
     run = elastic_run(
         *probe_job(probe_out, "--ranks", "1", "--sigkill-on-restart", "0", nproc=2),
         "max_restarts=1",
@@ -173,7 +203,9 @@ def test_exhausted_restarts_exit_1_after_max_restarts_plus_one_attempts(
     assert run.returncode == 1
     assert sorted({restart for restart, _ in probe_records(probe_out)}) == [0, 1, 2]
     assert sorted(p.name for p in run.run_dir.glob("attempt_*")) == [
-        "attempt_1", "attempt_2", "attempt_3",
+        "attempt_1",
+        "attempt_2",
+        "attempt_3",
     ]
     assert "failed in the last of 3 attempts (max_restarts=2)" in run.stderr
     assert "root cause: rank 0" in run.stderr and "exit code 7" in run.stderr
@@ -188,9 +220,7 @@ def test_exhausted_restarts_exit_1_after_max_restarts_plus_one_attempts(
 def test_signal_to_agent_stops_workers_and_exits_128_plus_n(
     elastic_run: ElasticRunner, probe_out: Path, signum: int, code: int
 ) -> None:
-    proc, run_dir, _ = elastic_run.popen(
-        *probe_job(probe_out, "--sleep", "60", "--on-term", nproc=2)
-    )
+    proc, _, _ = elastic_run.popen(*probe_job(probe_out, "--sleep", "60", "--on-term", nproc=2))
     deadline = time.monotonic() + 20
     while len(probe_records(probe_out)) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -275,3 +305,15 @@ def test_resnet_preset_without_torch_fails_with_install_hint(
     assert run.returncode == 1
     assert "pip install torch==2.13.0" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_workers_die_with_a_sigkilled_agent(elastic_run: ElasticRunner, probe_out: Path) -> None:
+    proc, _, run_id = elastic_run.popen(*probe_job(probe_out, "--sleep", "60", nproc=3))
+    deadline = time.monotonic() + 20
+    while len(probe_records(probe_out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = [rec["pid"] for rec in probe_records(probe_out).values()]
+    assert len(pids) == 3
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert_nothing_survives({run_id}, within=3)

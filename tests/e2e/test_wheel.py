@@ -22,7 +22,8 @@ def test_installed_wheel_runs_hello_from_any_directory(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
-        check=True, timeout=300,
+        check=True,
+        timeout=300,
     )
     (wheel,) = dist.glob("elastic_runner-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -33,8 +34,9 @@ def test_installed_wheel_runs_hello_from_any_directory(tmp_path: Path) -> None:
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True,
-                   timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run_id = f"wheel-{uuid.uuid4().hex[:8]}"
@@ -42,7 +44,11 @@ def test_installed_wheel_runs_hello_from_any_directory(tmp_path: Path) -> None:
     try:
         done = subprocess.run(
             [str(venv / "bin" / "elastic-run"), "+job=hello", f"rdzv.id={run_id}"],
-            cwd=elsewhere, capture_output=True, text=True, timeout=60, env=env,
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert done.returncode == 0, done.stderr
         assert "hello from rank 3 of 4" in done.stdout
@@ -53,7 +59,11 @@ def test_installed_wheel_runs_hello_from_any_directory(tmp_path: Path) -> None:
         assert run_id in config
         resnet = subprocess.run(
             [str(venv / "bin" / "elastic-run"), "+job=resnet", "--cfg", "job", "--resolve"],
-            cwd=elsewhere, capture_output=True, text=True, timeout=60, env=env,
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert resnet.returncode == 0, resnet.stderr
         assert str(venv) in resnet.stdout and "examples/resnet/train.py" in resnet.stdout

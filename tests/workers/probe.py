@@ -22,31 +22,45 @@ p.add_argument("--sigkill-on-restart", type=int, default=None)
 p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--stderr", default="")
 p.add_argument("--sleep-others", action="store_true", help="chosen ranks do not sleep")
+p.add_argument("--wait-for-peers", action="store_true")
 p.add_argument("--on-term", action="store_true", help="record SIGTERM, exit 0")
 args, rest = p.parse_known_args()
 
 rank = int(os.environ["RANK"])
+if args.on_term:  # installed first, so a SIGTERM can never beat it
+
+    def on_term(signum, frame):
+        with open(os.path.join(args.out, f"term_r{rank}"), "w") as f:
+            f.write(str(time.time()))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
 restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 chosen = rank in {int(r) for r in args.ranks.split(",") if r}
-record = {"argv": sys.argv, "rest": rest, "env": dict(os.environ), "pid": os.getpid(),
-          "started": started, "cwd": os.getcwd(), "executable": sys.executable,
-          "orig_argv": sys.orig_argv}
+record = {
+    "argv": sys.argv,
+    "rest": rest,
+    "env": dict(os.environ),
+    "pid": os.getpid(),
+    "started": started,
+    "cwd": os.getcwd(),
+    "executable": sys.executable,
+    "orig_argv": sys.orig_argv,
+}
 path = os.path.join(args.out, f"a{restart}_r{rank}.json")
 with open(path + ".tmp", "w") as f:
     json.dump(record, f)
 os.replace(path + ".tmp", path)
 print(f"probe rank {rank} restart {restart}", flush=True)
+if args.wait_for_peers and chosen:  # act only once every rank of this attempt is up
+    world = int(os.environ["WORLD_SIZE"])
+    peers = [os.path.join(args.out, f"a{restart}_r{r}.json") for r in range(world)]
+    while not all(os.path.exists(p) for p in peers):
+        time.sleep(0.005)
 if args.stderr and chosen:
     print(args.stderr, file=sys.stderr, flush=True)
 if args.sigkill_on_restart == restart and chosen:
     os.kill(os.getpid(), signal.SIGKILL)
 if args.sleep and not (args.sleep_others and chosen):
-    if args.on_term:
-        def on_term(signum, frame):
-            with open(os.path.join(args.out, f"term_r{rank}"), "w") as f:
-                f.write(str(time.time()))
-            sys.exit(0)
-
-        signal.signal(signal.SIGTERM, on_term)
     time.sleep(args.sleep)
 sys.exit(args.exit_code if chosen else 0)

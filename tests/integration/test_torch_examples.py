@@ -1,0 +1,53 @@
+"""The examples under real torch (CPU, gloo), unchanged scripts written for torchrun.
+
+Run by ``nox -s integration`` / ``.ci/run`` in a venv with torch==2.13.0; skipped where
+torch is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ElasticRunner
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gloo_all_reduce_through_env_init(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    out = tmp_path / "ar"
+    out.mkdir()
+    run = elastic_run(
+        f"job.entrypoint={ROOT / 'examples/allreduce/allreduce.py'}",
+        f"job.args=[--out,{out}]",
+        "job.nproc_per_node=4",
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["sum"] for r in results] == [6, 6, 6, 6]
+    assert [r["world_size"] for r in results] == [4, 4, 4, 4]
+
+
+def test_resnet_resumes_from_checkpoint_after_a_worker_is_killed(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    run = elastic_run(
+        "+job=resnet",
+        f"job.args=[--epochs,3,--steps-per-epoch,10,--checkpoint-dir,{ckpt},"
+        "--fail-at-step,15,--fail-rank,1]",
+        "max_restarts=1",
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "resumed from epoch 1" in run.stdout
+    assert "training done: epochs=3 world_size=2" in run.stdout
+    failed = [e for e in run.events() if e["state"] == "FAILED"]
+    assert [(e["rank"], e["metadata"]["signal"]) for e in failed] == [(1, "SIGKILL")]
+    assert (ckpt / "latest.pt").is_file()
