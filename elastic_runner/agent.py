@@ -187,7 +187,7 @@ class ElasticAgent:
             w.pid = pids[w.local_rank]
             self._emit_worker("START", w.global_rank, pid=w.pid, local_rank=w.local_rank)
         log.info(
-            "attempt %d: started %d workers (ranks %d-%d of %d, restart %d/%d)",
+            "attempt %d: started %d worker(s) (ranks %d-%d of %d, restart %d/%d)",
             group.attempt,
             len(pids),
             group.workers[0].global_rank,

@@ -27,6 +27,10 @@ def stderr_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
     return data.decode(errors="replace").splitlines()[-lines:]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
 
@@ -38,7 +42,7 @@ def format_report(
     stderr_of: Callable[[WorkerExit], Path],
 ) -> str:
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
-    attempts = f"{result.attempts} attempt{'s' if result.attempts != 1 else ''}"
+    attempts = _count(result.attempts, "attempt")
     if result.signal is not None and not result.failures:
         return (
             f"elastic-run: stopped by {signal.Signals(result.signal).name} after {attempts}; "
@@ -46,8 +50,8 @@ def format_report(
         )
     if not result.is_failed:
         return (
-            f"elastic-run: all {spec.local_world_size} workers succeeded ({attempts}, "
-            f"{result.restart_count} restarts). Run directory: {run_dir}"
+            f"elastic-run: {_count(spec.local_world_size, 'worker')} succeeded ({attempts}, "
+            f"{_count(result.restart_count, 'restart')}). Run directory: {run_dir}"
         )
     failures = sorted(result.failures.values(), key=lambda e: e.timestamp)
     stopped = sorted(e.global_rank for e in result.exits if e.stopped_by_agent)

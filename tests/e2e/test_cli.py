@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_hello_preset_succeeds(elastic_run: ElasticRunner) -> None:
     assert run.returncode == 0, run.stderr
     for rank in range(4):
         assert f"[default{rank}]: hello from rank {rank} of 4" in run.stdout
-    assert "all 4 workers succeeded" in run.stderr
+    assert "4 workers succeeded (1 attempt, 0 restarts)" in run.stderr
     assert f"run directory: {run.run_dir}" in run.stderr
     assert (run.run_dir / "config.yaml").read_text().count(run.run_id) == 1
     for rank in range(4):
@@ -317,3 +318,39 @@ def test_workers_die_with_a_sigkilled_agent(elastic_run: ElasticRunner, probe_ou
     proc.kill()
     proc.communicate(timeout=10)
     assert_nothing_survives({run_id}, within=3)
+
+
+def test_user_presets_from_config_dir(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    (tmp_path / "myconf" / "job").mkdir(parents=True)
+    (tmp_path / "myconf" / "job" / "mine.yaml").write_text(
+        "entrypoint: printenv\nargs: [ROLE_NAME, WORLD_SIZE]\nrole: trainer\nnproc_per_node: 2\n"
+    )
+    run = elastic_run("--config-dir", str(tmp_path / "myconf"), "+job=mine")
+    assert run.returncode == 0, run.stderr
+    assert "[trainer1]: trainer" in run.stdout and "[trainer0]: 2" in run.stdout
+
+
+def test_sequential_sweep_runs_each_point_as_its_own_job(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    argv, _, _ = elastic_run.command()
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [
+            argv[0],
+            "--multirun",
+            "job.entrypoint=sh",
+            'job.args=[-c,"exit $((LOCAL_WORLD_SIZE-1))"]',
+            "job.nproc_per_node=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1, done.stderr  # the point with 2 workers failed
+    ids = {(sweep / p / "config.yaml").read_text().split("id: ")[1].split()[0] for p in "01"}
+    assert len(ids) == 2
+    assert_nothing_survives(ids)
+    assert "1 worker succeeded" in done.stderr and "job failed" in done.stderr
