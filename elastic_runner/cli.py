@@ -37,6 +37,7 @@ from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.signals import handle_signals
 from elastic_runner.spec import RunContext, WorkerSpec
 from elastic_runner.workers.command import resolve_command
+from elastic_runner.workers.guardian import Guardian
 from elastic_runner.workers.logs import WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
@@ -120,7 +121,11 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         stop_timeout=conf.stop_timeout,
     )
     tee = conf.logs.tee
-    supervisor = ProcessSupervisor(console_out=1 if tee else None, console_err=2 if tee else None)
+    supervisor = ProcessSupervisor(
+        marker=uuid.uuid4().hex,
+        console_out=1 if tee else None,
+        console_err=2 if tee else None,
+    )
     agent = ElasticAgent(
         spec,
         rdzv,
@@ -132,11 +137,13 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         log_prefix=conf.logs.prefix,
     )
     timer.start()
+    guardian = Guardian(supervisor.marker, run_id)
     try:
         with handle_signals(agent.request_stop):
             result = agent.run()
     finally:
         supervisor.close()
+        guardian.close()
         timer.stop()
         metrics.close()
         events.close()

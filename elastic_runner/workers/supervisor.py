@@ -25,6 +25,13 @@ from typing import IO
 
 from elastic_runner.spec import WorkerExit
 from elastic_runner.workers.logs import LineTee, WorkerLogPaths
+from elastic_runner.workers.tree import (
+    MARKER_ENV,
+    become_subreaper,
+    kill_processes,
+    marked_descendants,
+    reap_orphans,
+)
 
 __all__ = ["ProcessSupervisor", "WorkerLaunch"]
 
@@ -80,17 +87,22 @@ class ProcessSupervisor:
     injectable clock).
 
     ``console_out`` / ``console_err`` are the fds teed output goes to (``None`` = files
-    only). Not thread-safe except :meth:`wake`.
+    only). ``marker`` is put in every worker's environment (as ``ELASTIC_RUNNER_AGENT``);
+    every stop ends by killing this process's descendants that carry it. Not thread-safe
+    except :meth:`wake`.
     """
 
     def __init__(
         self,
         *,
+        marker: str,
         console_out: int | None = 1,
         console_err: int | None = 2,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self.marker = marker
+        become_subreaper()
         self._console = {1: console_out, 2: console_err}
         self._clock = clock
         self._wall_clock = wall_clock
@@ -138,7 +150,9 @@ class ProcessSupervisor:
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
         """Send ``sig`` to every worker's process group, wait up to ``timeout`` s, then
         SIGKILL what is left; returns the exits of workers that were still running (marked
-        ``stopped_by_agent``). Leftover processes of the attempt's groups are killed too."""
+        ``stopped_by_agent``). Then every leftover process of the attempt is killed: what
+        is left in the workers' groups, and any descendant carrying the marker (``setsid``
+        daemons, double forks)."""
         exits: list[WorkerExit] = []
         for proc in self._procs.values():
             proc.stopping = True
@@ -156,6 +170,10 @@ class ProcessSupervisor:
             )
             self._forget(proc)
         self._sweep_groups()
+        stuck = kill_processes(lambda: marked_descendants(self.marker), timeout=_KILL_WAIT)
+        if stuck:
+            log.error("could not kill leftover processes (stuck in the kernel?): %s", stuck)
+        reap_orphans(p.pid for p in self._procs.values())
         return exits
 
     def close(self) -> None:
@@ -171,7 +189,7 @@ class ProcessSupervisor:
         launch.logs.dir.mkdir(parents=True, exist_ok=True)
         popen = subprocess.Popen(
             list(launch.argv),
-            env=launch.env,
+            env={**launch.env, MARKER_ENV: self.marker},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

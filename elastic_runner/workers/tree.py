@@ -1,0 +1,106 @@
+"""Finding and killing every process a run started, whatever it did to escape.
+
+Every worker's environment carries ``ELASTIC_RUNNER_AGENT=<marker>``, unique per agent, so
+its descendants carry it too: children, shell grandchildren, ``setsid`` daemons and
+double-forked processes alike. The agent is a child subreaper (PR_SET_CHILD_SUBREAPER), so
+orphans re-parent to it instead of to init and stay among its descendants. When the agent
+itself is killed, the guardian (:mod:`elastic_runner.workers.guardian`) sweeps by marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+
+import psutil
+
+__all__ = [
+    "MARKER_ENV",
+    "become_subreaper",
+    "kill_processes",
+    "marked_descendants",
+    "marked_processes",
+    "reap_orphans",
+]
+
+MARKER_ENV = "ELASTIC_RUNNER_AGENT"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process. False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _has_marker(proc: psutil.Process, marker: str) -> bool:
+    try:
+        return proc.environ().get(MARKER_ENV) == marker
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def marked_descendants(marker: str) -> list[psutil.Process]:
+    """This process's live descendants that carry ``marker`` (cheap: no global scan)."""
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if _is_alive(p) and _has_marker(p, marker)
+    ]
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Every live process on the machine that carries ``marker`` (the guardian's scan)."""
+    me = os.getpid()
+    return [
+        p for p in psutil.process_iter() if p.pid != me and _is_alive(p) and _has_marker(p, marker)
+    ]
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def kill_processes(
+    find: Callable[[], list[psutil.Process]],
+    timeout: float = 5.0,
+    on_kill: Callable[[Iterable[psutil.Process]], None] | None = None,
+) -> list[int]:
+    """SIGKILL what ``find`` returns until it returns nothing (a process may fork while
+    we kill); returns pids still alive after ``timeout`` (stuck in the kernel)."""
+    deadline = time.monotonic() + timeout
+    left = find()
+    while left:
+        if on_kill:
+            on_kill(left)
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.send_signal(signal.SIGKILL)
+        reap_orphans(())
+        if time.monotonic() >= deadline:
+            return [p.pid for p in left]
+        psutil.wait_procs(left, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+        reap_orphans(())
+        left = find()
+    return []
+
+
+def reap_orphans(keep: Iterable[int]) -> None:
+    """Reap exited children that are not ``keep`` (workers, whose exit status matters):
+    orphans a subreaper inherited would otherwise stay zombies."""
+    keep = set(keep)
+    for child in psutil.Process().children():
+        if child.pid in keep:
+            continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(child.pid, os.WNOHANG)
