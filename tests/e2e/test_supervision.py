@@ -72,6 +72,8 @@ def test_sigkill_to_agent_leaves_nothing(
     _, err = proc.communicate(timeout=20)
     assert _gone_soon(pid)
     assert_nothing_survives({run_id})
+    # the guardian (which shares the agent's stderr) says what it cleaned up
+    assert f"[elastic-run guardian] agent of run {run_id} died; killed" in err
 
 
 @pytest.mark.parametrize("how", HOWS)

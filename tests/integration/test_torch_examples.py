@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ElasticRunner
+from tests.conftest import ElasticRunner, Run
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _explain(run: Run) -> str:
+    """Everything needed to diagnose a failed run from CI's output alone."""
+    parts = [run.stderr]
+    for log in sorted(run.run_dir.glob("attempt_*/*/std*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        parts.append(f"== {log.relative_to(run.run_dir)}\n" + "\n".join(tail))
+    parts += [f"{e['name']} rank={e['rank']} {e['metadata']}" for e in run.events()]
+    return "\n".join(parts)
 
 
 def test_gloo_all_reduce_through_env_init(elastic_run: ElasticRunner, tmp_path: Path) -> None:
@@ -28,7 +38,7 @@ def test_gloo_all_reduce_through_env_init(elastic_run: ElasticRunner, tmp_path: 
         "job.nproc_per_node=4",
         timeout=120,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, _explain(run)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
     assert [r["sum"] for r in results] == [6, 6, 6, 6]
     assert [r["world_size"] for r in results] == [4, 4, 4, 4]
@@ -45,7 +55,7 @@ def test_resnet_resumes_from_checkpoint_after_a_worker_is_killed(
         "max_restarts=1",
         timeout=240,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, _explain(run)
     assert "resumed from epoch 1" in run.stdout
     assert "training done: epochs=3 world_size=2" in run.stdout
     failed = [e for e in run.events() if e["state"] == "FAILED"]

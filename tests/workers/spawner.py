@@ -45,7 +45,8 @@ else:
 
 record = {"descendant": pid}
 if restart > 0:
-    prev = json.load(open(os.path.join(out, f"a{restart - 1}_r{rank}.json")))["descendant"]
+    with open(os.path.join(out, f"a{restart - 1}_r{rank}.json")) as f:
+        prev = json.load(f)["descendant"]
     try:
         with open(f"/proc/{prev}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
