@@ -70,6 +70,7 @@ class ElasticAgent:
         metrics: MetricHandler,
         base_env: Mapping[str, str],
         log_prefix: str = "[{role}{local_rank}]:",
+        forward_signals: frozenset[int] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -81,6 +82,7 @@ class ElasticAgent:
         self._metrics = metrics
         self._base_env = dict(base_env)
         self._log_prefix = log_prefix
+        self._forward_signals = forward_signals
         self._clock = clock
         self._remaining_restarts = spec.max_restarts
         self._exits: dict[int, WorkerExit] = {}
@@ -90,7 +92,8 @@ class ElasticAgent:
     # -- called from other contexts -----------------------------------------------------
 
     def request_stop(self, signum: int) -> None:
-        """Stop the run because the agent got ``signum`` (workers get the same signal)."""
+        """Stop the run because the agent got ``signum``: workers get the same signal
+        when it is one of ``forward_signals``, else SIGTERM."""
         if self._stop_signal is None:
             self._stop_signal = signum
         self._launcher.wake()
@@ -238,9 +241,13 @@ class ElasticAgent:
 
     def _stop_by_signal(self, signum: int) -> RunResult:
         name = signal.Signals(signum).name
-        log.warning("got %s: stopping workers (grace %.0f s)", name, self.spec.stop_timeout)
-        self._emit_agent("elastic_runner.signal", signal=name)
-        self._stop_workers(signum)
+        sent = signum if signum in self._forward_signals else signal.SIGTERM
+        log.warning(
+            "got %s: sending %s to the workers (grace %g s, then SIGKILL)",
+            name, signal.Signals(sent).name, self.spec.stop_timeout,
+        )
+        self._emit_agent("elastic_runner.signal", signal=name, sent=signal.Signals(sent).name)
+        self._stop_workers(sent)
         result = self._finish(WorkerState.FAILED)
         result.signal = signum
         return result

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import uuid
@@ -23,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from elastic_runner.agent import ElasticAgent
 from elastic_runner.config import (
+    HANDLED_SIGNALS,
     ConfigError,
     ElasticRunConfig,
     parse_nnodes,
     parse_nproc_per_node,
+    parse_signals,
     register_configs,
     validate,
 )
@@ -135,11 +138,14 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         metrics=metrics,
         base_env=base_env,
         log_prefix=conf.logs.prefix,
+        forward_signals=parse_signals("signals.forward", conf.signals.forward),
     )
     timer.start()
     guardian = Guardian(supervisor.marker, run_id)
     try:
-        with handle_signals(agent.request_stop):
+        handled = parse_signals("signals", list(HANDLED_SIGNALS))
+        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
+        with handle_signals(agent.request_stop, handled - ignored, ignored):
             result = agent.run()
     finally:
         supervisor.close()

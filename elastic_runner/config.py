@@ -9,6 +9,8 @@ subclasses of the group's base schema, provided by plugins through the component
 from __future__ import annotations
 
 import os
+import re
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +27,12 @@ __all__ = [
     "MetricsConfig",
     "RendezvousConfig",
     "TimerConfig",
+    "parse_memory",
     "parse_nnodes",
     "parse_nproc_per_node",
+    "parse_signals",
     "register_configs",
+    "validate",
 ]
 
 
@@ -46,6 +51,15 @@ def _show(value: object) -> str:
 
 
 @dataclass
+class LimitsConfig:
+    """Per-worker limits, enforced by the agent."""
+
+    #: RSS of a worker's whole process tree, e.g. ``2GiB``, ``512MB`` or bytes; a worker
+    #: over it is killed and reported as over its memory limit.
+    memory: str | None = None
+
+
+@dataclass
 class JobConfig:
     """What each worker runs (``+job=<preset>`` fills it from ``conf/job/``)."""
 
@@ -60,6 +74,7 @@ class JobConfig:
     nproc_per_node: Any = 1
     #: Extra environment variables for the workers.
     env: dict[str, str] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -79,6 +94,12 @@ class LogsConfig:
     prefix: str = "[{role}{local_rank}]:"
     #: Copy worker output to the console (files always get everything).
     tee: bool = True
+    #: Global ranks whose output reaches the console (null = all); files keep all ranks.
+    console_ranks: list[int] | None = None
+    #: Print a line that several ranks print alike once: ``[ranks 0-7]: epoch 1 done``.
+    collapse: bool = False
+    #: Seconds a line waits for the same line from other ranks before it is printed.
+    collapse_window: float = 0.2
 
 
 @dataclass
@@ -102,6 +123,50 @@ class TimerConfig:
     server: str = MISSING
 
 
+#: Signals that stop the run (torchrun handles the first four; Slurm preempts with USR1/2).
+HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+@dataclass
+class SignalsConfig:
+    """What the agent does with the signals it gets. Each of ``HANDLED_SIGNALS`` stops the
+    run: workers get the same signal when it is in ``forward`` (else SIGTERM), up to
+    ``stop_timeout`` seconds to exit, then SIGKILL; the agent exits 128+N."""
+
+    forward: list[str] = field(default_factory=lambda: list(HANDLED_SIGNALS))
+    #: Ignore SIGHUP (the run survives the terminal closing, as under nohup).
+    ignore_sighup: bool = False
+
+
+@dataclass
+class BackoffConfig:
+    """Delay before restart k (k = 1, 2, ...): ``min(max, initial * factor**(k-1))``."""
+
+    initial: float = 0.0
+    factor: float = 2.0
+    max: float = 60.0
+
+
+@dataclass
+class RestartConfig:
+    """When and how the worker group is restarted after a failure."""
+
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+    #: A failure sooner than this many seconds after the workers started is a startup
+    #: failure.
+    min_uptime: float = 0.0
+    #: Restart after startup failures too (false: a startup failure ends the run).
+    on_startup_failure: bool = True
+
+
+@dataclass
+class ResourcesConfig:
+    """Per-worker CPU and RSS (whole process tree), sampled with psutil."""
+
+    #: Seconds between samples (0 = never sample; then no memory limit either).
+    interval: float = 1.0
+
+
 @dataclass
 class ElasticRunConfig:
     """The whole run."""
@@ -113,6 +178,9 @@ class ElasticRunConfig:
     max_restarts: int = 0
     #: Seconds between SIGTERM and SIGKILL when workers are stopped.
     stop_timeout: float = 30.0
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     rdzv: RendezvousConfig = MISSING
     logs: LogsConfig = MISSING
     events: EventsConfig = MISSING
@@ -181,10 +249,70 @@ def parse_nproc_per_node(value: object) -> int:
     return n
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_memory(key: str, value: object) -> int | None:
+    """``"2GiB"`` -> 2147483648; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(key, value, "expected a size such as 512MiB, 2GB or a byte count > 0")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_signals(key: str, names: list[str]) -> frozenset[int]:
+    """Signal names (``SIGUSR1`` or ``USR1``) among ``HANDLED_SIGNALS`` -> numbers."""
+    out = set()
+    for name in names:
+        full = str(name).upper()
+        full = full if full.startswith("SIG") else f"SIG{full}"
+        if full not in HANDLED_SIGNALS:
+            raise ConfigError(key, name, f"allowed: {', '.join(HANDLED_SIGNALS)}")
+        out.add(int(signal.Signals[full]))
+    return frozenset(out)
+
+
 def validate(cfg: ElasticRunConfig) -> None:
     """Checks that need no filesystem: ranges and combinations of keys."""
     parse_nnodes(cfg.nnodes)
     parse_nproc_per_node(cfg.job.nproc_per_node)
+    parse_memory("job.limits.memory", cfg.job.limits.memory)
+    parse_signals("signals.forward", cfg.signals.forward)
+    for key, value in (
+        ("restart.backoff.initial", cfg.restart.backoff.initial),
+        ("restart.backoff.max", cfg.restart.backoff.max),
+        ("restart.min_uptime", cfg.restart.min_uptime),
+        ("resources.interval", cfg.resources.interval),
+        ("logs.collapse_window", cfg.logs.collapse_window),
+    ):
+        if value < 0:
+            raise ConfigError(key, value, "expected seconds >= 0")
+    if cfg.restart.backoff.factor < 1:
+        raise ConfigError(
+            "restart.backoff.factor", cfg.restart.backoff.factor, "expected a number >= 1"
+        )
+    if cfg.job.limits.memory is not None and cfg.resources.interval == 0:
+        raise ConfigError(
+            "resources.interval", 0, "job.limits.memory needs sampling: expected seconds > 0"
+        )
     if cfg.max_restarts < 0:
         raise ConfigError("max_restarts", cfg.max_restarts, "expected an integer >= 0")
     if cfg.stop_timeout < 0:

@@ -216,7 +216,8 @@ def test_exhausted_restarts_exit_1_after_max_restarts_plus_one_attempts(
 
 
 @pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129), (signal.SIGUSR1, 138)],
 )
 def test_signal_to_agent_stops_workers_and_exits_128_plus_n(
     elastic_run: ElasticRunner, probe_out: Path, signum: int, code: int
@@ -229,9 +230,10 @@ def test_signal_to_agent_stops_workers_and_exits_128_plus_n(
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == code, err
-    if signum == signal.SIGTERM:  # forwarded as the same signal: workers handled it
-        assert sorted(p.name for p in probe_out.glob("term_r*")) == ["term_r0", "term_r1"]
-    assert f"stopped by {signal.Signals(signum).name}" in err
+    name = signal.Signals(signum).name
+    # forwarded as the same signal: each worker's handler saw it
+    assert [p.read_text() for p in sorted(probe_out.glob("term_r*"))] == [name, name]
+    assert f"stopped by {name}" in err
 
 
 def test_worker_ignoring_sigterm_is_killed_after_stop_timeout(
@@ -276,6 +278,10 @@ BAD_INPUTS = [
     (["+job=hello", "stop_timeout=-1"], "stop_timeout=-1.0: expected seconds >= 0"),
     (["+job=hello", "job.args=[a"], "job.args=[a: cannot parse this override"),
     (["+job=hello", "nnodes=2"], "nnodes=2: rdzv=local runs one node"),
+    (["+job=hello", "signals.forward=[SIGKILL]"], "signals.forward=SIGKILL: allowed: SIGTERM"),
+    (["+job=hello", "job.limits.memory=lots"], "job.limits.memory=lots: expected a size"),
+    (["+job=hello", "restart.backoff.factor=0.5"], "restart.backoff.factor=0.5: expected"),
+    (["+job=hello", "restart.min_uptime=-2"], "restart.min_uptime=-2.0: expected seconds"),
 ]
 
 
@@ -354,3 +360,35 @@ def test_sequential_sweep_runs_each_point_as_its_own_job(
     assert len(ids) == 2
     assert_nothing_survives(ids)
     assert "1 worker succeeded" in done.stderr and "job failed" in done.stderr
+
+
+def _start_sleepers(elastic_run: ElasticRunner, probe_out: Path, *overrides: str):
+    proc, _, _ = elastic_run.popen(
+        *probe_job(probe_out, "--sleep", "60", "--on-term", nproc=2), *overrides
+    )
+    deadline = time.monotonic() + 20
+    while len(probe_records(probe_out)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(probe_records(probe_out)) == 2
+    return proc
+
+
+def test_signal_not_in_forward_reaches_workers_as_sigterm(
+    elastic_run: ElasticRunner, probe_out: Path
+) -> None:
+    proc = _start_sleepers(elastic_run, probe_out, "signals.forward=[SIGTERM,INT]")
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGUSR2, err
+    assert [p.read_text() for p in sorted(probe_out.glob("term_r*"))] == ["SIGTERM"] * 2
+    assert "got SIGUSR2: sending SIGTERM to the workers" in err
+
+
+def test_ignore_sighup_keeps_the_run_going(elastic_run: ElasticRunner, probe_out: Path) -> None:
+    proc = _start_sleepers(elastic_run, probe_out, "signals.ignore_sighup=true")
+    # A handled SIGHUP would be the first stop signal and reach the workers as SIGHUP.
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 143
+    assert [p.read_text() for p in sorted(probe_out.glob("term_r*"))] == ["SIGTERM"] * 2

@@ -23,18 +23,19 @@ p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--stderr", default="")
 p.add_argument("--sleep-others", action="store_true", help="chosen ranks do not sleep")
 p.add_argument("--wait-for-peers", action="store_true")
-p.add_argument("--on-term", action="store_true", help="record SIGTERM, exit 0")
+p.add_argument("--on-term", action="store_true", help="record the stop signal, exit 0")
 args, rest = p.parse_known_args()
 
 rank = int(os.environ["RANK"])
-if args.on_term:  # installed first, so a SIGTERM can never beat it
+if args.on_term:  # installed first, so a signal can never beat it
 
     def on_term(signum, frame):
         with open(os.path.join(args.out, f"term_r{rank}"), "w") as f:
-            f.write(str(time.time()))
+            f.write(signal.Signals(signum).name)
         sys.exit(0)
 
-    signal.signal(signal.SIGTERM, on_term)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), on_term)
 restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 chosen = rank in {int(r) for r in args.ranks.split(",") if r}
 record = {
