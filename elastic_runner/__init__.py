@@ -2,12 +2,35 @@
 
 ``elastic-run`` starts a job's workers on every node with torchrun's worker contract,
 supervises them and restarts them on failure. Extension points are pluggy hooks
-(:mod:`elastic_runner.hookspecs`); implement them with :data:`hookimpl`.
+(:mod:`elastic_runner.hookspecs`); implement them with :data:`hookimpl`. Workers may use
+:func:`record` to report their errors.
+
+Names are imported lazily so that a worker importing ``record`` pays for nothing else.
 """
 
-from elastic_runner.hookspecs import hookimpl
-from elastic_runner.registry import ComponentSpec
+from __future__ import annotations
 
-__all__ = ["ComponentSpec", "__version__", "hookimpl"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elastic_runner.hookspecs import hookimpl
+    from elastic_runner.record import record
+    from elastic_runner.registry import ComponentSpec
+
+__all__ = ["ComponentSpec", "__version__", "hookimpl", "record"]
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "hookimpl": "elastic_runner.hookspecs",
+    "record": "elastic_runner.record",
+    "ComponentSpec": "elastic_runner.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'elastic_runner' has no attribute {name!r}")

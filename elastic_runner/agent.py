@@ -4,10 +4,13 @@
 
     rendezvous -> assign ranks -> start workers
     wait for the first of: a worker exits | membership changes | a stop signal
-    decide: succeed | restart (spends a restart) | regroup (free) | fail | stop
+                           | a resource sample is due
+    decide: succeed | restart (spends a restart, after backoff) | regroup (free)
+            | fail | stop
 
 Everything around the loop comes in through small interfaces: the rendezvous handler,
-the worker launcher (process spawning), the event sink and metric handler, and a clock.
+the worker launcher (process spawning), the resource monitor, the event sink and metric
+handler, and a clock.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from elastic_runner.events import Event, EventSink
+from elastic_runner.failures import diagnose, oom_kill_count
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
 from elastic_runner.rendezvous.ranks import assign_ranks
 from elastic_runner.spec import (
+    Failure,
+    FailureKind,
+    RestartPolicy,
     RunContext,
     RunResult,
     WorkerExit,
@@ -32,6 +39,7 @@ from elastic_runner.spec import (
 )
 from elastic_runner.workers.environment import worker_environment
 from elastic_runner.workers.logs import WorkerLogPaths
+from elastic_runner.workers.resources import ResourceMonitor, Usage, format_bytes
 from elastic_runner.workers.supervisor import WorkerLaunch
 
 __all__ = ["ElasticAgent", "WorkerLauncher"]
@@ -46,6 +54,8 @@ class WorkerLauncher(Protocol):
     def start(self, launches: Sequence[WorkerLaunch]) -> dict[int, int]: ...
 
     def wait(self, timeout: float | None = None) -> list[WorkerExit]: ...
+
+    def kill(self, local_rank: int, sig: int = signal.SIGKILL) -> None: ...
 
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]: ...
 
@@ -71,6 +81,9 @@ class ElasticAgent:
         base_env: Mapping[str, str],
         log_prefix: str = "[{role}{local_rank}]:",
         forward_signals: frozenset[int] = frozenset(),
+        restart_policy: RestartPolicy | None = None,
+        monitor: ResourceMonitor | None = None,
+        memory_limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -83,11 +96,22 @@ class ElasticAgent:
         self._base_env = dict(base_env)
         self._log_prefix = log_prefix
         self._forward_signals = forward_signals
+        self._policy = restart_policy or RestartPolicy()
+        self._monitor = monitor
+        self._memory_limit = memory_limit
         self._clock = clock
         self._remaining_restarts = spec.max_restarts
-        self._exits: dict[int, WorkerExit] = {}
         self._stop_signal: int | None = None
         self._membership_changed = False
+        # State of the current attempt.
+        self._exits: dict[int, WorkerExit] = {}
+        self._failures: list[Failure] = []
+        self._kill_reasons: dict[int, tuple[FailureKind, str]] = {}
+        self._attempt_started = 0.0
+        self._oom_kills_at_start: int | None = None
+        #: Latest resource sample per local rank (for status displays).
+        self.usage: dict[int, Usage] = {}
+        self._peak_rss: dict[int, int] = {}
 
     # -- called from other contexts -----------------------------------------------------
 
@@ -109,27 +133,32 @@ class ElasticAgent:
         try:
             self._start_attempt()
             while True:
-                for exit_ in self._launcher.wait():
+                for exit_ in self._launcher.wait(self._wait_timeout()):
                     self._record_exit(exit_)
                 if self._stop_signal is not None:
                     return self._stop_by_signal(self._stop_signal)
+                if self._monitor and self._monitor.due():
+                    self._sample_resources()
                 state = self._group_state()
                 if state == WorkerState.SUCCEEDED:
                     return self._finish(WorkerState.SUCCEEDED)
                 if state == WorkerState.FAILED:
                     self._stop_workers(signal.SIGTERM)
-                    if self._remaining_restarts <= 0:
-                        return self._finish(WorkerState.FAILED)
+                    reason = self._why_not_restart()
+                    if reason:
+                        return self._finish(WorkerState.FAILED, reason)
                     self._remaining_restarts -= 1
                     self.group.restart_count += 1
                     self._emit_agent("elastic_runner.restart", reason="failure")
+                    if not self._backoff(self._policy.delay(self.group.restart_count)):
+                        return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
                     self._start_attempt()
                 elif self._membership_changed:
                     self._stop_workers(signal.SIGTERM)
                     self._emit_agent("elastic_runner.restart", reason="membership_change")
                     self._start_attempt()
         finally:
-            if self._launcher_has_running():
+            if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
             self._rdzv.shutdown()
 
@@ -139,6 +168,9 @@ class ElasticAgent:
         """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY."""
         self._membership_changed = False
         self._exits.clear()
+        self._failures.clear()
+        self._kill_reasons.clear()
+        self.usage.clear()
         group, spec = self.group, self.spec
         t0 = self._clock()
         info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size))
@@ -160,7 +192,7 @@ class ElasticAgent:
             w.global_rank = ranks.base_global_rank + w.local_rank
             w.role_rank = ranks.base_role_rank + w.local_rank
             w.world_size, w.role_world_size = ranks.world_size, ranks.role_world_size
-            paths = WorkerLogPaths.of(self._context.run_dir, group.attempt, w.local_rank)
+            paths = self._paths(w.local_rank)
             env = worker_environment(
                 group,
                 w,
@@ -184,6 +216,8 @@ class ElasticAgent:
                     prefix + " " if prefix else "",
                 )
             )
+        self._oom_kills_at_start = oom_kill_count()
+        self._attempt_started = self._clock()
         pids = self._launcher.start(launches)
         group.state = WorkerState.HEALTHY
         for w in group.workers:
@@ -200,13 +234,35 @@ class ElasticAgent:
             spec.max_restarts,
         )
 
+    def _paths(self, local_rank: int) -> WorkerLogPaths:
+        return WorkerLogPaths.of(self._context.run_dir, self.group.attempt, local_rank)
+
     def _record_exit(self, exit_: WorkerExit) -> None:
         self._exits[exit_.local_rank] = exit_
         self.group.workers[exit_.local_rank].pid = None
+        paths = self._paths(exit_.local_rank)
         if exit_.stopped_by_agent:
-            state = "TERMINATED"
+            # A rank that recorded its own error before we stopped it failed on its own
+            # (it may even be the root cause, still busy dying when another rank exited).
+            state = "FAILED" if paths.error_file.exists() else "TERMINATED"
         else:
             state = "SUCCEEDED" if exit_.succeeded else "FAILED"
+        failure = None
+        if state == "FAILED":
+            failure = diagnose(
+                exit_,
+                error_file=paths.error_file,
+                stderr=paths.stderr,
+                kill_reason=self._kill_reasons.get(exit_.local_rank),
+                oom_kills_before=self._oom_kills_at_start,
+            )
+            self._failures.append(failure)
+            log.warning(
+                "worker rank %d (pid %d) failed: %s",
+                exit_.global_rank,
+                exit_.pid,
+                failure.describe(),
+            )
         self._emit_worker(
             state,
             exit_.global_rank,
@@ -215,28 +271,72 @@ class ElasticAgent:
             exit_code=exit_.returncode,
             signal=exit_.signal_name,
             detected_at=exit_.timestamp,
+            failure=failure.kind.name if failure else None,
+            error=failure.message if failure else None,
         )
-        if state == "FAILED":
-            log.warning(
-                "worker rank %d (pid %d) failed: %s",
-                exit_.global_rank,
-                exit_.pid,
-                exit_.describe(),
-            )
 
     def _group_state(self) -> WorkerState:
-        if any(not e.succeeded and not e.stopped_by_agent for e in self._exits.values()):
+        if self._failures:
             return WorkerState.FAILED
         if len(self._exits) == self.spec.local_world_size:
             return WorkerState.SUCCEEDED
         return WorkerState.HEALTHY
+
+    def _wait_timeout(self) -> float | None:
+        if self._monitor and self._has_running_workers():
+            return self._monitor.seconds_until_due()
+        return None
+
+    def _sample_resources(self) -> None:
+        running = {w.local_rank: w.pid for w in self.group.workers if w.pid is not None}
+        self.usage = self._monitor.sample(running) if self._monitor else {}
+        for local_rank, usage in self.usage.items():
+            rank = self.group.workers[local_rank].global_rank
+            self._peak_rss[rank] = max(self._peak_rss.get(rank, 0), usage.rss)
+            labels = {"rank": str(rank)}
+            self._metrics.put("worker.rss_bytes", usage.rss, labels)
+            self._metrics.put("worker.cpu_percent", usage.cpu_percent, labels)
+            limit = self._memory_limit
+            if limit and usage.rss > limit and local_rank not in self._kill_reasons:
+                self._kill_reasons[local_rank] = (
+                    FailureKind.MEMORY_LIMIT,
+                    f"RSS {format_bytes(usage.rss)} > job.limits.memory {format_bytes(limit)}",
+                )
+                log.warning(
+                    "worker rank %d is over its memory limit (%s): killing it",
+                    rank,
+                    self._kill_reasons[local_rank][1],
+                )
+                self._launcher.kill(local_rank)
+
+    def _why_not_restart(self) -> str | None:
+        """Why the failed attempt must not be restarted, or ``None`` to restart it."""
+        uptime = self._clock() - self._attempt_started
+        if uptime < self._policy.min_uptime and not self._policy.on_startup_failure:
+            return (
+                f"startup failure after {uptime:.1f} s (< restart.min_uptime="
+                f"{self._policy.min_uptime:g} s) and restart.on_startup_failure=false"
+            )
+        if self._remaining_restarts <= 0:
+            return f"restarts used up (max_restarts={self.spec.max_restarts})"
+        return None
+
+    def _backoff(self, delay: float) -> bool:
+        """Wait ``delay`` seconds before a restart; False if a stop signal came first."""
+        if delay <= 0:
+            return True
+        log.info("restarting in %.1f s (restart.backoff)", delay)
+        deadline = self._clock() + delay
+        while self._stop_signal is None and (left := deadline - self._clock()) > 0:
+            self._launcher.wait(left)
+        return self._stop_signal is None
 
     def _stop_workers(self, sig: int) -> None:
         for exit_ in self._launcher.stop(sig, self.spec.stop_timeout):
             self._record_exit(exit_)
         self.group.state = WorkerState.STOPPED
 
-    def _launcher_has_running(self) -> bool:
+    def _has_running_workers(self) -> bool:
         return any(w.pid is not None for w in self.group.workers)
 
     def _stop_by_signal(self, signum: int) -> RunResult:
@@ -244,25 +344,30 @@ class ElasticAgent:
         sent = signum if signum in self._forward_signals else signal.SIGTERM
         log.warning(
             "got %s: sending %s to the workers (grace %g s, then SIGKILL)",
-            name, signal.Signals(sent).name, self.spec.stop_timeout,
+            name,
+            signal.Signals(sent).name,
+            self.spec.stop_timeout,
         )
         self._emit_agent("elastic_runner.signal", signal=name, sent=signal.Signals(sent).name)
         self._stop_workers(sent)
-        result = self._finish(WorkerState.FAILED)
+        result = self._finish(WorkerState.FAILED, f"stopped by {name}")
         result.signal = signum
         return result
 
-    def _finish(self, state: WorkerState) -> RunResult:
-        # Sweep what the attempt's process groups left behind, whatever the outcome.
+    def _finish(self, state: WorkerState, reason: str = "") -> RunResult:
+        # Sweep what the attempt's processes left behind, whatever the outcome.
         self._stop_workers(signal.SIGTERM)
         self.group.state = state
         self._metrics.put("workers.restarts", self.group.restart_count)
-        self._emit_agent(f"torchelastic.worker.status.{state.value}")
+        self._emit_agent(f"torchelastic.worker.status.{state.value}", reason=reason)
         return RunResult(
             state=state,
             attempts=self.group.attempt,
             restart_count=self.group.restart_count,
             exits=sorted(self._exits.values(), key=lambda e: e.local_rank),
+            failures=sorted(self._failures, key=lambda f: f.timestamp),
+            peak_rss=dict(self._peak_rss),
+            ended_because=reason,
         )
 
     # -- events -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from elastic_runner.config import (
     HANDLED_SIGNALS,
     ConfigError,
     ElasticRunConfig,
+    parse_memory,
     parse_nnodes,
     parse_nproc_per_node,
     parse_signals,
@@ -35,13 +36,14 @@ from elastic_runner.config import (
 )
 from elastic_runner.plugins import make_plugin_manager
 from elastic_runner.registry import ComponentKind, Registry
-from elastic_runner.report import format_report
+from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.signals import handle_signals
-from elastic_runner.spec import RunContext, WorkerSpec
+from elastic_runner.spec import RestartPolicy, RunContext, WorkerSpec
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
-from elastic_runner.workers.logs import WorkerLogPaths
+from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
+from elastic_runner.workers.resources import ResourceMonitor
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
 __all__ = ["main", "run_job"]
@@ -115,6 +117,7 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
 
+    memory_limit = parse_memory("job.limits.memory", conf.job.limits.memory)
     spec = WorkerSpec(
         role=conf.job.role,
         local_world_size=nproc,
@@ -123,11 +126,13 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         max_restarts=conf.max_restarts,
         stop_timeout=conf.stop_timeout,
     )
-    tee = conf.logs.tee
+    logs = conf.logs
+    console: Console | None = None
+    if logs.tee:
+        fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
+        console = CollapsingConsole(fds, logs.collapse_window) if logs.collapse else Console(fds)
     supervisor = ProcessSupervisor(
-        marker=uuid.uuid4().hex,
-        console_out=1 if tee else None,
-        console_err=2 if tee else None,
+        marker=uuid.uuid4().hex, console=console, console_ranks=logs.console_ranks
     )
     agent = ElasticAgent(
         spec,
@@ -139,6 +144,15 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         base_env=base_env,
         log_prefix=conf.logs.prefix,
         forward_signals=parse_signals("signals.forward", conf.signals.forward),
+        restart_policy=RestartPolicy(
+            backoff_initial=conf.restart.backoff.initial,
+            backoff_factor=conf.restart.backoff.factor,
+            backoff_max=conf.restart.backoff.max,
+            min_uptime=conf.restart.min_uptime,
+            on_startup_failure=conf.restart.on_startup_failure,
+        ),
+        monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
+        memory_limit=memory_limit,
     )
     timer.start()
     guardian = Guardian(supervisor.marker, run_id)
@@ -160,6 +174,8 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr,
     )
     print(report, file=sys.stderr, flush=True)
+    if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
+        write_nested_error_file(result, nested)
     return result.exit_code
 
 

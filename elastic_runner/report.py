@@ -1,17 +1,22 @@
-"""The final summary a person reads when the run ends: root cause first."""
+"""The final summary a person reads when the run ends: the root cause first, with its
+error and traceback, then the other failures, then the ranks the agent stopped."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from elastic_runner.spec import RunResult, WorkerExit, WorkerSpec
+from elastic_runner.spec import Failure, RunResult, WorkerExit, WorkerSpec
+from elastic_runner.workers.resources import format_bytes
 
-__all__ = ["format_report", "stderr_tail"]
+__all__ = ["format_report", "stderr_tail", "write_nested_error_file"]
 
 TAIL_LINES = 10
+TRACEBACK_LINES = 30
 
 
 def stderr_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
@@ -35,6 +40,28 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
 
 
+def _quoted(lines: list[str]) -> list[str]:
+    return [f"    | {line}" for line in lines]
+
+
+def _root_cause_details(failure: Failure, stderr: Path) -> list[str]:
+    out = []
+    if failure.message:
+        out.append(f"    error: {failure.message}")
+    tail = stderr_tail(stderr)
+    if failure.traceback:
+        tb = failure.traceback.rstrip().splitlines()
+        out.append(f"    traceback (from its {failure.traceback_source}):")
+        out += _quoted(tb[-TRACEBACK_LINES:])
+        if failure.traceback_source == "stderr":
+            tail = []  # the traceback is the end of its stderr
+    out.append(f"    stderr: {stderr}")
+    if tail:
+        out.append("    last lines of stderr:")
+        out += _quoted(tail)
+    return out
+
+
 def format_report(
     result: RunResult,
     spec: WorkerSpec,
@@ -43,34 +70,68 @@ def format_report(
 ) -> str:
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
     attempts = _count(result.attempts, "attempt")
+    peaks = ""
+    if result.peak_rss:
+        peaks = "  peak RSS: " + ", ".join(
+            f"rank {rank} {format_bytes(rss)}" for rank, rss in sorted(result.peak_rss.items())
+        )
     if result.signal is not None and not result.failures:
-        return (
+        text = (
             f"elastic-run: stopped by {signal.Signals(result.signal).name} after {attempts}; "
             f"workers stopped. Run directory: {run_dir}"
         )
+        return "\n".join(filter(None, [text, peaks]))
     if not result.is_failed:
-        return (
+        text = (
             f"elastic-run: {_count(spec.local_world_size, 'worker')} succeeded ({attempts}, "
             f"{_count(result.restart_count, 'restart')}). Run directory: {run_dir}"
         )
-    failures = sorted(result.failures.values(), key=lambda e: e.timestamp)
-    stopped = sorted(e.global_rank for e in result.exits if e.stopped_by_agent)
+        return "\n".join(filter(None, [text, peaks]))
+    failed = {f.exit.global_rank for f in result.failures}
+    stopped = sorted(
+        e.global_rank for e in result.exits if e.stopped_by_agent and e.global_rank not in failed
+    )
     out = [
-        f"elastic-run: job failed: {len(failures)} of {spec.local_world_size} workers failed "
-        f"in the last of {attempts} (max_restarts={spec.max_restarts}).",
+        f"elastic-run: job failed: {len(result.failures)} of {spec.local_world_size} workers "
+        f"failed in the last of {attempts}: {result.ended_because}.",
     ]
-    for i, e in enumerate(failures):
+    for i, failure in enumerate(result.failures):
+        e = failure.exit
         label = "root cause" if i == 0 else "also failed"
         out.append(
             f"  {label}: rank {e.global_rank} (local_rank {e.local_rank}, pid {e.pid}): "
-            f"{e.describe()} at {_when(e.timestamp)}"
+            f"{failure.describe()} at {_when(failure.timestamp)}"
         )
         if i == 0:
-            path = stderr_of(e)
-            tail = stderr_tail(path)
-            out.append(f"    stderr: {path}")
-            out.extend(f"    | {line}" for line in tail)
+            out += _root_cause_details(failure, stderr_of(e))
+        elif failure.message:
+            out.append(f"    error: {failure.message}")
     if stopped:
         out.append(f"  stopped by the agent: ranks {', '.join(map(str, stopped))}")
+    if peaks:
+        out.append(peaks)
     out.append(f"  run directory: {run_dir}")
     return "\n".join(out)
+
+
+def write_nested_error_file(result: RunResult, path: str) -> None:
+    """When elastic-run itself runs under an agent (its own TORCHELASTIC_ERROR_FILE is
+    set), pass the root cause up in torch's format, with ``errorCode`` = its exit code."""
+    root = result.root_cause
+    if root is None:
+        return
+    data = {
+        "message": {
+            "message": root.message or f"rank {root.exit.global_rank}: {root.describe()}",
+            "extraInfo": {
+                "py_callstack": root.traceback or "",
+                "timestamp": str(int(root.timestamp)),
+                "timestamp_precise": repr(root.timestamp),
+            },
+        },
+        "errorCode": root.exit.returncode,
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 __all__ = [
     "LOCAL_RANK_PLACEHOLDERS",
+    "Failure",
+    "FailureKind",
+    "RestartPolicy",
     "RunContext",
     "RunResult",
     "Worker",
@@ -115,6 +118,63 @@ class WorkerExit:
         return f"killed by {name}" if name else f"exit code {self.returncode}"
 
 
+class FailureKind(str, enum.Enum):
+    """Why a worker failed, as the report names it."""
+
+    EXIT_CODE = "exit code"
+    SIGNAL = "signal"
+    OOM_KILL = "probable OOM kill"
+    MEMORY_LIMIT = "over its memory limit"
+    TIMER = "timer expired"
+    WATCHDOG = "watchdog"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker that failed on its own, diagnosed. ``timestamp`` is the most precise time
+    known for the failure (the error file's, else when the agent saw the exit); the root
+    cause of a failed attempt is the failure with the smallest one."""
+
+    exit: WorkerExit
+    kind: FailureKind
+    timestamp: float
+    #: ``ValueError: bad batch`` from the error file, when the worker wrote one.
+    message: str | None = None
+    #: The Python traceback: from the error file, else the last one in the worker's stderr.
+    traceback: str | None = None
+    #: Where the traceback came from: ``error file`` or ``stderr``.
+    traceback_source: str | None = None
+    #: One more clause for the report (``RSS 2.1 GiB > limit 2 GiB``, an OOM hint ...).
+    detail: str = ""
+
+    def describe(self) -> str:
+        text = self.exit.describe()
+        if self.kind in (
+            FailureKind.OOM_KILL,
+            FailureKind.MEMORY_LIMIT,
+            FailureKind.TIMER,
+            FailureKind.WATCHDOG,
+        ):
+            text += f" ({self.kind.value})"
+        return f"{text}; {self.detail}" if self.detail else text
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a failed group is restarted (``max_restarts`` lives in :class:`WorkerSpec`)."""
+
+    backoff_initial: float = 0.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 60.0
+    #: A failure sooner than this after the workers started is a startup failure.
+    min_uptime: float = 0.0
+    on_startup_failure: bool = True
+
+    def delay(self, restart: int) -> float:
+        """Seconds to wait before restart number ``restart`` (1, 2, ...)."""
+        return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (restart - 1))
+
+
 @dataclass
 class WorkerGroup:
     """The workers of one spec on this node, with the round's group-level facts."""
@@ -138,19 +198,24 @@ class WorkerGroup:
 
 @dataclass
 class RunResult:
-    """How the run ended. ``failures`` maps global rank to the exits that failed on their
-    own in the final attempt (not those the agent stopped); ``exits`` holds every exit of
-    the final attempt; ``signal`` is set when the agent itself was stopped by a signal."""
+    """How the run ended. ``exits`` holds every exit of the final attempt; ``failures``
+    the workers of that attempt that failed on their own (not those the agent stopped),
+    root cause first; ``signal`` is set when the agent itself was stopped by a signal;
+    ``peak_rss`` maps global rank to the largest RSS sampled for its process tree."""
 
     state: WorkerState
     attempts: int
     restart_count: int
     exits: list[WorkerExit] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     signal: int | None = None
+    peak_rss: dict[int, int] = field(default_factory=dict)
+    #: Why the run ended when it did not succeed (restarts used up, a signal ...).
+    ended_because: str = ""
 
     @property
-    def failures(self) -> dict[int, WorkerExit]:
-        return {e.global_rank: e for e in self.exits if not e.succeeded and not e.stopped_by_agent}
+    def root_cause(self) -> Failure | None:
+        return self.failures[0] if self.failures else None
 
     @property
     def is_failed(self) -> bool:

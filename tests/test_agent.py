@@ -50,6 +50,9 @@ class FakeLauncher:
         batch = self.batches.pop(0)
         return [self._exit(rank, code, False) for rank, code in batch]
 
+    def kill(self, local_rank: int, sig: int = signal.SIGKILL) -> None:
+        self.batches.insert(0, [(local_rank, -sig)])
+
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
         self.stops.append(sig)
         return [self._exit(rank, -sig, True) for rank in list(self.running)]
@@ -99,6 +102,7 @@ def make_agent(
     script: list[list[list[tuple[int, int]]]],
     nproc: int = 2,
     max_restarts: int = 0,
+    **options: object,
 ) -> tuple[ElasticAgent, FakeLauncher, FakeRendezvous, Events]:
     spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=1)
     launcher, rdzv, events = FakeLauncher(script), FakeRendezvous(), Events()
@@ -110,6 +114,7 @@ def make_agent(
         events=events,
         metrics=NoMetrics(),
         base_env={},
+        **options,  # type: ignore[arg-type]
     )
     return agent, launcher, rdzv, events
 
@@ -144,7 +149,7 @@ def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> 
     result = agent.run()
     assert result.state == WorkerState.FAILED and result.exit_code == 1
     assert result.attempts == 4 and result.restart_count == 3
-    assert list(result.failures) == [0]
+    assert [f.exit.global_rank for f in result.failures] == [0]
     assert [e.stopped_by_agent for e in result.exits] == [False, True]
 
 
@@ -159,14 +164,25 @@ def test_membership_change_regroups_without_spending_a_restart(tmp_path: Path) -
     assert restart[0].metadata["reason"] == "membership_change"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_forwards_it_and_exits_128_plus_n(tmp_path: Path, signum: int) -> None:
-    agent, launcher, _, _ = make_agent(tmp_path, [[]], max_restarts=5)
+@pytest.mark.parametrize(
+    ("signum", "forward", "sent"),
+    [
+        (signal.SIGTERM, {signal.SIGTERM}, signal.SIGTERM),
+        (signal.SIGUSR1, {signal.SIGUSR1}, signal.SIGUSR1),
+        (signal.SIGUSR1, {signal.SIGTERM}, signal.SIGTERM),
+    ],
+)
+def test_stop_signal_forwards_it_and_exits_128_plus_n(
+    tmp_path: Path, signum: int, forward: set[int], sent: int
+) -> None:
+    agent, launcher, _, _ = make_agent(
+        tmp_path, [[]], max_restarts=5, forward_signals=frozenset(forward)
+    )
     launcher.on_wait = lambda: agent.request_stop(signum)
     result = agent.run()
-    assert launcher.stops[0] == signum
+    assert launcher.stops[0] == sent
     assert result.exit_code == 128 + signum
-    assert result.failures == {}
+    assert result.failures == []
 
 
 def test_ranks_and_master_come_from_the_round(tmp_path: Path) -> None:

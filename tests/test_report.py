@@ -1,33 +1,102 @@
-"""The final report: root cause first, victims apart, stderr tail."""
+"""The final report: root cause first, its error and traceback, victims apart."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from elastic_runner.report import format_report, stderr_tail
-from elastic_runner.spec import RunResult, WorkerExit, WorkerSpec, WorkerState
+from elastic_runner.report import format_report, stderr_tail, write_nested_error_file
+from elastic_runner.spec import (
+    Failure,
+    FailureKind,
+    RunResult,
+    WorkerExit,
+    WorkerSpec,
+    WorkerState,
+)
 
 
-def test_root_cause_is_the_earliest_failure(tmp_path: Path) -> None:
-    (tmp_path / "3.err").write_text("\n".join(f"line {i}" for i in range(30)))
-    exits = [
-        WorkerExit(0, 0, 10, 1, timestamp=5.0),
-        WorkerExit(3, 3, 13, -9, timestamp=2.0),
-        WorkerExit(1, 1, 11, -15, timestamp=6.0, stopped_by_agent=True),
+def _result(tmp_path: Path) -> RunResult:
+    e0 = WorkerExit(0, 0, 10, 1, timestamp=5.0)
+    e3 = WorkerExit(3, 3, 13, -9, timestamp=2.0)
+    e1 = WorkerExit(1, 1, 11, -15, timestamp=6.0, stopped_by_agent=True)
+    failures = [
+        Failure(
+            e3, FailureKind.MEMORY_LIMIT, 2.0, detail="RSS 3.0 GiB > job.limits.memory 2.0 GiB"
+        ),
+        Failure(
+            e0,
+            FailureKind.EXIT_CODE,
+            5.0,
+            message="ValueError: bad",
+            traceback="Tb\n  x\nValueError: bad",
+            traceback_source="error file",
+        ),
     ]
-    spec = WorkerSpec("r", 4, ("x",), max_restarts=2)
+    return RunResult(
+        WorkerState.FAILED,
+        3,
+        2,
+        [e0, e1, e3],
+        failures,
+        peak_rss={0: 2**20, 3: 3 * 2**30},
+        ended_because="restarts used up (max_restarts=2)",
+    )
+
+
+def test_root_cause_first_then_others_then_victims(tmp_path: Path) -> None:
+    (tmp_path / "3.err").write_text("\n".join(f"line {i}" for i in range(30)))
     text = format_report(
-        RunResult(WorkerState.FAILED, 3, 2, exits),
-        spec,
+        _result(tmp_path),
+        WorkerSpec("r", 4, ("x",), max_restarts=2),
         tmp_path,
         lambda e: tmp_path / f"{e.local_rank}.err",
     )
     lines = text.splitlines()
-    assert "2 of 4 workers failed in the last of 3 attempts (max_restarts=2)" in lines[0]
-    assert lines[1].startswith("  root cause: rank 3 (local_rank 3, pid 13): killed by SIGKILL")
-    assert "line 29" in text and "line 19" not in text
-    assert any(line.startswith("  also failed: rank 0") and "exit code 1" in line for line in lines)
+    assert lines[0] == (
+        "elastic-run: job failed: 2 of 4 workers failed in the last of 3 attempts: "
+        "restarts used up (max_restarts=2)."
+    )
+    assert lines[1] == (
+        "  root cause: rank 3 (local_rank 3, pid 13): killed by SIGKILL (over its "
+        "memory limit); RSS 3.0 GiB > job.limits.memory 2.0 GiB at " + lines[1].rsplit(" at ", 1)[1]
+    )
+    assert "    | line 29" in lines and "    | line 19" not in lines
+    also = lines.index(
+        "  also failed: rank 0 (local_rank 0, pid 10): exit code 1 at "
+        + lines[lines.index("    error: ValueError: bad") - 1].rsplit(" at ", 1)[1]
+    )
+    assert also > 1
     assert "  stopped by the agent: ranks 1" in lines
+    assert "  peak RSS: rank 0 1.0 MiB, rank 3 3.0 GiB" in lines
+
+
+def test_traceback_from_stderr_is_not_repeated_as_tail(tmp_path: Path) -> None:
+    exit_ = WorkerExit(0, 0, 10, 1, timestamp=1.0)
+    (tmp_path / "err").write_text("noise\nTraceback (most recent call last):\n  f\nKeyError: 'x'\n")
+    failure = Failure(
+        exit_,
+        FailureKind.EXIT_CODE,
+        1.0,
+        traceback="Traceback (most recent call last):\n  f\nKeyError: 'x'",
+        traceback_source="stderr",
+    )
+    text = format_report(
+        RunResult(WorkerState.FAILED, 1, 0, [exit_], [failure], ended_because="x"),
+        WorkerSpec("r", 1, ("x",)),
+        tmp_path,
+        lambda e: tmp_path / "err",
+    )
+    assert "    traceback (from its stderr):" in text
+    assert text.count("KeyError: 'x'") == 1 and "noise" not in text
+
+
+def test_nested_error_file_passes_the_root_cause_up(tmp_path: Path) -> None:
+    path = tmp_path / "outer.json"
+    write_nested_error_file(_result(tmp_path), str(path))
+    data = json.loads(path.read_text())
+    assert data["errorCode"] == -9
+    assert data["message"]["message"].startswith("rank 3: killed by SIGKILL")
 
 
 def test_stderr_tail_of_missing_file_is_empty(tmp_path: Path) -> None:

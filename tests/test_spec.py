@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import signal
 
-from elastic_runner.spec import RunResult, WorkerExit, WorkerSpec, WorkerState
+from elastic_runner.spec import (
+    Failure,
+    FailureKind,
+    RestartPolicy,
+    RunResult,
+    WorkerExit,
+    WorkerSpec,
+    WorkerState,
+)
 
 
 def test_local_rank_placeholders_are_substituted() -> None:
@@ -22,8 +30,15 @@ def test_run_result_exit_codes_and_failures() -> None:
     ok = RunResult(WorkerState.SUCCEEDED, 1, 0)
     assert ok.exit_code == 0 and not ok.is_failed
     exits = [WorkerExit(0, 0, 1, 1, 2.0), WorkerExit(1, 1, 2, -15, 3.0, stopped_by_agent=True)]
-    failed = RunResult(WorkerState.FAILED, 2, 1, exits)
-    assert failed.exit_code == 1 and list(failed.failures) == [0]
+    failure = Failure(exits[0], FailureKind.EXIT_CODE, 2.0)
+    failed = RunResult(WorkerState.FAILED, 2, 1, exits, [failure])
+    assert failed.exit_code == 1 and failed.root_cause is failure
     stopped = RunResult(WorkerState.FAILED, 1, 0, signal=signal.SIGTERM)
     assert stopped.exit_code == 143
     assert WorkerState.HEALTHY.is_running and not WorkerState.STOPPED.is_running
+
+
+def test_restart_backoff_grows_and_is_capped() -> None:
+    policy = RestartPolicy(backoff_initial=0.5, backoff_factor=2, backoff_max=3)
+    assert [policy.delay(k) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
+    assert RestartPolicy().delay(5) == 0.0

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from elastic_runner.workers.logs import WorkerLogPaths
+from elastic_runner.workers.logs import Console, WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor, WorkerLaunch
 
 
@@ -30,7 +30,7 @@ def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLau
 def supervisor(tmp_path: Path):  # type: ignore[no-untyped-def]
     out_r, out_w = os.pipe()
     os.set_blocking(out_r, False)
-    sup = ProcessSupervisor(marker=f"test-{os.getpid()}", console_out=out_w, console_err=out_w)
+    sup = ProcessSupervisor(marker=f"test-{os.getpid()}", console=Console({1: out_w, 2: out_w}))
     sup.console_read = lambda: _read_all(out_r)  # type: ignore[attr-defined]
     yield sup
     sup.close()

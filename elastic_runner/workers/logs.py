@@ -1,4 +1,4 @@
-"""Worker output: the per-attempt log layout and the line tee.
+"""Worker output: the per-attempt log layout, the line tee and the console.
 
 Layout (torch's, plus an attempt number that never repeats within a run, so neither a
 restart nor a membership change overwrites earlier logs)::
@@ -9,10 +9,12 @@ restart nor a membership change overwrites earlier logs)::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LineTee", "WorkerLogPaths", "attempt_dir"]
+__all__ = ["CollapsingConsole", "Console", "LineTee", "WorkerLogPaths", "attempt_dir"]
 
 
 def attempt_dir(run_dir: Path, attempt: int) -> Path:
@@ -42,30 +44,120 @@ class WorkerLogPaths:
         return self.dir / "error.json"
 
 
-class LineTee:
-    """Copies one worker stream to its log file as bytes arrive and, when ``console_fd``
-    is given, to the console whole lines at a time with ``prefix`` (no torn lines)."""
+class Console:
+    """Where teed lines go: each line with its worker's prefix, written whole to the fd of
+    its stream (1 = stdout, 2 = stderr)."""
 
-    def __init__(self, path: Path, console_fd: int | None, prefix: bytes) -> None:
+    def __init__(self, fds: dict[int, int]) -> None:
+        self._fds = fds
+
+    def write(self, stream: int, rank: int, prefix: bytes, lines: list[bytes]) -> None:
+        _write_all(self._fds[stream], b"".join(prefix + line for line in lines))
+
+    def expect(self, ranks: int) -> None:
+        """How many ranks write to the console in this attempt."""
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`flush` has something to print (monotonic seconds), if ever."""
+        return None
+
+    def flush(self, everything: bool = False) -> None:
+        """Print what is due (or everything)."""
+
+
+@dataclass
+class _Pending:
+    since: float
+    prefix: bytes
+    ranks: list[int] = field(default_factory=list)
+
+
+class CollapsingConsole(Console):
+    """Prints a line that several ranks print alike once, as ``[ranks 0-3,6]: line``.
+
+    A line waits until every console rank printed it or ``window`` seconds passed; lines
+    keep the order in which they first appeared. Files are never collapsed.
+    """
+
+    def __init__(
+        self, fds: dict[int, int], window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(fds)
+        self._window = window
+        self._clock = clock
+        self._expected = 0
+        self._pending: dict[tuple[int, bytes], _Pending] = {}
+
+    def expect(self, ranks: int) -> None:
+        self.flush(everything=True)
+        self._expected = ranks
+
+    def write(self, stream: int, rank: int, prefix: bytes, lines: list[bytes]) -> None:
+        for line in lines:
+            entry = self._pending.setdefault((stream, line), _Pending(self._clock(), prefix))
+            if rank in entry.ranks:  # the same rank again: a new occurrence
+                self.flush(everything=True)
+                entry = self._pending.setdefault((stream, line), _Pending(self._clock(), prefix))
+            entry.ranks.append(rank)
+        self.flush()
+
+    def next_deadline(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(p.since for p in self._pending.values()) + self._window
+
+    def flush(self, everything: bool = False) -> None:
+        now = self._clock()
+        # Print in order of first appearance, stopping at the first line still waiting.
+        for key, entry in sorted(self._pending.items(), key=lambda kv: kv[1].since):
+            complete = len(entry.ranks) >= self._expected
+            if not (everything or complete or now >= entry.since + self._window):
+                break
+            del self._pending[key]
+            stream, line = key
+            prefix = entry.prefix if len(entry.ranks) == 1 else _ranks_prefix(entry.ranks)
+            _write_all(self._fds[stream], prefix + line)
+
+
+def _ranks_prefix(ranks: list[int]) -> bytes:
+    """[3, 0, 1, 2, 6] -> b"[ranks 0-3,6]: " """
+    ordered = sorted(set(ranks))
+    spans: list[tuple[int, int]] = []
+    for r in ordered:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], r)
+        else:
+            spans.append((r, r))
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"[ranks {text}]: ".encode()
+
+
+class LineTee:
+    """Copies one worker stream to its log file as bytes arrive and, when ``console`` is
+    given, to the console whole lines at a time (no torn lines)."""
+
+    def __init__(
+        self, path: Path, console: Console | None, stream: int, rank: int, prefix: bytes
+    ) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self._console_fd = console_fd
-        self._prefix = prefix
+        self._console = console
+        self._stream, self._rank, self._prefix = stream, rank, prefix
         self._partial = b""
 
     def feed(self, data: bytes) -> None:
         _write_all(self._fd, data)
-        if self._console_fd is None:
+        if self._console is None:
             return
         data = self._partial + data
         cut = data.rfind(b"\n") + 1
         self._partial = data[cut:]
         if cut:
             lines = data[:cut].splitlines(keepends=True)
-            _write_all(self._console_fd, b"".join(self._prefix + line for line in lines))
+            self._console.write(self._stream, self._rank, self._prefix, lines)
 
     def close(self) -> None:
-        if self._console_fd is not None and self._partial:
-            _write_all(self._console_fd, self._prefix + self._partial + b"\n")
+        if self._console is not None and self._partial:
+            self._console.write(self._stream, self._rank, self._prefix, [self._partial + b"\n"])
             self._partial = b""
         os.close(self._fd)
 

@@ -19,12 +19,12 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
 from elastic_runner.spec import WorkerExit
-from elastic_runner.workers.logs import LineTee, WorkerLogPaths
+from elastic_runner.workers.logs import Console, LineTee, WorkerLogPaths
 from elastic_runner.workers.tree import (
     MARKER_ENV,
     become_subreaper,
@@ -86,24 +86,25 @@ class ProcessSupervisor:
     """Starts a group's processes, waits for them and stops them (honcho's manager, with an
     injectable clock).
 
-    ``console_out`` / ``console_err`` are the fds teed output goes to (``None`` = files
-    only). ``marker`` is put in every worker's environment (as ``ELASTIC_RUNNER_AGENT``);
-    every stop ends by killing this process's descendants that carry it. Not thread-safe
-    except :meth:`wake`.
+    Teed output goes to ``console`` (``None`` = files only), from the global ranks in
+    ``console_ranks`` (``None`` = all). ``marker`` is put in every worker's environment
+    (as ``ELASTIC_RUNNER_AGENT``); every stop ends by killing this process's descendants
+    that carry it. Not thread-safe except :meth:`wake`.
     """
 
     def __init__(
         self,
         *,
         marker: str,
-        console_out: int | None = 1,
-        console_err: int | None = 2,
+        console: Console | None = None,
+        console_ranks: Collection[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.marker = marker
         become_subreaper()
-        self._console = {1: console_out, 2: console_err}
+        self._console = console
+        self._console_ranks = None if console_ranks is None else frozenset(console_ranks)
         self._clock = clock
         self._wall_clock = wall_clock
         self._sel = selectors.DefaultSelector()
@@ -119,6 +120,8 @@ class ProcessSupervisor:
         """Start every worker; returns {local_rank: pid}. On a spawn error, workers
         already started are stopped and the error is raised."""
         started: dict[int, int] = {}
+        if self._console:
+            self._console.expect(sum(1 for la in launches if self._to_console(la)))
         try:
             for launch in launches:
                 started[launch.local_rank] = self._spawn(launch)
@@ -147,6 +150,13 @@ class ProcessSupervisor:
         with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
             os.write(self._wake_w, b"\0")
 
+    def kill(self, local_rank: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one worker's process group; its exit comes back from
+        :meth:`wait` as a failure (not as stopped by the agent)."""
+        proc = self._procs.get(local_rank)
+        if proc is not None:
+            self._signal_group(proc, sig)
+
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
         """Send ``sig`` to every worker's process group, wait up to ``timeout`` s, then
         SIGKILL what is left; returns the exits of workers that were still running (marked
@@ -174,6 +184,8 @@ class ProcessSupervisor:
         if stuck:
             log.error("could not kill leftover processes (stuck in the kernel?): %s", stuck)
         reap_orphans(p.pid for p in self._procs.values())
+        if self._console:
+            self._console.flush(everything=True)
         return exits
 
     def close(self) -> None:
@@ -199,23 +211,32 @@ class ProcessSupervisor:
         pidfd = os.pidfd_open(popen.pid)
         proc = _Proc(launch, popen, pidfd)
         prefix = launch.prefix.encode()
-        for stream, path, console in (
-            (popen.stdout, launch.logs.stdout, self._console[1]),
-            (popen.stderr, launch.logs.stderr, self._console[2]),
+        console = self._console if self._to_console(launch) else None
+        for number, stream, path in (
+            (1, popen.stdout, launch.logs.stdout),
+            (2, popen.stderr, launch.logs.stderr),
         ):
             assert stream is not None
             fd = stream.fileno()
             os.set_blocking(fd, False)
-            proc.streams[fd] = (stream, LineTee(path, console, prefix))
+            tee = LineTee(path, console, number, launch.global_rank, prefix)
+            proc.streams[fd] = (stream, tee)
             self._sel.register(fd, selectors.EVENT_READ, proc)
         self._sel.register(pidfd, selectors.EVENT_READ, proc)
         self._procs[launch.local_rank] = proc
         self._pgids.add(popen.pid)
         return popen.pid
 
+    def _to_console(self, launch: WorkerLaunch) -> bool:
+        return self._console_ranks is None or launch.global_rank in self._console_ranks
+
     def _poll(self, timeout: float | None) -> tuple[list[WorkerExit], bool]:
         exits: list[WorkerExit] = []
         woken = False
+        due = self._console.next_deadline() if self._console else None
+        if due is not None:
+            until = max(0.0, due - self._clock())
+            timeout = until if timeout is None else min(timeout, until)
         for key, _ in self._sel.select(timeout):
             proc = key.data
             if proc is None:
@@ -225,6 +246,8 @@ class ProcessSupervisor:
                 exits.append(self._reap(proc))
             elif key.fd in proc.streams:
                 self._read(proc, key.fd)
+        if self._console:
+            self._console.flush()
         return exits, woken
 
     def _read(self, proc: _Proc, fd: int) -> None:
@@ -287,12 +310,16 @@ class ProcessSupervisor:
 
     def _signal_groups(self, sig: int) -> None:
         for proc in self._procs.values():
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            except PermissionError:  # the group leader changed its group; reach it alone
-                proc.popen.send_signal(sig)
+            self._signal_group(proc, sig)
+
+    @staticmethod
+    def _signal_group(proc: _Proc, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group leader changed its group; reach it alone
+            proc.popen.send_signal(sig)
 
     def _sweep_groups(self) -> None:
         for pgid in self._pgids:

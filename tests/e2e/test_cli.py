@@ -208,7 +208,7 @@ def test_exhausted_restarts_exit_1_after_max_restarts_plus_one_attempts(
         "attempt_2",
         "attempt_3",
     ]
-    assert "failed in the last of 3 attempts (max_restarts=2)" in run.stderr
+    assert "failed in the last of 3 attempts: restarts used up (max_restarts=2)" in run.stderr
     assert "root cause: rank 0" in run.stderr and "exit code 7" in run.stderr
     # logs of earlier attempts are kept
     for attempt in (1, 2, 3):
