@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from elastic_runner.error_file import record
     from elastic_runner.hookspecs import hookimpl
-    from elastic_runner.record import record
     from elastic_runner.registry import ComponentSpec
 
 __all__ = ["ComponentSpec", "__version__", "hookimpl", "record"]
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "hookimpl": "elastic_runner.hookspecs",
-    "record": "elastic_runner.record",
+    "record": "elastic_runner.error_file",
     "ComponentSpec": "elastic_runner.registry",
 }
 

@@ -18,7 +18,7 @@ _TRACEBACK_START = "Traceback (most recent call last):"
 
 def read_error_file(path: Path) -> tuple[str | None, str | None, float | None] | None:
     """(message, traceback, timestamp) from an error file in torch's format (written by
-    ``elastic_runner.record`` or torch's ``@record``); ``None`` when there is none."""
+    ``elastic_runner.error_file`` or torch's ``@record``); ``None`` when there is none."""
     try:
         data = json.loads(path.read_text())
         body = data["message"]

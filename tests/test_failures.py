@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from elastic_runner import failures
+from elastic_runner.error_file import record
 from elastic_runner.failures import diagnose, last_traceback, read_error_file
-from elastic_runner.record import record
 from elastic_runner.spec import FailureKind, WorkerExit
 
 TORCH_FORMAT = {
@@ -123,3 +125,14 @@ def test_oom_kill_count_reads_vmstat() -> None:
     count = failures.oom_kill_count()
     assert count is None or count >= 0
     assert os.path.exists("/proc/vmstat")
+
+
+def test_worker_side_import_is_the_decorator_and_light() -> None:
+    code = (
+        "import sys\n"
+        "from elastic_runner import record\n"
+        "assert callable(record) and record.__name__ == 'record', record\n"
+        "heavy = {'pluggy', 'hydra', 'omegaconf', 'psutil'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -61,3 +61,11 @@ def test_resnet_resumes_from_checkpoint_after_a_worker_is_killed(
     failed = [e for e in run.events() if e["state"] == "FAILED"]
     assert [(e["rank"], e["metadata"]["signal"]) for e in failed] == [(1, "SIGKILL")]
     assert (ckpt / "latest.pt").is_file()
+
+
+def test_torch_record_error_file_is_reported(elastic_run: ElasticRunner) -> None:
+    run = elastic_run(f"job.entrypoint={ROOT / 'tests/workers/torch_record.py'}", timeout=120)
+    assert run.returncode == 1
+    report = run.stderr[run.stderr.index("elastic-run: job failed") :]
+    assert "    error: RuntimeError: torch recorded this" in report
+    assert "    traceback (from its error file):" in report

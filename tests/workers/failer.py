@@ -1,6 +1,6 @@
 """A test worker that fails in a chosen way per rank: ``failer.py OUT RANK=MODE ...``.
 
-Modes: ok | sleep | record (raise through elastic_runner.record) | record-then-hang (write
+Modes: ok | sleep | record (raise through elastic_runner.error_file) | record-then-hang (write
 the error file, then hang like a rank stuck in cleanup) | traceback (raise, no error file)
 | segv | selfkill | grow (allocate memory until killed) | fail (exit 1) | late-record (wait
 0.3 s, then raise through record). Every rank writes OUT/started_r<RANK> first.
@@ -39,7 +39,7 @@ elif mode == "late-record":
     time.sleep(0.3)
     fail_with_record(f"rank {rank} failed late")
 elif mode == "record-then-hang":
-    from elastic_runner.record import write_error_file
+    from elastic_runner.error_file import write_error_file
 
     try:
         raise RuntimeError(f"rank {rank} failed first")
