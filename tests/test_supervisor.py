@@ -66,15 +66,18 @@ def _read_all(fd: int) -> bytes:
 def test_exit_is_seen_at_once_without_polling(
     supervisor: ProcessSupervisor, tmp_path: Path
 ) -> None:
-    pids = supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
-    time.sleep(0.2)
     latencies = []
-    t0 = time.time()
-    os.kill(pids[0], signal.SIGKILL)
-    exits = supervisor.wait(timeout=5)
-    latencies.append(exits[0].timestamp - t0)
-    assert exits[0].returncode == -signal.SIGKILL and not exits[0].stopped_by_agent
-    assert latencies[0] < 0.05  # generous bound; the benchmark measures the median
+    for attempt in range(3):
+        pids = supervisor.start(
+            [_launch(tmp_path / str(attempt), 0, "import time; time.sleep(30)")]
+        )
+        t0 = time.time()
+        os.kill(pids[0], signal.SIGKILL)
+        exits = supervisor.wait()  # no timeout: only the exit itself can end this wait
+        latencies.append(exits[0].timestamp - t0)
+        assert exits[0].returncode == -signal.SIGKILL and not exits[0].stopped_by_agent
+    # generous bound (the benchmark measures the median: about 1 ms)
+    assert sorted(latencies)[1] < 0.1, latencies
 
 
 def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor, tmp_path: Path) -> None:
