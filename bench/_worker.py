@@ -1,6 +1,6 @@
 """Worker of ``bench/launch.py`` (not a test; run by elastic-run or torchrun).
 
-Usage: ``_worker.py OUT_DIR MODE`` with MODE ``start`` or ``kill``. The start time is
+Usage: ``_worker.py OUT_DIR MODE`` with MODE ``start``, ``kill`` or ``sleep``. The start time is
 taken before any other import (``signal`` alone costs ~3 ms: it imports enum), so the
 figures measure the launcher, not the worker's imports; only time, os, sys and signal
 are used. Files written to OUT_DIR (each holds a float of ``time.time()``):
@@ -9,10 +9,12 @@ are used. Files written to OUT_DIR (each holds a float of ``time.time()``):
 * ``kill``: (mode ``kill``, restart 0, rank 0) just before rank 0 SIGKILLs itself;
 * ``a<restart>_r<rank>.term``: (mode ``kill``, restart 0, other ranks) when SIGTERM came.
 
-Mode ``start``: record and exit 0. Mode ``kill``: on restart 0, rank 0 waits until every
-sibling has recorded its start (so their SIGTERM handlers are installed), sleeps 0.3 s,
-records the kill time and SIGKILLs itself; the other ranks sleep until SIGTERM, whose
-handler records the time and exits. On later restarts every rank records and exits 0.
+Mode ``start``: record and exit 0. Mode ``sleep``: record, then sleep until signalled
+(default dispositions: a SIGTERM ends it at once; used by ``bench/supervision.py``).
+Mode ``kill``: on restart 0, rank 0 waits until every sibling has recorded its start (so
+their SIGTERM handlers are installed), sleeps 0.3 s, records the kill time and SIGKILLs
+itself; the other ranks sleep until SIGTERM, whose handler records the time and exits.
+On later restarts every rank records and exits 0.
 """
 
 import time
@@ -52,6 +54,9 @@ def main() -> int:
 
     _write(prefix + ".start", T_START)
     if mode == "start" or restart > 0:
+        return 0
+    if mode == "sleep":
+        time.sleep(_MAX_WAIT_S * 10)
         return 0
     if mode != "kill":
         print(f"_worker.py: unknown mode {mode!r}", file=sys.stderr)

@@ -89,7 +89,10 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
-    sys.exit(max(codes, default=0))
+    code = max(codes, default=0)
+    if not any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        _exit_now(code)
+    sys.exit(code)
 
 
 def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) -> int:
@@ -206,6 +209,18 @@ def _build(registry: Registry, kind: ComponentKind, config: Any, context: RunCon
         allowed = ", ".join(registry.names(kind))
         raise ConfigError(f"{kind.group}.{kind.name_key}", name, f"allowed: {allowed}") from None
     return spec.factory(config, context)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without tearing down the interpreter's modules (about 50 ms with Hydra loaded,
+    paid by every stop): the run is over, its workers are gone and its files are closed;
+    only logging and stdio buffers need flushing. (Multirun exits normally: parallel
+    launchers clean up at exit.)"""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _config_error(message: str) -> NoReturn:
