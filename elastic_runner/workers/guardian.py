@@ -36,11 +36,16 @@ class Guardian:
 
     def close(self) -> None:
         """The agent is exiting cleanly (it swept already): let the guardian go. It exits
-        on its own as soon as it reads ``done``; nobody needs to wait for that."""
+        at once on ``done`` (no interpreter teardown), so the wait is short."""
         assert self._proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             self._proc.stdin.write(b"done")
             self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 def main(argv: list[str]) -> int:
@@ -49,7 +54,7 @@ def main(argv: list[str]) -> int:
     while chunk := os.read(0, 64):
         received += chunk
     if received == b"done":
-        return 0
+        os._exit(0)
     from elastic_runner.workers.tree import kill_processes, marked_processes
 
     killed: set[int] = set()
