@@ -1,0 +1,211 @@
+"""The key-value store that rendezvous is written against, and an in-memory one.
+
+Small on purpose: what a TCP server, etcd and Redis all do well. Values are text (JSON in
+practice; nothing is ever pickled). Keys may carry a time to live: a node keeps its own
+liveness key alive instead of rewriting shared state, and a dead node's key expires.
+Waiting is notified: :meth:`Store.wait_for_change` returns as soon as a key under a
+prefix changes (set, deleted or expired), with the store's new version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["MemoryStore", "Store", "StoreError", "StoreTimeoutError"]
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused a request; the message says which."""
+
+
+class StoreTimeoutError(StoreError, TimeoutError):
+    """A wait ran out of time."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The operations rendezvous needs. Every blocking call takes a timeout in seconds."""
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        """Write ``key``; with ``ttl`` it disappears unless written again in time."""
+
+    def get(self, key: str) -> str | None:
+        """The value, or ``None`` when the key does not exist."""
+
+    def add(self, key: str, amount: int) -> int:
+        """Add to an integer key (missing = 0) and return the new value."""
+
+    def compare_set(
+        self, key: str, expected: str | None, desired: str, ttl: float | None = None
+    ) -> tuple[bool, str | None]:
+        """Write ``desired`` if the current value is ``expected`` (``None``: the key must
+        not exist). Returns (done, value now)."""
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False when it did not exist."""
+
+    def multi_get(self, keys: Sequence[str]) -> list[str | None]: ...
+
+    def multi_set(self, items: Mapping[str, str]) -> None: ...
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        """Every key under ``prefix`` with its value, and the store's version."""
+
+    def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
+        """Block until a key under ``prefix`` changed after ``version``; return the
+        version then. Raises :class:`StoreTimeoutError` after ``timeout``."""
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """Block until every key exists."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Entry:
+    value: str
+    expires: float | None
+
+
+class MemoryStore:
+    """The store in one process (threads share it): for unit tests and the conformance
+    suite's reference. ``clock`` is injectable; expiry is checked on every access."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._on_change = on_change
+        self._data: dict[str, _Entry] = {}
+        self._changed: dict[str, int] = {}  # key -> version of its last change
+        self._version = 0
+        self._cond = threading.Condition()
+
+    # Every public method holds the condition's lock; _expire and _bump assume it.
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, e in self._data.items() if e.expires is not None and e.expires <= now]:
+            del self._data[key]
+            self._bump(key)
+
+    def _bump(self, key: str) -> None:
+        self._version += 1
+        self._changed[key] = self._version
+        self._cond.notify_all()
+        if self._on_change:
+            self._on_change()
+
+    def expire(self) -> float | None:
+        """Drop expired keys now; returns when the next key expires (clock time)."""
+        with self._cond:
+            self._expire()
+            return self._next_expiry()
+
+    def _put(self, key: str, value: str, ttl: float | None) -> None:
+        self._data[key] = _Entry(value, None if ttl is None else self._clock() + ttl)
+        self._bump(key)
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        with self._cond:
+            self._expire()
+            self._put(key, value, ttl)
+
+    def get(self, key: str) -> str | None:
+        with self._cond:
+            self._expire()
+            entry = self._data.get(key)
+            return entry.value if entry else None
+
+    def add(self, key: str, amount: int) -> int:
+        with self._cond:
+            self._expire()
+            entry = self._data.get(key)
+            try:
+                value = int(entry.value if entry else 0) + amount
+            except ValueError:
+                raise StoreError(f"add: key {key!r} does not hold an integer") from None
+            self._put(key, str(value), None)
+            return value
+
+    def compare_set(
+        self, key: str, expected: str | None, desired: str, ttl: float | None = None
+    ) -> tuple[bool, str | None]:
+        with self._cond:
+            self._expire()
+            entry = self._data.get(key)
+            current = entry.value if entry else None
+            if current != expected:
+                return False, current
+            self._put(key, desired, ttl)
+            return True, desired
+
+    def delete(self, key: str) -> bool:
+        with self._cond:
+            self._expire()
+            if self._data.pop(key, None) is None:
+                return False
+            self._bump(key)
+            return True
+
+    def multi_get(self, keys: Sequence[str]) -> list[str | None]:
+        with self._cond:
+            self._expire()
+            return [self._data[k].value if k in self._data else None for k in keys]
+
+    def multi_set(self, items: Mapping[str, str]) -> None:
+        with self._cond:
+            self._expire()
+            for key, value in items.items():
+                self._put(key, value, None)
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        with self._cond:
+            self._expire()
+            found = {k: e.value for k, e in self._data.items() if k.startswith(prefix)}
+            return found, self._version
+
+    def _changed_since(self, prefix: str, version: int) -> bool:
+        return any(v > version and k.startswith(prefix) for k, v in self._changed.items())
+
+    def _next_expiry(self) -> float | None:
+        times = [e.expires for e in self._data.values() if e.expires is not None]
+        return min(times) if times else None
+
+    def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
+        deadline = self._clock() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                if self._changed_since(prefix, version):
+                    return self._version
+                now = self._clock()
+                if now >= deadline:
+                    raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s")
+                expiry = self._next_expiry()
+                until = deadline if expiry is None else min(deadline, expiry)
+                self._cond.wait(max(0.0, until - now))
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        deadline = self._clock() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                missing = [k for k in keys if k not in self._data]
+                if not missing:
+                    return
+                now = self._clock()
+                if now >= deadline:
+                    raise StoreTimeoutError(f"keys {missing} did not appear in {timeout:g} s")
+                expiry = self._next_expiry()
+                until = deadline if expiry is None else min(deadline, expiry)
+                self._cond.wait(max(0.0, until - now))
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,162 @@
+"""The behaviour every :class:`~elastic_runner.rendezvous.store.Store` must have.
+
+Use it from a backend's tests::
+
+    from elastic_runner.testing.store_suite import StoreSuite
+
+    class TestMyStore(StoreSuite):
+        @pytest.fixture
+        def make_store(self):
+            server = start_my_server()
+            yield lambda: MyStoreClient(server.address)   # a new client per call
+            server.stop()
+
+Each call of ``make_store()`` must return a new client of the same store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from elastic_runner.rendezvous.store import Store, StoreTimeoutError
+
+__all__ = ["StoreSuite"]
+
+MakeStore = Callable[[], Store]
+
+
+class StoreSuite:
+    """Subclass and provide a ``make_store`` fixture."""
+
+    @pytest.fixture
+    def store(self, make_store: MakeStore) -> Store:
+        return make_store()
+
+    def test_set_get_delete(self, store: Store) -> None:
+        assert store.get("k") is None
+        store.set("k", "v1")
+        assert store.get("k") == "v1"
+        store.set("k", "v2")
+        assert store.get("k") == "v2"
+        assert store.delete("k") is True
+        assert store.delete("k") is False
+        assert store.get("k") is None
+
+    def test_values_are_text_round_trips(self, store: Store) -> None:
+        value = '{"json": [1, 2], "unicode": "\u00e9\u4e2d"}'
+        store.set("j", value)
+        assert store.get("j") == value
+
+    def test_add_counts_from_zero(self, make_store: MakeStore) -> None:
+        a, b = make_store(), make_store()
+        assert a.add("n", 1) == 1
+        assert b.add("n", 5) == 6
+        assert a.add("n", -2) == 4
+
+    def test_compare_set(self, store: Store) -> None:
+        assert store.compare_set("c", None, "first") == (True, "first")
+        assert store.compare_set("c", None, "again") == (False, "first")
+        assert store.compare_set("c", "wrong", "x") == (False, "first")
+        assert store.compare_set("c", "first", "second") == (True, "second")
+
+    def test_compare_set_has_one_winner(self, make_store: MakeStore) -> None:
+        wins: list[bool] = []
+        lock = threading.Lock()
+
+        def race(i: int) -> None:
+            done, _ = make_store().compare_set("race", None, str(i))
+            with lock:
+                wins.append(done)
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wins.count(True) == 1
+
+    def test_multi_get_set_and_scan(self, store: Store) -> None:
+        store.multi_set({"p/a": "1", "p/b": "2", "q/c": "3"})
+        assert store.multi_get(["p/a", "nope", "q/c"]) == ["1", None, "3"]
+        found, version = store.scan("p/")
+        assert found == {"p/a": "1", "p/b": "2"}
+        assert version > 0
+
+    def test_ttl_key_expires_unless_refreshed(self, store: Store) -> None:
+        store.set("alive/a", "1", ttl=0.3)
+        store.set("alive/b", "1", ttl=0.3)
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            store.set("alive/b", "1", ttl=0.3)  # b keeps its key alive
+            time.sleep(0.05)
+        assert store.get("alive/a") is None
+        assert store.get("alive/b") == "1"
+
+    def test_wait_for_change_is_notified(self, make_store: MakeStore) -> None:
+        watcher, writer = make_store(), make_store()
+        _, version = watcher.scan("w/")
+        woke: list[float] = []
+
+        def watch() -> None:
+            watcher.wait_for_change("w/", version, timeout=10)
+            woke.append(time.monotonic())
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        time.sleep(0.1)
+        writer.set("other/x", "not under the prefix")
+        time.sleep(0.1)
+        assert not woke
+        t0 = time.monotonic()
+        writer.set("w/x", "1")
+        thread.join(5)
+        assert woke and woke[0] - t0 < 0.1  # notified, not polled
+
+    def test_expiry_wakes_watchers(self, make_store: MakeStore) -> None:
+        a, b = make_store(), make_store()
+        a.set("hb/a", "1", ttl=0.2)
+        _, version = b.scan("hb/")
+        t0 = time.monotonic()
+        b.wait_for_change("hb/", version, timeout=5)
+        assert 0.1 < time.monotonic() - t0 < 1.5
+        assert b.get("hb/a") is None
+
+    def test_waits_time_out(self, store: Store) -> None:
+        _, version = store.scan("never/")
+        t0 = time.monotonic()
+        with pytest.raises(StoreTimeoutError):
+            store.wait_for_change("never/", version, timeout=0.2)
+        with pytest.raises(StoreTimeoutError):
+            store.wait(["never/k"], timeout=0.2)
+        assert time.monotonic() - t0 < 2
+
+    def test_wait_returns_when_keys_exist(self, make_store: MakeStore) -> None:
+        a, b = make_store(), make_store()
+        threading.Timer(0.1, lambda: b.multi_set({"k1": "1", "k2": "2"})).start()
+        a.wait(["k1", "k2"], timeout=5)
+        assert a.multi_get(["k1", "k2"]) == ["1", "2"]
+
+    def test_a_blocked_waiter_does_not_block_its_client(self, make_store: MakeStore) -> None:
+        client = make_store()
+        _, version = client.scan("z/")
+        thread = threading.Thread(
+            target=lambda: _ignore(client.wait_for_change, "z/", version, timeout=2)
+        )
+        thread.start()
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        client.set("y", "1")  # same client, another thread
+        assert time.monotonic() - t0 < 0.5
+        client.set("z/done", "1")
+        thread.join(5)
+
+
+def _ignore(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    with contextlib.suppress(StoreTimeoutError):
+        fn(*args, **kwargs)
