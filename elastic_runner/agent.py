@@ -100,7 +100,6 @@ class ElasticAgent:
         self._monitor = monitor
         self._memory_limit = memory_limit
         self._clock = clock
-        self._remaining_restarts = spec.max_restarts
         self._stop_signal: int | None = None
         self._membership_changed = False
         # State of the current attempt.
@@ -141,18 +140,21 @@ class ElasticAgent:
                     self._sample_resources()
                 state = self._group_state()
                 if state == WorkerState.SUCCEEDED:
-                    return self._finish(WorkerState.SUCCEEDED)
+                    if self._rdzv.exit_barrier():
+                        return self._finish(WorkerState.SUCCEEDED)
+                    # the job re-forms (another node failed or left): run again with it
+                    self._emit_agent("elastic_runner.restart", reason="membership_change")
+                    self._start_attempt()
                 if state == WorkerState.FAILED:
                     self._stop_workers(signal.SIGTERM)
                     reason = self._why_not_restart()
                     if reason:
+                        self._rdzv.fail_job(reason)
                         return self._finish(WorkerState.FAILED, reason)
-                    self._remaining_restarts -= 1
-                    self.group.restart_count += 1
                     self._emit_agent("elastic_runner.restart", reason="failure")
-                    if not self._backoff(self._policy.delay(self.group.restart_count)):
+                    if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
                         return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
-                    self._start_attempt()
+                    self._start_attempt(failed=True)
                 elif self._membership_changed:
                     self._stop_workers(signal.SIGTERM)
                     self._emit_agent("elastic_runner.restart", reason="membership_change")
@@ -164,19 +166,23 @@ class ElasticAgent:
 
     # -- steps --------------------------------------------------------------------------
 
-    def _start_attempt(self) -> None:
-        """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY."""
-        self._membership_changed = False
+    def _start_attempt(self, failed: bool = False) -> None:
+        """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY.
+        ``failed``: the previous attempt failed (one restart of the job's budget)."""
         self._exits.clear()
         self._failures.clear()
         self._kill_reasons.clear()
         self.usage.clear()
         group, spec = self.group, self.spec
         t0 = self._clock()
-        info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size))
+        info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
+        # Only now: a notification about the round we left is stale; what concerns the new
+        # round, the backend reports from here on.
+        self._membership_changed = False
         rdzv_s = self._clock() - t0
         ranks = assign_ranks(info.nodes, info.group_rank)
         group.group_rank, group.group_world_size = info.group_rank, info.group_world_size
+        group.restart_count = info.restart_count
         group.master_addr, group.master_port = info.master_addr, info.master_port
         group.attempt += 1
         self._metrics.put("rendezvous.duration_s", rdzv_s)
@@ -317,7 +323,7 @@ class ElasticAgent:
                 f"startup failure after {uptime:.1f} s (< restart.min_uptime="
                 f"{self._policy.min_uptime:g} s) and restart.on_startup_failure=false"
             )
-        if self._remaining_restarts <= 0:
+        if self.group.restart_count >= self.spec.max_restarts:
             return f"restarts used up (max_restarts={self.spec.max_restarts})"
         return None
 

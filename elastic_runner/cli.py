@@ -36,6 +36,7 @@ from elastic_runner.config import (
 )
 from elastic_runner.plugins import make_plugin_manager
 from elastic_runner.registry import ComponentKind, Registry
+from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.signals import handle_signals
@@ -63,10 +64,17 @@ def main() -> None:
     codes: list[int] = []
 
     def task(cfg: DictConfig) -> None:
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             codes.append(run_job(cfg, registry, base_env))
-        except ConfigError as exc:  # before any worker started
-            print(f"elastic-run: error: {exc}", file=sys.stderr, flush=True)
+        except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
+            message = (
+                str(exc)
+                if isinstance(exc, ConfigError)
+                else describe_hydra_error(exc, sys.argv[1:])
+            )
+            print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
             codes.append(EXIT_CONFIG_ERROR)
 
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
@@ -107,20 +115,9 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
     command = resolve_command(conf.job.entrypoint, conf.job.module, conf.job.args, env=base_env)
     run_id = conf.rdzv.id or uuid.uuid4().hex
     context = RunContext(run_id, run_dir, socket.gethostname(), min_nodes, max_nodes)
-
-    rdzv = _build(registry, ComponentKind.RENDEZVOUS, conf.rdzv, context)
     timer = _build(registry, ComponentKind.TIMER, conf.timer, context)
     events = _build(registry, ComponentKind.EVENTS, conf.events, context)
     metrics = _build(registry, ComponentKind.METRICS, conf.metrics, context)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    resolved.setdefault("rdzv", {})["id"] = run_id
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    log.info(
-        "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
-    )
-
-    memory_limit = parse_memory("job.limits.memory", conf.job.limits.memory)
     spec = WorkerSpec(
         role=conf.job.role,
         local_world_size=nproc,
@@ -129,6 +126,49 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         max_restarts=conf.max_restarts,
         stop_timeout=conf.stop_timeout,
     )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved.setdefault("rdzv", {})["id"] = run_id
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    try:
+        rdzv = _build(registry, ComponentKind.RENDEZVOUS, conf.rdzv, context)
+    except RendezvousError as exc:
+        return _rendezvous_failed(exc)
+    log.info(
+        "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
+    )
+    supervisor, agent = _make_agent(conf, spec, rdzv, context, events, metrics, base_env)
+    timer.start()
+    guardian = Guardian(supervisor.marker, run_id)
+    try:
+        handled = parse_signals("signals", list(HANDLED_SIGNALS))
+        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
+        with handle_signals(agent.request_stop, handled - ignored, ignored):
+            result = agent.run()
+    except RendezvousError as exc:
+        return _rendezvous_failed(exc)
+    finally:
+        supervisor.close()
+        guardian.close()
+        timer.stop()
+        metrics.close()
+        events.close()
+    stderr_of = lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr  # noqa: E731
+    print(format_report(result, spec, run_dir, stderr_of), file=sys.stderr, flush=True)
+    if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
+        write_nested_error_file(result, nested)
+    return result.exit_code
+
+
+def _make_agent(
+    conf: ElasticRunConfig,
+    spec: WorkerSpec,
+    rdzv: Any,
+    context: RunContext,
+    events: Any,
+    metrics: Any,
+    base_env: Mapping[str, str],
+) -> tuple[ProcessSupervisor, ElasticAgent]:
     logs = conf.logs
     console: Console | None = None
     if logs.tee:
@@ -137,6 +177,7 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
     supervisor = ProcessSupervisor(
         marker=uuid.uuid4().hex, console=console, console_ranks=logs.console_ranks
     )
+    restart = conf.restart
     agent = ElasticAgent(
         spec,
         rdzv,
@@ -145,41 +186,24 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         events=events,
         metrics=metrics,
         base_env=base_env,
-        log_prefix=conf.logs.prefix,
+        log_prefix=logs.prefix,
         forward_signals=parse_signals("signals.forward", conf.signals.forward),
         restart_policy=RestartPolicy(
-            backoff_initial=conf.restart.backoff.initial,
-            backoff_factor=conf.restart.backoff.factor,
-            backoff_max=conf.restart.backoff.max,
-            min_uptime=conf.restart.min_uptime,
-            on_startup_failure=conf.restart.on_startup_failure,
+            backoff_initial=restart.backoff.initial,
+            backoff_factor=restart.backoff.factor,
+            backoff_max=restart.backoff.max,
+            min_uptime=restart.min_uptime,
+            on_startup_failure=restart.on_startup_failure,
         ),
         monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
-        memory_limit=memory_limit,
+        memory_limit=parse_memory("job.limits.memory", conf.job.limits.memory),
     )
-    timer.start()
-    guardian = Guardian(supervisor.marker, run_id)
-    try:
-        handled = parse_signals("signals", list(HANDLED_SIGNALS))
-        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
-        with handle_signals(agent.request_stop, handled - ignored, ignored):
-            result = agent.run()
-    finally:
-        supervisor.close()
-        guardian.close()
-        timer.stop()
-        metrics.close()
-        events.close()
-    report = format_report(
-        result,
-        spec,
-        run_dir,
-        lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr,
-    )
-    print(report, file=sys.stderr, flush=True)
-    if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
-        write_nested_error_file(result, nested)
-    return result.exit_code
+    return supervisor, agent
+
+
+def _rendezvous_failed(exc: RendezvousError) -> int:
+    print(f"elastic-run: rendezvous failed: {exc}", file=sys.stderr, flush=True)
+    return 1
 
 
 @contextlib.contextmanager
@@ -237,6 +261,7 @@ def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
     from omegaconf.errors import (
         ConfigAttributeError,
         ConfigKeyError,
+        MissingMandatoryValue,
         OmegaConfBaseException,
         ValidationError,
     )
@@ -268,6 +293,8 @@ def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
         where = key.rpartition(".")[0] or "top level"
         allowed = f"allowed keys at {where}: {', '.join(fields)}" if fields else "unknown key"
         return f"{key}={value}: no such key; {allowed}"
+    if isinstance(cause, MissingMandatoryValue) and (key := getattr(cause, "full_key", None)):
+        return f"{key}=(unset): required"
     if isinstance(cause, ValidationError) and (key := getattr(cause, "full_key", None)):
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]
         return f"{key}={_override_value(argv, key)}: {msg}"

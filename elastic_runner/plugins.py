@@ -31,6 +31,7 @@ DISABLE_AUTOLOAD_ENV = "ELASTIC_RUNNER_DISABLE_PLUGIN_AUTOLOAD"
 #: Modules registered as plugins on every run, in this order.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "elastic_runner.rendezvous.local",
+    "elastic_runner.rendezvous.tcp",
     "elastic_runner.events",
     "elastic_runner.metrics",
     "elastic_runner.timer",

@@ -75,8 +75,10 @@ class ElasticRunner:
         argv = [elastic_run_exe(), *overrides, f"hydra.run.dir={run_dir}", f"rdzv.id={run_id}"]
         return argv, run_dir, run_id
 
-    def popen(self, *overrides: str, **kwargs: object) -> tuple[subprocess.Popen[str], Path, str]:
-        argv, run_dir, run_id = self.command(*overrides)
+    def popen(
+        self, *overrides: str, run_id: str | None = None, **kwargs: object
+    ) -> tuple[subprocess.Popen[str], Path, str]:
+        argv, run_dir, run_id = self.command(*overrides, run_id=run_id)
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -133,9 +135,17 @@ def probe_job(out: Path, *args: str, nproc: int = 1) -> list[str]:
 
 
 def probe_records(out: Path) -> dict[tuple[int, int], dict]:
-    """{(restart_count, rank): record} written by probe workers."""
+    """{(restart_count, rank): record} written by probe workers (the last one wins)."""
     records = {}
-    for path in out.glob("a*_r*.json"):
-        restart, rank = path.stem[1:].split("_r")
-        records[int(restart), int(rank)] = json.loads(path.read_text())
+    for path in sorted(out.glob("a*_r*.json"), key=lambda p: p.stat().st_mtime):
+        restart, rank = path.stem[1:].split("_")[:2]
+        records[int(restart), int(rank[1:])] = json.loads(path.read_text())
     return records
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -66,12 +66,25 @@ class FakeRendezvous:
 
     def __init__(self) -> None:
         self.rounds = 0
+        self.restarts = 0
+        self.barriers = 0
+        self.failed_with = ""
         self.callback: Callable[[], None] | None = None
         self.shut = False
 
-    def next_round(self, node: NodeInfo) -> RendezvousInfo:
+    def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
         self.rounds += 1
-        return RendezvousInfo(self.rounds - 1, 0, (node,), "127.0.0.1", 29500 + self.rounds)
+        self.restarts += failed
+        return RendezvousInfo(
+            self.rounds - 1, 0, (node,), "127.0.0.1", 29500 + self.rounds, self.restarts
+        )
+
+    def exit_barrier(self) -> bool:
+        self.barriers += 1
+        return True
+
+    def fail_job(self, reason: str) -> None:
+        self.failed_with = reason
 
     def num_nodes_waiting(self) -> int:
         return 0

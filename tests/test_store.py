@@ -47,9 +47,9 @@ def server() -> Iterator[TCPStoreServer]:
 
 def test_wrong_token_is_rejected(server: TCPStoreServer) -> None:
     with pytest.raises(StoreError, match=r"wrong or missing rdzv.token"):
-        TCPStoreClient("127.0.0.1", server.port, token="wrong")
+        TCPStoreClient("127.0.0.1", server.port, token="wrong").get("k")
     with pytest.raises(StoreError, match=r"wrong or missing rdzv.token"):
-        TCPStoreClient("127.0.0.1", server.port)
+        TCPStoreClient("127.0.0.1", server.port).get("k")
 
 
 def test_server_survives_garbage(server: TCPStoreServer) -> None:
@@ -86,4 +86,4 @@ def test_connection_error_names_the_address() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(StoreError, match=rf"127.0.0.1:{port} \(tried for 0.2 s\)"):
-        TCPStoreClient("127.0.0.1", port, connect_timeout=0.2)
+        TCPStoreClient("127.0.0.1", port, connect_timeout=0.2).get("k")

@@ -41,6 +41,8 @@ class RendezvousInfo:
     nodes: tuple[NodeInfo, ...]
     master_addr: str
     master_port: int
+    #: Failure restarts of the whole job so far (TORCHELASTIC_RESTART_COUNT).
+    restart_count: int = 0
 
     @property
     def group_world_size(self) -> int:
@@ -51,16 +53,23 @@ class RendezvousInfo:
 class RendezvousHandler(Protocol):
     """What the agent needs from a backend.
 
-    ``next_round`` blocks until this node is part of a complete round. A backend that can
-    see membership change while workers run calls the callback given to
-    ``on_membership_change`` (from any thread); the agent then regroups without spending
-    a restart.
+    ``next_round`` blocks until this node is part of a complete round; ``failed`` says
+    the previous round ended in a failure, which counts one restart for the whole job
+    (however many nodes report it). A backend that can see membership change while
+    workers run calls the callback given to ``on_membership_change`` (from any thread);
+    the agent then regroups without spending a restart. ``exit_barrier`` holds a node
+    that finished until the others did (bounded, never an error); ``fail_job`` tells
+    every node the job failed for good.
     """
 
     @property
     def backend(self) -> str: ...
 
-    def next_round(self, node: NodeInfo) -> RendezvousInfo: ...
+    def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo: ...
+
+    def exit_barrier(self) -> bool: ...
+
+    def fail_job(self, reason: str) -> None: ...
 
     def num_nodes_waiting(self) -> int: ...
 

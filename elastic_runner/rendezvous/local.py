@@ -46,6 +46,7 @@ class LocalRendezvous:
     def __init__(self, local_addr: str = "127.0.0.1") -> None:
         self._addr = local_addr
         self._round = -1
+        self._restarts = 0
 
     @classmethod
     def from_config(cls, config: LocalRendezvousConfig, context: RunContext) -> LocalRendezvous:
@@ -54,19 +55,28 @@ class LocalRendezvous:
             raise ConfigError(
                 "nnodes",
                 f"{lo}:{hi}" if lo != hi else lo,
-                "rdzv=local runs one node; use 1 (multi-node backends come as plugins)",
+                "rdzv=local runs one node: use 1, or rdzv=tcp / rdzv=static for several",
             )
         return cls(config.local_addr)
 
-    def next_round(self, node: NodeInfo) -> RendezvousInfo:
+    def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
         self._round += 1
+        self._restarts += failed
         return RendezvousInfo(
             round=self._round,
             group_rank=0,
             nodes=(node,),
             master_addr=self._addr,
             master_port=find_free_port(self._addr),
+            restart_count=self._restarts,
         )
+
+    def exit_barrier(self) -> bool:
+        """One node: nobody to wait for."""
+        return True
+
+    def fail_job(self, reason: str) -> None:
+        """One node: nobody to tell."""
 
     def num_nodes_waiting(self) -> int:
         return 0

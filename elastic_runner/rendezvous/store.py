@@ -33,6 +33,10 @@ class Store(Protocol):
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         """Write ``key``; with ``ttl`` it disappears unless written again in time."""
 
+    def refresh(self, key: str, ttl: float) -> bool:
+        """Extend a TTL key's life without counting as a change (watchers do not wake: a
+        heartbeat costs one request, not one per watcher). False if the key is gone."""
+
     def get(self, key: str) -> str | None:
         """The value, or ``None`` when the key does not exist."""
 
@@ -116,6 +120,15 @@ class MemoryStore:
         with self._cond:
             self._expire()
             self._put(key, value, ttl)
+
+    def refresh(self, key: str, ttl: float) -> bool:
+        with self._cond:
+            self._expire()
+            entry = self._data.get(key)
+            if entry is None:
+                return False
+            entry.expires = self._clock() + ttl
+            return True
 
     def get(self, key: str) -> str | None:
         with self._cond:

@@ -30,7 +30,17 @@ log = logging.getLogger(__name__)
 #: Largest frame either side accepts (a rendezvous never needs more).
 MAX_FRAME = 16 << 20
 _HEADER = struct.Struct(">I")
-_PLAIN_OPS = {"set", "get", "add", "compare_set", "delete", "multi_get", "multi_set", "scan"}
+_PLAIN_OPS = {
+    "set",
+    "refresh",
+    "get",
+    "add",
+    "compare_set",
+    "delete",
+    "multi_get",
+    "multi_set",
+    "scan",
+}
 
 
 class _BadFrame(Exception):
@@ -159,7 +169,10 @@ class TCPStoreServer:
                 result: Any = None
             elif op in _PLAIN_OPS and isinstance(args, dict):
                 result = getattr(self.store, op)(**args)
-                if (op == "set" and args.get("ttl") is not None) or op == "compare_set":
+                if (op == "set" and args.get("ttl") is not None) or op in (
+                    "compare_set",
+                    "refresh",
+                ):
                     self._schedule_expiry()
             elif op in ("wait_for_change", "wait") and isinstance(args, dict):
                 result = await self._blocking(op, args)
@@ -205,22 +218,34 @@ class TCPStoreClient:
         token: str = "",
         connect_timeout: float = 30.0,
         request_timeout: float = 60.0,
+        reconnect_timeout: float | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self._host, self._port, self._token = host, port, token
+        #: How long to try the first connection (the host agent may start later) and a
+        #: new one after a connection was lost (a dead host does not come back).
         self._connect_timeout = connect_timeout
+        self._reconnect_timeout = (
+            connect_timeout if reconnect_timeout is None else reconnect_timeout
+        )
+        self._connected_once = False
         self._request_timeout = request_timeout
         self._local = threading.local()
         self._ids = 0
         self._all: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._conn()  # fail now, with the address, if the store is not there
+
+    @property
+    def local_address(self) -> str:
+        """This machine's address on the interface that reaches the store."""
+        return str(self._conn().getsockname()[0])
 
     def _conn(self) -> socket.socket:
         sock: socket.socket | None = getattr(self._local, "sock", None)
         if sock is not None:
             return sock
-        deadline = time.monotonic() + self._connect_timeout
+        patience = self._reconnect_timeout if self._connected_once else self._connect_timeout
+        deadline = time.monotonic() + patience
         delay = 0.01
         while True:
             try:
@@ -230,7 +255,7 @@ class TCPStoreClient:
                 if time.monotonic() + delay > deadline:
                     raise StoreError(
                         f"cannot reach the rendezvous store at {self.address} "
-                        f"(tried for {self._connect_timeout:g} s): {exc}"
+                        f"(tried for {patience:g} s): {exc}"
                     ) from None
                 time.sleep(delay)  # the host agent may still be starting: back off
                 delay = min(delay * 2, 0.5)
@@ -239,6 +264,7 @@ class TCPStoreClient:
         with self._lock:
             self._all.append(sock)
         self._request(sock, "hello", token=self._token)
+        self._connected_once = True
         return sock
 
     def _request(
@@ -276,6 +302,9 @@ class TCPStoreClient:
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         self._call("set", key=key, value=value, ttl=ttl)
+
+    def refresh(self, key: str, ttl: float) -> bool:
+        return bool(self._call("refresh", key=key, ttl=ttl))
 
     def get(self, key: str) -> str | None:
         result: str | None = self._call("get", key=key)

@@ -93,10 +93,20 @@ class StoreSuite:
         store.set("alive/b", "1", ttl=0.3)
         deadline = time.monotonic() + 0.6
         while time.monotonic() < deadline:
-            store.set("alive/b", "1", ttl=0.3)  # b keeps its key alive
+            assert store.refresh("alive/b", 0.3)  # b keeps its key alive
             time.sleep(0.05)
         assert store.get("alive/a") is None
         assert store.get("alive/b") == "1"
+        assert store.refresh("alive/a", 0.3) is False
+
+    def test_refresh_does_not_wake_watchers(self, make_store: MakeStore) -> None:
+        a, b = make_store(), make_store()
+        a.set("hb/a", "1", ttl=5)
+        _, version = b.scan("hb/")
+        for _ in range(5):
+            a.refresh("hb/a", 5)
+        with pytest.raises(StoreTimeoutError):
+            b.wait_for_change("hb/", version, timeout=0.2)
 
     def test_wait_for_change_is_notified(self, make_store: MakeStore) -> None:
         watcher, writer = make_store(), make_store()

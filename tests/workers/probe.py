@@ -23,6 +23,7 @@ p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--stderr", default="")
 p.add_argument("--sleep-others", action="store_true", help="chosen ranks do not sleep")
 p.add_argument("--wait-for-peers", action="store_true")
+p.add_argument("--until-world", type=int, default=0, help="sleep unless WORLD_SIZE is this")
 p.add_argument("--on-term", action="store_true", help="record the stop signal, exit 0")
 args, rest = p.parse_known_args()
 
@@ -48,7 +49,8 @@ record = {
     "executable": sys.executable,
     "orig_argv": sys.orig_argv,
 }
-path = os.path.join(args.out, f"a{restart}_r{rank}.json")
+node = f"_g{os.environ['GROUP_RANK']}_w{os.environ['WORLD_SIZE']}" if args.until_world else ""
+path = os.path.join(args.out, f"a{restart}_r{rank}{node}.json")
 with open(path + ".tmp", "w") as f:
     json.dump(record, f)
 os.replace(path + ".tmp", path)
@@ -62,6 +64,8 @@ if args.stderr and chosen:
     print(args.stderr, file=sys.stderr, flush=True)
 if args.sigkill_on_restart == restart and chosen:
     os.kill(os.getpid(), signal.SIGKILL)
+if args.until_world and int(os.environ["WORLD_SIZE"]) != args.until_world:
+    time.sleep(60)
 if args.sleep and not (args.sleep_others and chosen):
     time.sleep(args.sleep)
 sys.exit(args.exit_code if chosen else 0)

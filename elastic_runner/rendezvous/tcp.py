@@ -1,0 +1,188 @@
+"""Backends ``tcp`` (dynamic, min:max nodes) and ``static`` (a fixed count, ranks given),
+both on the built-in TCP store hosted by one of the agents.
+
+The agent whose address matches ``rdzv.endpoint`` (or that has ``rdzv.is_host=true``)
+hosts the store; when several agents on one machine share the endpoint, the first to
+bind hosts and the others connect. If the hosting agent dies, the others fail with an
+error naming the endpoint (the store does not move to another node).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from elastic_runner.config import ConfigError, RendezvousConfig
+from elastic_runner.hookspecs import hookimpl
+from elastic_runner.registry import ComponentSpec
+from elastic_runner.rendezvous.api import RendezvousError
+from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
+from elastic_runner.spec import RunContext
+
+__all__ = ["StaticRendezvousConfig", "TcpRendezvousConfig", "parse_endpoint"]
+
+DEFAULT_PORT = 29400
+
+
+@dataclass
+class TcpRendezvousConfig(RendezvousConfig):
+    backend: str = "tcp"
+    #: host:port of the store (port 29400 when omitted).
+    endpoint: str = MISSING
+    #: Host the store here (true), never (false), or when the endpoint is local (null).
+    is_host: bool | None = None
+    #: Shared secret every agent must present to the store.
+    token: str = ""
+    #: MASTER_ADDR when this node is group rank 0 (default: this node's address on the
+    #: interface that reaches the store).
+    local_addr: str | None = None
+    join_timeout: float = 600.0
+    last_call_timeout: float = 30.0
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 15.0
+    #: How long a node that finished waits for the others before leaving.
+    exit_barrier_timeout: float = 300.0
+
+
+@dataclass
+class StaticRendezvousConfig(TcpRendezvousConfig):
+    backend: str = "static"
+    #: This node's group rank, 0 .. nnodes-1.
+    node_rank: int = MISSING
+    last_call_timeout: float = 0.0
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep:
+        host, port = endpoint.strip(), str(DEFAULT_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError("rdzv.endpoint", endpoint, "expected host:port, e.g. node0:29400")
+    return host, int(port)
+
+
+def _is_local(host: str) -> bool:
+    """True when ``host`` names this machine (we can bind to one of its addresses)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _settings(
+    config: TcpRendezvousConfig, context: RunContext, node_rank: int | None
+) -> RendezvousSettings:
+    for key in (
+        "join_timeout",
+        "last_call_timeout",
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "exit_barrier_timeout",
+    ):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"rdzv.{key}", getattr(config, key), "expected seconds >= 0")
+    if config.heartbeat_timeout <= config.heartbeat_interval:
+        raise ConfigError(
+            "rdzv.heartbeat_timeout",
+            config.heartbeat_timeout,
+            f"must exceed rdzv.heartbeat_interval ({config.heartbeat_interval:g})",
+        )
+    return RendezvousSettings(
+        run_id=context.run_id,
+        min_nodes=context.min_nodes,
+        max_nodes=context.max_nodes,
+        join_timeout=config.join_timeout,
+        last_call_timeout=config.last_call_timeout,
+        heartbeat_interval=config.heartbeat_interval,
+        heartbeat_timeout=config.heartbeat_timeout,
+        exit_barrier_timeout=config.exit_barrier_timeout,
+        node_rank=node_rank,
+    )
+
+
+def _connect(
+    config: TcpRendezvousConfig, context: RunContext, node_rank: int | None = None
+) -> DynamicRendezvous:
+    if not config.id:
+        raise ConfigError(
+            "rdzv.id",
+            None,
+            f"rdzv={config.backend} needs a job id shared by all nodes, e.g. rdzv.id=myjob",
+        )
+    host, port = parse_endpoint(config.endpoint)
+    settings = _settings(config, context, node_rank)
+    server = None
+    if config.is_host or (config.is_host is None and _is_local(host)):
+        try:
+            server = TCPStoreServer(host, port, config.token)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise RendezvousError(
+                    f"cannot host the rendezvous store on {host}:{port}: {exc.strerror}"
+                ) from None
+            # another agent on this machine hosts it: be its client
+    client = TCPStoreClient(
+        host,
+        port,
+        config.token,
+        connect_timeout=max(1.0, config.join_timeout),
+        reconnect_timeout=config.heartbeat_timeout,
+    )
+    return DynamicRendezvous(
+        client,
+        settings,
+        backend=config.backend,
+        endpoint=f"{host}:{port}",
+        local_addr=config.local_addr or (lambda: client.local_address),
+        on_close=server.close if server else None,
+    )
+
+
+def _tcp(config: TcpRendezvousConfig, context: RunContext) -> DynamicRendezvous:
+    return _connect(config, context)
+
+
+def _static(config: StaticRendezvousConfig, context: RunContext) -> DynamicRendezvous:
+    if context.min_nodes != context.max_nodes:
+        raise ConfigError(
+            "nnodes",
+            f"{context.min_nodes}:{context.max_nodes}",
+            "rdzv=static needs a fixed node count, e.g. nnodes=2",
+        )
+    if not 0 <= config.node_rank < context.max_nodes:
+        raise ConfigError(
+            "rdzv.node_rank", config.node_rank, f"expected 0..{context.max_nodes - 1}"
+        )
+    return _connect(config, context, node_rank=config.node_rank)
+
+
+@hookimpl
+def elastic_runner_rendezvous_backends() -> Sequence[ComponentSpec]:
+    return [
+        ComponentSpec(
+            "tcp",
+            _tcp,
+            TcpRendezvousConfig,
+            "dynamic (min:max nodes) on a TCP store hosted by one agent",
+        ),
+        ComponentSpec(
+            "static",
+            _static,
+            StaticRendezvousConfig,
+            "a fixed node count with rdzv.node_rank given, on the TCP store",
+        ),
+    ]

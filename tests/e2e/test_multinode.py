@@ -1,0 +1,261 @@
+"""Several ``elastic-run`` agents on localhost forming one job over the built-in TCP store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ElasticRunner, free_port, probe_job, probe_records
+
+FAST = [
+    "rdzv.heartbeat_interval=0.2",
+    "rdzv.heartbeat_timeout=1.5",
+    "rdzv.join_timeout=30",
+    "rdzv.last_call_timeout=0.5",
+]
+
+
+class Job:
+    """Agents of one job: same run id, same endpoint."""
+
+    def __init__(self, elastic_run: ElasticRunner, tmp_path: Path, nnodes: str) -> None:
+        self.elastic_run = elastic_run
+        self.run_id = f"job-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.nnodes = nnodes
+        self.out = tmp_path / "probe"
+        self.out.mkdir(exist_ok=True)
+        self.agents: list[subprocess.Popen[str]] = []
+        self.run_dirs: list[Path] = []
+
+    def start(
+        self, *overrides: str, nproc: int = 1, probe: tuple[str, ...] = ()
+    ) -> subprocess.Popen[str]:
+        proc, run_dir, _ = self.elastic_run.popen(
+            *probe_job(self.out, *probe, nproc=nproc),
+            "rdzv=tcp",
+            f"rdzv.endpoint=127.0.0.1:{self.port}",
+            f"nnodes={self.nnodes}",
+            *FAST,
+            *overrides,
+            run_id=self.run_id,
+        )
+        self.agents.append(proc)
+        self.run_dirs.append(run_dir)
+        return proc
+
+    def rendezvous_counts(self) -> list[int]:
+        """How many rounds each agent joined (1 when nothing re-formed)."""
+        return [
+            (d / "events.jsonl").read_text().count("torchelastic.worker.status.RENDEZVOUS")
+            for d in self.run_dirs
+        ]
+
+    def finish(self, timeout: float = 60) -> list[tuple[int, str]]:
+        results = []
+        for proc in self.agents:
+            _, err = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, err))
+        return results
+
+
+def _wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("agents", [2, 4])
+def test_homogeneous_agents_form_one_job(
+    elastic_run: ElasticRunner, tmp_path: Path, agents: int
+) -> None:
+    job = Job(elastic_run, tmp_path, str(agents))
+    for _ in range(agents):
+        job.start(nproc=2)
+    results = job.finish()
+    assert [code for code, _ in results] == [0] * agents, results
+    assert job.rendezvous_counts() == [1] * agents  # no spurious regroup
+    records = probe_records(job.out)
+    world = 2 * agents
+    assert sorted(rank for _, rank in records) == list(range(world))
+    envs = [rec["env"] for rec in records.values()]
+    assert {e["WORLD_SIZE"] for e in envs} == {str(world)}
+    assert {e["GROUP_WORLD_SIZE"] for e in envs} == {str(agents)}
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}.__len__() == 1
+    for e in envs:  # contiguous global ranks per node
+        assert int(e["RANK"]) == 2 * int(e["GROUP_RANK"]) + int(e["LOCAL_RANK"])
+        assert e["TORCHELASTIC_RUN_ID"] == job.run_id
+
+
+def test_heterogeneous_nodes_and_roles(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "3")
+    job.start("job.role=master", nproc=1)
+    job.start("job.role=trainer", nproc=2)
+    job.start("job.role=trainer", nproc=3)
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0, 0], results
+    envs = [rec["env"] for rec in probe_records(job.out).values()]
+    assert sorted(int(e["RANK"]) for e in envs) == list(range(6))
+    trainers = [e for e in envs if e["ROLE_NAME"] == "trainer"]
+    assert sorted(int(e["ROLE_RANK"]) for e in trainers) == list(range(5))
+    assert {e["ROLE_WORLD_SIZE"] for e in trainers} == {"5"}
+    master = [e for e in envs if e["ROLE_NAME"] == "master"]
+    assert [(e["ROLE_RANK"], e["ROLE_WORLD_SIZE"]) for e in master] == [("0", "1")]
+
+
+def test_static_backend_uses_the_given_node_ranks(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    job.start("rdzv=static", "rdzv.node_rank=1", nproc=1)
+    time.sleep(0.3)  # node 1 joins first; its group rank must still be 1
+    job.start("rdzv=static", "rdzv.node_rank=0", nproc=1)
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    records = probe_records(job.out)
+    assert {r["env"]["GROUP_RANK"] for r in records.values()} == {"0", "1"}
+    by_pid = {rec["env"]["GROUP_RANK"]: rec for rec in records.values()}
+    assert by_pid["1"]["argv"] and by_pid["0"]["env"]["RANK"] == "0"
+
+
+def test_scale_up_regroups_without_spending_a_restart(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "1:2")
+    first = job.start(nproc=1, probe=("--until-world", "2"))
+    _wait_for(lambda: list(job.out.glob("a0_r0_g0_w1.json")))  # running alone
+    job.start(nproc=1, probe=("--until-world", "2"))
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    grown = sorted(p.name for p in job.out.glob("*_w2.json"))
+    assert grown == ["a0_r0_g0_w2.json", "a0_r1_g1_w2.json"]  # restart count still 0
+    events = [
+        json.loads(line)
+        for line in (Path(first.args[-2].split("=", 1)[1]) / "events.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    reasons = [e["metadata"]["reason"] for e in events if e["name"] == "elastic_runner.restart"]
+    assert reasons == ["membership_change"]
+
+
+def test_scale_down_survivors_reform_and_finish(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "2:3")
+    # the victim must not be the agent hosting the store (that case fails by design)
+    agents = [job.start("rdzv.is_host=true", nproc=1, probe=("--until-world", "2"))]
+    _wait_for(lambda: _listening(job.port))
+    agents += [
+        job.start("rdzv.is_host=false", nproc=1, probe=("--until-world", "2")) for _ in range(2)
+    ]
+    _wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3)
+    victim = agents[1]
+    t0 = time.monotonic()
+    victim.kill()
+    survivors = [a for a in agents if a is not victim]
+    errs = [proc.communicate(timeout=30)[1] for proc in survivors]
+    elapsed = time.monotonic() - t0
+    assert [p.returncode for p in survivors] == [0, 0], errs
+    assert len(list(job.out.glob("*_w2.json"))) == 2
+    assert elapsed < 1.5 + 5  # heartbeat_timeout plus a few seconds
+    victim.communicate(timeout=10)
+    job.agents.clear()
+
+
+def test_restart_budget_is_per_job(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    # rank 0 (on whichever node is group rank 0) SIGKILLs itself on the first attempt
+    for _ in range(2):
+        job.start("max_restarts=1", nproc=1, probe=("--ranks", "0", "--sigkill-on-restart", "0"))
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    records = probe_records(job.out)
+    assert {
+        rec["env"]["TORCHELASTIC_RESTART_COUNT"] for (r, _), rec in records.items() if r == 1
+    } == {"1"}
+    assert (1, 0) in records and (1, 1) in records
+
+
+def test_exhausted_job_stops_every_node(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    job.start("max_restarts=1", nproc=1, probe=("--ranks", "0", "--exit-code", "3"))
+    job.start("max_restarts=1", nproc=1, probe=("--ranks", "0", "--exit-code", "3"))
+    results = job.finish()
+    assert sorted(code for code, _ in results) == [1, 1], results
+    assert any(
+        "the job failed on another node" in err or "restarts used up" in err for _, err in results
+    )
+
+
+def test_missing_node_times_out_with_counts(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    job.start("rdzv.join_timeout=1", nproc=1)
+    [(code, err)] = job.finish()
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("elastic-run: rendezvous failed: rendezvous timed out after 1 s")
+    assert f"1 of 2 nodes arrived at tcp store 127.0.0.1:{job.port}" in line
+
+
+def test_wrong_token_is_rejected(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    host = job.start("rdzv.token=right", "rdzv.is_host=true", "rdzv.join_timeout=5", nproc=1)
+    _wait_for(lambda: _listening(job.port))
+    intruder = job.start("rdzv.token=wrong", "rdzv.is_host=false", nproc=1)
+    _, err = intruder.communicate(timeout=30)
+    assert intruder.returncode == 1
+    assert "wrong or missing rdzv.token" in err
+    host.send_signal(signal.SIGTERM)
+    host.communicate(timeout=30)
+    job.agents.clear()
+
+
+def test_store_host_death_fails_the_others_clearly(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    host = job.start("rdzv.is_host=true", nproc=1, probe=("--sleep", "60"))
+    _wait_for(lambda: _listening(job.port))
+    other = job.start("rdzv.is_host=false", nproc=1, probe=("--sleep", "60"))
+    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    host.kill()
+    t0 = time.monotonic()
+    _, err = other.communicate(timeout=30)
+    assert other.returncode == 1
+    assert time.monotonic() - t0 < 10
+    assert f"127.0.0.1:{job.port}" in err.strip().splitlines()[-1]
+    host.communicate(timeout=10)
+    job.agents.clear()
+
+
+def test_bad_multinode_input(elastic_run: ElasticRunner) -> None:
+    cases = [
+        (["rdzv=tcp", "nnodes=2"], "rdzv.endpoint"),
+        (["rdzv=tcp", "rdzv.endpoint=h:99999", "nnodes=2"], "rdzv.endpoint=h:99999: expected"),
+        (
+            ["rdzv=static", "rdzv.endpoint=127.0.0.1:1", "nnodes=1:2", "rdzv.node_rank=0"],
+            "nnodes=1:2: rdzv=static needs a fixed node count",
+        ),
+        (
+            ["rdzv=static", "rdzv.endpoint=127.0.0.1:1", "nnodes=2", "rdzv.node_rank=2"],
+            "rdzv.node_rank=2: expected 0..1",
+        ),
+    ]
+    for overrides, message in cases:
+        run = elastic_run("+job=hello", *overrides)
+        assert run.returncode == 2, (overrides, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert message in run.stderr
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
