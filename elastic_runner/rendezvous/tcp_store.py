@@ -10,6 +10,7 @@ pickled. A malformed frame closes that connection only; the server goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -71,6 +72,8 @@ class TCPStoreServer:
         self._waiters: set[asyncio.Event] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self.store = MemoryStore(on_change=self._changed)
+        #: Requests answered, by operation (for benchmarks and diagnostics).
+        self.requests: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
         try:
             self._server = self._loop.run_until_complete(
@@ -163,6 +166,7 @@ class TCPStoreServer:
 
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
         rid, op = message.get("id"), message.get("op")
+        self.requests[str(op)] += 1
         args = message.get("args", {})
         try:
             if op == "hello":

@@ -69,3 +69,63 @@ def test_torch_record_error_file_is_reported(elastic_run: ElasticRunner) -> None
     report = run.stderr[run.stderr.index("elastic-run: job failed") :]
     assert "    error: RuntimeError: torch recorded this" in report
     assert "    traceback (from its error file):" in report
+
+
+def _two_agents(elastic_run: ElasticRunner, *overrides: str, timeout: float = 240) -> list[Run]:
+    """Two agents of one job on this machine over the built-in TCP store."""
+    import uuid
+
+    from tests.conftest import free_port
+
+    run_id, port = f"it-{uuid.uuid4().hex[:8]}", free_port()
+    common = [
+        "rdzv=tcp",
+        f"rdzv.endpoint=127.0.0.1:{port}",
+        "nnodes=2",
+        "rdzv.last_call_timeout=1",
+        "rdzv.heartbeat_interval=0.5",
+        "rdzv.heartbeat_timeout=5",
+        *overrides,
+    ]
+    procs = [elastic_run.popen(*common, run_id=run_id) for _ in range(2)]
+    runs = []
+    for proc, run_dir, _ in procs:
+        out, err = proc.communicate(timeout=timeout)
+        runs.append(Run(proc.returncode, out, err, run_dir, run_id, 0.0))
+    return runs
+
+
+def test_two_agents_all_reduce_through_env_init(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    out = tmp_path / "ar"
+    runs = _two_agents(
+        elastic_run,
+        f"job.entrypoint={ROOT / 'examples/allreduce/allreduce.py'}",
+        f"job.args=[--out,{out}]",
+        "job.nproc_per_node=2",
+    )
+    for run in runs:
+        assert run.returncode == 0, _explain(run)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["sum"] for r in results] == [6] * 4
+    assert sorted(r["group_rank"] for r in results) == [0, 0, 1, 1]
+
+
+def test_resnet_on_two_agents_resumes_after_a_worker_is_killed(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    runs = _two_agents(
+        elastic_run,
+        "+job=resnet",
+        "job.nproc_per_node=1",
+        f"job.args=[--epochs,3,--steps-per-epoch,10,--checkpoint-dir,{ckpt},"
+        "--fail-at-step,15,--fail-rank,1]",
+        "max_restarts=1",
+    )
+    for run in runs:
+        assert run.returncode == 0, _explain(run)
+    out = "".join(run.stdout for run in runs)
+    assert "resumed from epoch 1" in out
+    assert "training done: epochs=3 world_size=2" in out
+    failed = [e for run in runs for e in run.events() if e["state"] == "FAILED"]
+    assert [(e["rank"], e["metadata"]["signal"]) for e in failed] == [(1, "SIGKILL")]
