@@ -138,7 +138,7 @@ def test_happy_path_succeeds_without_spending_restarts(tmp_path: Path) -> None:
     assert result.state == WorkerState.SUCCEEDED
     assert result.exit_code == 0
     assert (result.attempts, result.restart_count) == (1, 0)
-    assert rdzv.rounds == 1 and rdzv.shut
+    assert rdzv.rounds == 1 and rdzv.shut and rdzv.barriers == 1
     assert events.names().count("START") == 2
     assert events.names()[-1] == "torchelastic.worker.status.SUCCEEDED"
 
@@ -162,6 +162,8 @@ def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> 
     result = agent.run()
     assert result.state == WorkerState.FAILED and result.exit_code == 1
     assert result.attempts == 4 and result.restart_count == 3
+    assert agent._rdzv.failed_with == "restarts used up (max_restarts=3)"  # type: ignore[attr-defined]
+    assert agent._rdzv.barriers == 0  # type: ignore[attr-defined]  (none on failure)
     assert [f.exit.global_rank for f in result.failures] == [0]
     assert [e.stopped_by_agent for e in result.exits] == [False, True]
 

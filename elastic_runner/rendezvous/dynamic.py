@@ -62,6 +62,9 @@ class RendezvousSettings:
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 15.0
     exit_barrier_timeout: float = 300.0
+    #: How long the node hosting the store keeps it up for nodes still running after it
+    #: finished (``None``: as long as they are alive).
+    close_timeout: float | None = None
     #: Fixed group rank (static rendezvous); ``None`` = by join order.
     node_rank: int | None = None
 
@@ -162,11 +165,40 @@ class DynamicRendezvous:
         try:
             self._store.delete(self._p + "alive/" + self.node_id)
             self._store.delete(self._p + "waiting/" + self.node_id)
+            if self._on_close:
+                self._linger()
         except StoreError:
             pass
         self._store.close()
         if self._on_close:
             self._on_close()
+
+    def _linger(self) -> None:
+        """This node hosts the store, which must outlive every other node of the job: wait
+        until each has left (its liveness key deleted, or expired if it died)."""
+        prefix = self._p + "alive/"
+        said = False
+        limit = self._s.close_timeout
+        deadline = None if limit is None else self._clock() + limit
+        while True:
+            others, version = self._store.scan(prefix)
+            if not others:
+                return
+            if deadline is not None and self._clock() >= deadline:
+                log.warning(
+                    "closing the rendezvous store with %d node(s) still running "
+                    "(rdzv.close_timeout=%g s)",
+                    len(others),
+                    limit,
+                )
+                return
+            if not said:
+                log.info(
+                    "keeping the rendezvous store up until %d other node(s) leave", len(others)
+                )
+                said = True
+            with contextlib.suppress(StoreTimeoutError):
+                self._store.wait_for_change(prefix, version, 2 * self._s.heartbeat_timeout)
 
     # -- the protocol -------------------------------------------------------------------
 

@@ -47,6 +47,9 @@ class TcpRendezvousConfig(RendezvousConfig):
     heartbeat_timeout: float = 15.0
     #: How long a node that finished waits for the others before leaving.
     exit_barrier_timeout: float = 300.0
+    #: How long the agent hosting the store keeps it up for nodes still running after it
+    #: finished (null: as long as they are alive; closing earlier fails their run).
+    close_timeout: float | None = None
 
 
 @dataclass
@@ -95,6 +98,8 @@ def _settings(
     ):
         if getattr(config, key) < 0:
             raise ConfigError(f"rdzv.{key}", getattr(config, key), "expected seconds >= 0")
+    if config.close_timeout is not None and config.close_timeout < 0:
+        raise ConfigError("rdzv.close_timeout", config.close_timeout, "expected seconds >= 0")
     if config.heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             "rdzv.heartbeat_timeout",
@@ -110,6 +115,7 @@ def _settings(
         heartbeat_interval=config.heartbeat_interval,
         heartbeat_timeout=config.heartbeat_timeout,
         exit_barrier_timeout=config.exit_barrier_timeout,
+        close_timeout=config.close_timeout,
         node_rank=node_rank,
     )
 

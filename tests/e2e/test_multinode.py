@@ -259,3 +259,31 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _agent_end(run_dir: Path) -> float:
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    return next(
+        e["timestamp"]
+        for e in events
+        if e["source"] == "AGENT" and e["name"].endswith(".SUCCEEDED")
+    )
+
+
+@pytest.mark.parametrize(("barrier", "waits"), [(30, True), (0.2, False)])
+def test_exit_barrier_holds_finished_nodes_and_never_fails(
+    elastic_run: ElasticRunner, tmp_path: Path, barrier: float, waits: bool
+) -> None:
+    # global rank 0 exits at once, rank 1 after 1.5 s (on whichever node has it)
+    job = Job(elastic_run, tmp_path, "2")
+    for _ in range(2):
+        job.start(
+            f"rdzv.exit_barrier_timeout={barrier}",
+            nproc=1,
+            probe=("--ranks", "0", "--sleep", "1.5", "--sleep-others"),
+        )
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results  # a barrier timeout never fails
+    spread = abs(_agent_end(job.run_dirs[0]) - _agent_end(job.run_dirs[1]))
+    # with the barrier, the fast node left with the slow one; without, long before
+    assert (spread < 0.5) if waits else (spread > 0.8), spread
