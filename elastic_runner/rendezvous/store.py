@@ -192,30 +192,35 @@ class MemoryStore:
         return min(times) if times else None
 
     def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
-        deadline = self._clock() + timeout
-        with self._cond:
-            while True:
-                self._expire()
-                if self._changed_since(prefix, version):
-                    return self._version
-                now = self._clock()
-                if now >= deadline:
-                    raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s")
-                expiry = self._next_expiry()
-                until = deadline if expiry is None else min(deadline, expiry)
-                self._cond.wait(max(0.0, until - now))
+        self._wait_until(
+            lambda: self._changed_since(prefix, version),
+            timeout,
+            lambda: f"no change under {prefix!r} in {timeout:g} s",
+        )
+        return self._version
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
+        self._wait_until(
+            lambda: all(k in self._data for k in keys),
+            timeout,
+            lambda: (
+                f"keys {[k for k in keys if k not in self._data]} did not appear in {timeout:g} s"
+            ),
+        )
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
+        """Block until ``done()`` (checked under the lock, after expiring keys), waking on
+        every change and at the next expiry; raise :class:`StoreTimeoutError` after
+        ``timeout``."""
         deadline = self._clock() + timeout
         with self._cond:
             while True:
                 self._expire()
-                missing = [k for k in keys if k not in self._data]
-                if not missing:
+                if done():
                     return
                 now = self._clock()
                 if now >= deadline:
-                    raise StoreTimeoutError(f"keys {missing} did not appear in {timeout:g} s")
+                    raise StoreTimeoutError(why())
                 expiry = self._next_expiry()
                 until = deadline if expiry is None else min(deadline, expiry)
                 self._cond.wait(max(0.0, until - now))
