@@ -32,6 +32,7 @@ DISABLE_AUTOLOAD_ENV = "ELASTIC_RUNNER_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "elastic_runner.rendezvous.local",
     "elastic_runner.rendezvous.tcp",
+    "elastic_runner.rendezvous.etcd",
     "elastic_runner.events",
     "elastic_runner.metrics",
     "elastic_runner.timer",

@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from elastic_runner.testing.etcd import etcd_server  # noqa: F401  (a fixture)
+
 TESTS = Path(__file__).resolve().parent
 PROBE = TESTS / "workers" / "probe.py"
 

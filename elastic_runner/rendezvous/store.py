@@ -52,6 +52,9 @@ class Store(Protocol):
     def delete(self, key: str) -> bool:
         """Remove ``key``; False when it did not exist."""
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key under ``prefix``; returns how many."""
+
     def multi_get(self, keys: Sequence[str]) -> list[str | None]: ...
 
     def multi_set(self, items: Mapping[str, str]) -> None: ...
@@ -166,6 +169,15 @@ class MemoryStore:
                 return False
             self._bump(key)
             return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        with self._cond:
+            self._expire()
+            doomed = [k for k in self._data if k.startswith(prefix)]
+            for key in doomed:
+                del self._data[key]
+                self._bump(key)
+            return len(doomed)
 
     def multi_get(self, keys: Sequence[str]) -> list[str | None]:
         with self._cond:

@@ -16,37 +16,31 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from elastic_runner.config import ConfigError, RendezvousConfig
+from elastic_runner.config import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.api import RendezvousError
-from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
+from elastic_runner.rendezvous.dynamic import (
+    DynamicRendezvous,
+    StoreRendezvousConfig,
+    parse_endpoints,
+    settings_from,
+)
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
 from elastic_runner.spec import RunContext
 
-__all__ = ["StaticRendezvousConfig", "TcpRendezvousConfig", "parse_endpoint"]
+__all__ = ["DEFAULT_PORT", "StaticRendezvousConfig", "TcpRendezvousConfig"]
 
 DEFAULT_PORT = 29400
 
 
 @dataclass
-class TcpRendezvousConfig(RendezvousConfig):
+class TcpRendezvousConfig(StoreRendezvousConfig):
     backend: str = "tcp"
-    #: host:port of the store (port 29400 when omitted).
-    endpoint: str = MISSING
     #: Host the store here (true), never (false), or when the endpoint is local (null).
     is_host: bool | None = None
     #: Shared secret every agent must present to the store.
     token: str = ""
-    #: MASTER_ADDR when this node is group rank 0 (default: this node's address on the
-    #: interface that reaches the store).
-    local_addr: str | None = None
-    join_timeout: float = 600.0
-    last_call_timeout: float = 30.0
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 15.0
-    #: How long a node that finished waits for the others before leaving.
-    exit_barrier_timeout: float = 300.0
     #: How long the agent hosting the store keeps it up for nodes still running after it
     #: finished (null: as long as they are alive; closing earlier fails their run).
     close_timeout: float | None = None
@@ -58,16 +52,6 @@ class StaticRendezvousConfig(TcpRendezvousConfig):
     #: This node's group rank, 0 .. nnodes-1.
     node_rank: int = MISSING
     last_call_timeout: float = 0.0
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    host, sep, port = endpoint.strip().rpartition(":")
-    if not sep:
-        host, port = endpoint.strip(), str(DEFAULT_PORT)
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError("rdzv.endpoint", endpoint, "expected host:port, e.g. node0:29400")
-    return host, int(port)
 
 
 def _is_local(host: str) -> bool:
@@ -86,51 +70,19 @@ def _is_local(host: str) -> bool:
     return False
 
 
-def _settings(
-    config: TcpRendezvousConfig, context: RunContext, node_rank: int | None
-) -> RendezvousSettings:
-    for key in (
-        "join_timeout",
-        "last_call_timeout",
-        "heartbeat_interval",
-        "heartbeat_timeout",
-        "exit_barrier_timeout",
-    ):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"rdzv.{key}", getattr(config, key), "expected seconds >= 0")
-    if config.close_timeout is not None and config.close_timeout < 0:
-        raise ConfigError("rdzv.close_timeout", config.close_timeout, "expected seconds >= 0")
-    if config.heartbeat_timeout <= config.heartbeat_interval:
-        raise ConfigError(
-            "rdzv.heartbeat_timeout",
-            config.heartbeat_timeout,
-            f"must exceed rdzv.heartbeat_interval ({config.heartbeat_interval:g})",
-        )
-    return RendezvousSettings(
-        run_id=context.run_id,
-        min_nodes=context.min_nodes,
-        max_nodes=context.max_nodes,
-        join_timeout=config.join_timeout,
-        last_call_timeout=config.last_call_timeout,
-        heartbeat_interval=config.heartbeat_interval,
-        heartbeat_timeout=config.heartbeat_timeout,
-        exit_barrier_timeout=config.exit_barrier_timeout,
-        close_timeout=config.close_timeout,
-        node_rank=node_rank,
-    )
-
-
 def _connect(
     config: TcpRendezvousConfig, context: RunContext, node_rank: int | None = None
 ) -> DynamicRendezvous:
-    if not config.id:
+    if "," in config.endpoint:
         raise ConfigError(
-            "rdzv.id",
-            None,
-            f"rdzv={config.backend} needs a job id shared by all nodes, e.g. rdzv.id=myjob",
+            "rdzv.endpoint",
+            config.endpoint,
+            "rdzv=tcp takes one host:port (several endpoints: rdzv=etcd)",
         )
-    host, port = parse_endpoint(config.endpoint)
-    settings = _settings(config, context, node_rank)
+    ((host, port),) = parse_endpoints(config.endpoint, DEFAULT_PORT)
+    if config.close_timeout is not None and config.close_timeout < 0:
+        raise ConfigError("rdzv.close_timeout", config.close_timeout, "expected seconds >= 0")
+    settings = settings_from(config, context, node_rank, config.close_timeout)
     server = None
     if config.is_host or (config.is_host is None and _is_local(host)):
         try:

@@ -38,6 +38,7 @@ _PLAIN_OPS = {
     "add",
     "compare_set",
     "delete",
+    "delete_prefix",
     "multi_get",
     "multi_set",
     "scan",
@@ -327,6 +328,9 @@ class TCPStoreClient:
 
     def delete(self, key: str) -> bool:
         return bool(self._call("delete", key=key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        return int(self._call("delete_prefix", prefix=prefix))
 
     def multi_get(self, keys: Sequence[str]) -> list[str | None]:
         return list(self._call("multi_get", keys=list(keys)))

@@ -1,0 +1,276 @@
+"""The :class:`~elastic_runner.rendezvous.store.Store` on etcd's v3 API (through its JSON
+gateway, with etcd3gw).
+
+- Liveness is a lease: a TTL key is put with its own lease and :meth:`EtcdStore.refresh`
+  is a lease keep-alive, which changes no key (watchers stay asleep); when a node dies
+  its lease expires and etcd deletes the key.
+- Every compare-and-set is a transaction on the key's ``mod_revision``.
+- Waiting is a watch from a revision, never a poll.
+- Several endpoints: a request that cannot reach one tries the next.
+- TLS (``ca_cert``, ``cert``, ``key``) and user/password authentication.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
+
+__all__ = ["EtcdStore"]
+
+log = logging.getLogger(__name__)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(data: str) -> str:
+    return base64.b64decode(data).decode()
+
+
+def _range_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+class EtcdStore:
+    """A store under ``namespace`` in an etcd cluster reached at ``endpoints``."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        *,
+        namespace: str = "/elastic-runner/",
+        ca_cert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        try:
+            import etcd3gw
+        except ImportError:
+            raise StoreError(
+                "rdzv=etcd needs etcd3gw: pip install 'elastic-runner[etcd]'"
+            ) from None
+        self._etcd3gw = etcd3gw
+        self._endpoints = list(endpoints)
+        self._ns = namespace
+        self._ca_cert, self._cert, self._key = ca_cert, cert, key
+        self._protocol = "https" if (ca_cert or cert) else "http"
+        self._auth = (user, password) if user else None
+        self._timeout = timeout
+        self._current = 0
+        self._lock = threading.Lock()
+        self._leases: dict[str, int] = {}  # key -> lease id of its TTL
+        self._clients: dict[int, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self._endpoints)
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _client(self, index: int) -> Any:
+        client = self._clients.get(index)
+        if client is None:
+            host, port = self._endpoints[index]
+            client = self._etcd3gw.Etcd3Client(
+                host=host,
+                port=port,
+                protocol=self._protocol,
+                timeout=self._timeout,
+                ca_cert=self._ca_cert,
+                cert_key=self._key,
+                cert_cert=self._cert,
+            )
+            if self._auth:
+                token = client.post(
+                    client.get_url("/auth/authenticate"),
+                    json={"name": self._auth[0], "password": self._auth[1]},
+                )
+                client.session.headers["Authorization"] = token["token"]
+            self._clients[index] = client
+        return client
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(client)`` on the current endpoint, failing over to the next ones."""
+        errors = []
+        exc_types = self._etcd3gw.exceptions
+        for attempt in range(len(self._endpoints)):
+            index = (self._current + attempt) % len(self._endpoints)
+            try:
+                result = fn(self._client(index))
+                self._current = index
+                return result
+            except (exc_types.ConnectionFailedError, exc_types.ConnectionTimeoutError) as exc:
+                self._clients.pop(index, None)
+                host, port = self._endpoints[index]
+                detail = (str(exc).strip() or "connection failed").splitlines()[0][:200]
+                errors.append(f"{host}:{port}: {detail}")
+            except exc_types.Etcd3Exception as exc:
+                raise StoreError(f"etcd at {self.address}: {exc}") from None
+        raise StoreError(f"cannot reach etcd at any of {self.address} ({'; '.join(errors)})")
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        return self._call(lambda c: c.post(c.get_url(path), json=dict(body)))
+
+    def _k(self, key: str) -> str:
+        return self._ns + key
+
+    # -- the Store ----------------------------------------------------------------------
+
+    def _put_op(self, key: str, value: str, ttl: float | None) -> dict[str, Any]:
+        op: dict[str, Any] = {"key": _b64(self._k(key)), "value": _b64(value)}
+        if ttl is not None:
+            grant = self._post("/lease/grant", {"TTL": max(1, math.ceil(ttl))})
+            lease = int(grant["ID"])
+            op["lease"] = lease
+            with self._lock:  # a replaced lease just expires: it holds no key any more
+                self._leases[key] = lease
+        return op
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        self._post("/kv/put", self._put_op(key, value, ttl))
+
+    def refresh(self, key: str, ttl: float) -> bool:
+        lease = self._leases.get(key)
+        if lease is None:
+            return False
+        answer = self._post("/lease/keepalive", {"ID": lease})
+        return int(answer.get("result", {}).get("TTL", -1)) > 0
+
+    def _get(self, key: str) -> tuple[str | None, int]:
+        """(value, mod_revision); (None, 0) when absent."""
+        answer = self._post("/kv/range", {"key": _b64(self._k(key))})
+        kvs = answer.get("kvs") or []
+        if not kvs:
+            return None, 0
+        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+
+    def get(self, key: str) -> str | None:
+        return self._get(key)[0]
+
+    def _txn_put_if(self, key: str, mod_revision: int, op: dict[str, Any]) -> bool:
+        """Put ``op`` if ``key`` is still at ``mod_revision`` (0: absent)."""
+        compare = {
+            "key": _b64(self._k(key)),
+            "target": "MOD",
+            "result": "EQUAL",
+            "mod_revision": mod_revision,
+        }
+        answer = self._post("/kv/txn", {"compare": [compare], "success": [{"request_put": op}]})
+        return bool(answer.get("succeeded"))
+
+    def add(self, key: str, amount: int) -> int:
+        while True:
+            value, revision = self._get(key)
+            try:
+                new = int(value or 0) + amount
+            except ValueError:
+                raise StoreError(f"add: key {key!r} does not hold an integer") from None
+            if self._txn_put_if(key, revision, self._put_op(key, str(new), None)):
+                return new
+
+    def compare_set(
+        self, key: str, expected: str | None, desired: str, ttl: float | None = None
+    ) -> tuple[bool, str | None]:
+        while True:
+            current, revision = self._get(key)
+            if current != expected:
+                return False, current
+            if self._txn_put_if(key, revision, self._put_op(key, desired, ttl)):
+                return True, desired
+            # changed between the read and the transaction: look again
+
+    def delete(self, key: str) -> bool:
+        answer = self._post("/kv/deleterange", {"key": _b64(self._k(key))})
+        with self._lock:
+            self._leases.pop(key, None)
+        return int(answer.get("deleted", 0)) > 0
+
+    def multi_get(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        ops = [{"request_range": {"key": _b64(self._k(k))}} for k in keys]
+        answer = self._post("/kv/txn", {"success": ops})
+        out: list[str | None] = []
+        for response in answer.get("responses", []):
+            kvs = response.get("response_range", {}).get("kvs") or []
+            out.append(_unb64(kvs[0].get("value", "")) if kvs else None)
+        return out
+
+    def multi_set(self, items: Mapping[str, str]) -> None:
+        ops = [{"request_put": self._put_op(k, v, None)} for k, v in items.items()]
+        self._post("/kv/txn", {"success": ops})
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        full = self._k(prefix)
+        answer = self._post("/kv/range", {"key": _b64(full), "range_end": _range_end(full)})
+        found = {
+            _unb64(kv["key"])[len(self._ns) :]: _unb64(kv.get("value", ""))
+            for kv in answer.get("kvs") or []
+        }
+        return found, int(answer["header"]["revision"])
+
+    def delete_prefix(self, prefix: str) -> int:
+        full = self._k(prefix)
+        answer = self._post("/kv/deleterange", {"key": _b64(full), "range_end": _range_end(full)})
+        return int(answer.get("deleted", 0))
+
+    def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
+        full = self._k(prefix)
+
+        def watch(client: Any) -> int:
+            try:
+                event = client.watch_prefix_once(full, timeout=timeout, start_revision=version + 1)
+            except self._etcd3gw.exceptions.WatchTimedOut:
+                raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s") from None
+            return int(event["kv"]["mod_revision"])
+
+        return int(self._call(watch))
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        common = _common_prefix(keys)
+        while True:
+            _, version = self.scan(common)
+            missing = [k for k, v in zip(keys, self.multi_get(keys), strict=True) if v is None]
+            if not missing:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreTimeoutError(f"keys {missing} did not appear in {timeout:g} s")
+            with contextlib.suppress(StoreTimeoutError):
+                self.wait_for_change(common, version, left)
+
+    def close(self) -> None:
+        """Revoke this client's leases (its TTL keys go at once) and drop connections."""
+        with self._lock:
+            leases, self._leases = list(self._leases.values()), {}
+        for lease in leases:
+            with contextlib.suppress(StoreError):
+                self._post("/kv/lease/revoke", {"ID": lease})
+        for client in self._clients.values():
+            with contextlib.suppress(Exception):
+                client.session.close()
+        self._clients.clear()
+
+
+def _common_prefix(keys: Sequence[str]) -> str:
+    """The longest string every key starts with (keys are strings, not paths)."""
+    first, last = min(keys, default=""), max(keys, default="")
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]

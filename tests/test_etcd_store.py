@@ -1,0 +1,53 @@
+"""The store conformance suite on a real etcd (v3 API), plus etcd-only behaviour."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from elastic_runner.rendezvous.dynamic import parse_endpoints
+from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.store import StoreError
+from elastic_runner.testing.etcd import EtcdServer
+from elastic_runner.testing.store_suite import StoreSuite
+
+
+class TestEtcdStore(StoreSuite):
+    TTL = 2.0
+    @pytest.fixture
+    def make_store(self, etcd_server: EtcdServer):  # type: ignore[no-untyped-def]
+        stores: list[EtcdStore] = []
+        namespace = f"/test-{time.monotonic_ns()}/"
+
+        def make() -> EtcdStore:
+            stores.append(
+                EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace=namespace)
+            )
+            return stores[-1]
+
+        yield make
+        for s in stores:
+            s.close()
+
+
+def test_failover_to_a_second_endpoint(etcd_server: EtcdServer) -> None:
+    dead = ("127.0.0.1", 1)
+    store = EtcdStore([dead, *parse_endpoints(etcd_server.endpoint, 2379)])
+    store.set("k", "v")
+    assert store.get("k") == "v"
+
+
+def test_unreachable_names_every_endpoint() -> None:
+    store = EtcdStore([("127.0.0.1", 1), ("127.0.0.1", 2)], timeout=1)
+    with pytest.raises(StoreError, match=r"cannot reach etcd at any of 127.0.0.1:1,127.0.0.1:2"):
+        store.get("k")
+
+
+def test_close_revokes_leases_so_ttl_keys_go_at_once(etcd_server: EtcdServer) -> None:
+    endpoints = parse_endpoints(etcd_server.endpoint, 2379)
+    a, b = EtcdStore(endpoints), EtcdStore(endpoints)
+    a.set("alive/x", "1", ttl=60)
+    assert b.get("alive/x") == "1"
+    a.close()
+    assert b.get("alive/x") is None
