@@ -282,6 +282,13 @@ def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
             f"{exc.override}: cannot parse this override ({text.splitlines()[0]}); quote "
             "values with special characters, e.g. 'job.args=[\"--x=1\"]'"
         )
+    ambiguous = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", text)
+    if ambiguous:
+        key, value = ambiguous.groups()
+        return (
+            f"{key}={value}: unquoted commas mean a --multirun sweep; quote the value: "
+            f"'{key}=\"{value}\"'"
+        )
     if "No match in the defaults list" in text and (m := re.search(r"'([\w.]+)'", text)):
         group = m.group(1)
         return f"{group}: '{group}' has no default to override; select a preset with +{group}=NAME"

@@ -15,6 +15,7 @@ from elastic_runner.testing.store_suite import StoreSuite
 
 class TestEtcdStore(StoreSuite):
     TTL = 2.0
+
     @pytest.fixture
     def make_store(self, etcd_server: EtcdServer):  # type: ignore[no-untyped-def]
         stores: list[EtcdStore] = []

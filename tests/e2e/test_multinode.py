@@ -24,13 +24,20 @@ FAST = [
 class Job:
     """Agents of one job: same run id, same endpoint."""
 
-    def __init__(self, elastic_run: ElasticRunner, tmp_path: Path, nnodes: str) -> None:
+    def __init__(
+        self,
+        elastic_run: ElasticRunner,
+        tmp_path: Path,
+        nnodes: str,
+        rdzv: list[str] | None = None,
+    ) -> None:
         self.elastic_run = elastic_run
         self.run_id = f"job-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.nnodes = nnodes
+        self.rdzv = rdzv or ["rdzv=tcp", f"rdzv.endpoint=127.0.0.1:{self.port}", *FAST]
         self.out = tmp_path / "probe"
-        self.out.mkdir(exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.agents: list[subprocess.Popen[str]] = []
         self.run_dirs: list[Path] = []
 
@@ -39,10 +46,8 @@ class Job:
     ) -> subprocess.Popen[str]:
         proc, run_dir, _ = self.elastic_run.popen(
             *probe_job(self.out, *probe, nproc=nproc),
-            "rdzv=tcp",
-            f"rdzv.endpoint=127.0.0.1:{self.port}",
+            *self.rdzv,
             f"nnodes={self.nnodes}",
-            *FAST,
             *overrides,
             run_id=self.run_id,
         )

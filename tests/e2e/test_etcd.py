@@ -1,0 +1,130 @@
+"""Agents forming jobs over a real etcd (v3 API), and etcd's faults."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic_runner.rendezvous.dynamic import parse_endpoints
+from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.testing.etcd import EtcdServer
+from tests.conftest import ElasticRunner, free_port, probe_records
+from tests.e2e.test_multinode import Job, _wait_for
+
+ETCD_FAST = [
+    "rdzv.heartbeat_interval=0.5",
+    "rdzv.heartbeat_timeout=3",
+    "rdzv.join_timeout=30",
+    "rdzv.last_call_timeout=0.5",
+]
+
+
+def _job(elastic_run: ElasticRunner, tmp_path: Path, etcd: EtcdServer, nnodes: str) -> Job:
+    return Job(
+        elastic_run,
+        tmp_path,
+        nnodes,
+        rdzv=["rdzv=etcd", f"rdzv.endpoint={etcd.endpoint}", *ETCD_FAST],
+    )
+
+
+def _job_keys(etcd: EtcdServer, run_id: str) -> dict[str, str]:
+    store = EtcdStore(parse_endpoints(etcd.endpoint, 2379))
+    try:
+        return store.scan(f"rdzv/{run_id}/")[0]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("agents", [2, 3])
+def test_agents_form_a_job_over_etcd_and_clean_up(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer, agents: int
+) -> None:
+    job = _job(elastic_run, tmp_path, etcd_server, str(agents))
+    for _ in range(agents):
+        job.start(nproc=2)
+    results = job.finish()
+    assert [code for code, _ in results] == [0] * agents, results
+    assert job.rendezvous_counts() == [1] * agents
+    envs = [rec["env"] for rec in probe_records(job.out).values()]
+    assert sorted(int(e["RANK"]) for e in envs) == list(range(2 * agents))
+    assert {e["WORLD_SIZE"] for e in envs} == {str(2 * agents)}
+    assert _job_keys(etcd_server, job.run_id) == {}  # the last node out removed them
+
+
+def test_scale_up_and_down_over_etcd(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    job = _job(elastic_run, tmp_path, etcd_server, "1:2")
+    job.start(nproc=1, probe=("--until-world", "2"))
+    _wait_for(lambda: list(job.out.glob("*_w1.json")))
+    job.start(nproc=1, probe=("--until-world", "2"))  # scale up 1 -> 2
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    assert len(list(job.out.glob("*_w2.json"))) == 2
+
+    job = _job(elastic_run, tmp_path / "down", etcd_server, "1:2")
+    agents = [job.start(nproc=1, probe=("--until-world", "1")) for _ in range(2)]
+    _wait_for(lambda: len(list(job.out.glob("*_w2.json"))) == 2)
+    t0 = time.monotonic()
+    agents[0].kill()  # scale down 2 -> 1: its lease expires
+    _, err = agents[1].communicate(timeout=30)
+    assert agents[1].returncode == 0, err
+    assert time.monotonic() - t0 < 3 + 5  # heartbeat_timeout plus a few seconds
+    agents[0].communicate(timeout=10)
+    job.agents.clear()
+
+
+def test_etcd_restart_does_not_restart_workers(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    job = _job(elastic_run, tmp_path, etcd_server, "2")
+    for _ in range(2):
+        job.start(nproc=1, probe=("--sleep", "4"))
+    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    etcd_server.kill()
+    time.sleep(1)  # etcd down for a second, less than the heartbeat timeout
+    etcd_server.start()
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    assert job.rendezvous_counts() == [1, 1]  # the workers were never restarted
+
+
+def test_etcd_gone_longer_than_the_lease_regroups_when_back(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    job = _job(elastic_run, tmp_path, etcd_server, "2")
+    for _ in range(2):
+        job.start(nproc=1, probe=("--sleep", "6"))
+    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    etcd_server.kill()
+    time.sleep(5)  # longer than rdzv.heartbeat_timeout (3 s)
+    etcd_server.start()
+    results = job.finish(timeout=90)
+    assert [code for code, _ in results] == [0, 0], results
+    assert min(job.rendezvous_counts()) >= 2  # they re-formed once etcd was back
+
+
+def test_unreachable_etcd_fails_clearly(elastic_run: ElasticRunner) -> None:
+    endpoints = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    run = elastic_run(
+        "+job=hello", "rdzv=etcd", f"rdzv.endpoint='{endpoints}'", "nnodes=2", "rdzv.join_timeout=2"
+    )
+    assert run.returncode == 1
+    assert time.monotonic() - t0 < 15
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("elastic-run: rendezvous failed:")
+    assert f"cannot reach etcd at any of {endpoints}" in last
+    assert "Traceback" not in run.stderr
+
+
+def test_unquoted_endpoint_list_gets_a_quoting_hint(elastic_run: ElasticRunner) -> None:
+    run = elastic_run("+job=hello", "rdzv=etcd", "rdzv.endpoint=a:1,b:2", "nnodes=2")
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "elastic-run: error: rdzv.endpoint=a:1,b:2: unquoted commas mean a --multirun "
+        "sweep; quote the value: 'rdzv.endpoint=\"a:1,b:2\"'"
+    )
