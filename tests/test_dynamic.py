@@ -1,0 +1,38 @@
+"""The rendezvous conformance suite on the in-memory store, the TCP store and etcd."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from elastic_runner.rendezvous.dynamic import parse_endpoints
+from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.store import MemoryStore
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
+from elastic_runner.testing.etcd import EtcdServer
+from elastic_runner.testing.rendezvous_suite import RendezvousSuite
+
+
+class TestOnMemoryStore(RendezvousSuite):
+    @pytest.fixture
+    def make_store(self):  # type: ignore[no-untyped-def]
+        shared = MemoryStore()
+        return lambda: shared
+
+
+class TestOnTCPStore(RendezvousSuite):
+    @pytest.fixture
+    def make_store(self):  # type: ignore[no-untyped-def]
+        server = TCPStoreServer("127.0.0.1", 0)
+        yield lambda: TCPStoreClient("127.0.0.1", server.port)
+        server.close()
+
+
+class TestOnEtcd(RendezvousSuite):
+    TTL = 2.0
+
+    @pytest.fixture
+    def make_store(self, etcd_server: EtcdServer):  # type: ignore[no-untyped-def]
+        namespace = f"/suite-{time.monotonic_ns()}/"
+        return lambda: EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace=namespace)
