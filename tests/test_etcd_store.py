@@ -52,3 +52,10 @@ def test_close_revokes_leases_so_ttl_keys_go_at_once(etcd_server: EtcdServer) ->
     assert b.get("alive/x") == "1"
     a.close()
     assert b.get("alive/x") is None
+
+
+def test_multi_get_and_set_beyond_etcds_transaction_limit(etcd_server: EtcdServer) -> None:
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379))
+    items = {f"many/{i:04d}": str(i) for i in range(300)}  # etcd allows 128 ops per txn
+    store.multi_set(items)
+    assert store.multi_get(list(items)) == list(items.values())

@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -46,7 +47,12 @@ from elastic_runner.rendezvous.api import (
     RendezvousTimeoutError,
 )
 from elastic_runner.rendezvous.local import find_free_port
-from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.store import (
+    Store,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
 from elastic_runner.spec import RunContext
 
 __all__ = ["DynamicRendezvous", "RendezvousSettings", "StoreRendezvousConfig", "settings_from"]
@@ -251,9 +257,9 @@ class DynamicRendezvous:
 
     def shutdown(self) -> None:
         self._stop.set()
-        for thread in (self._heartbeat, self._watcher):
-            if thread is not None:
-                thread.join(timeout=5)
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        # The watcher may be inside a long store wait: closing the store below ends it.
         try:
             self._store.delete(self._p + "alive/" + self.node_id)
             self._store.delete(self._p + "waiting/" + self.node_id)
@@ -297,8 +303,8 @@ class DynamicRendezvous:
     # -- the protocol -------------------------------------------------------------------
 
     def _reach_store(self, deadline: float) -> None:
-        """Announce this node, waiting for the store to answer until ``deadline`` (it may
-        start after us, or be restarting); then the last error is raised."""
+        """Announce this node, waiting for an unavailable store until ``deadline`` (it
+        may start after us, or be restarting); then, or on any other error, raise."""
         delay = 0.05
         while True:
             try:
@@ -306,7 +312,7 @@ class DynamicRendezvous:
                     self._p + "alive/" + self.node_id, "1", ttl=self._s.heartbeat_timeout
                 )
                 return
-            except StoreError:
+            except StoreUnavailableError:
                 if self._clock() + delay >= deadline:
                     raise
                 self._stop.wait(delay)
@@ -331,9 +337,9 @@ class DynamicRendezvous:
                 raise RendezvousError(f"the job failed on another node ({why})")
             done = store.get(f"{p}r{n}/done")
             if done is not None:
-                members = json.loads(done)
-                if self.node_id in members:
-                    return self._complete(n, members)
+                record = json.loads(done)
+                if self.node_id in (m[0] for m in record):
+                    return self._complete(n, record)
                 self._set_waiting(True)  # the round is under way without us
             else:
                 self._set_waiting(False)
@@ -345,22 +351,31 @@ class DynamicRendezvous:
                 if len(joined) >= s.max_nodes or (
                     last_call is not None and self._clock() >= last_call
                 ):
-                    order = sorted(joined, key=lambda k: self._order_key(joined[k]))
-                    store.compare_set(f"{p}r{n}/done", None, json.dumps(order[: s.max_nodes]))
+                    order = sorted(joined, key=lambda k: self._order_key(k, joined[k]))
+                    record = [[k, joined[k]["role"], joined[k]["nproc"]] for k in order]
+                    store.compare_set(f"{p}r{n}/done", None, json.dumps(record[: s.max_nodes]))
                     continue
             left = deadline - self._clock()
             if left <= 0:
                 raise self._timeout_error(n)
             if last_call is not None:
                 left = min(left, max(0.001, last_call - self._clock()))
+            # Wake only for what this node waits for: its round's completion (whoever sees
+            # the round full completes it) or, outside the round, the next round; so N
+            # joining nodes cost O(N) wake-ups, not one each per join. Look again at least
+            # every heartbeat_timeout (a node that joined may have died).
+            watched = f"{p}r{n}/done" if done is None else p + "round"
             with contextlib.suppress(StoreTimeoutError):
-                store.wait_for_change(p, version, left)
+                store.wait_for_change(watched, version, min(left, s.heartbeat_timeout))
 
-    def _order_key(self, record: dict[str, int | str]) -> tuple[int, int]:
+    @staticmethod
+    def _order_key(node_id: str, record: dict[str, Any]) -> tuple[int, str]:
+        """Group ranks: by ``node_rank`` when given (static), then by node id (host name
+        first), which needs no shared counter for every joiner to contend on."""
         rank = record.get("node_rank")
-        return (int(rank) if rank is not None else 0, int(record["seq"]))
+        return (int(rank) if rank is not None else 0, node_id)
 
-    def _join(self, n: int, node: NodeInfo) -> dict[str, dict[str, int | str]]:
+    def _join(self, n: int, node: NodeInfo) -> dict[str, dict[str, Any]]:
         """Announce this node in round n (once) and return the live announcements."""
         p, store = self._p, self._store
         key = f"{p}r{n}/join/{self.node_id}"
@@ -368,7 +383,6 @@ class DynamicRendezvous:
             record = {
                 "role": node.role,
                 "nproc": node.local_world_size,
-                "seq": store.add(f"{p}r{n}/seq", 1),
                 "node_rank": self._s.node_rank,
             }
             store.set(key, json.dumps(record))
@@ -381,23 +395,18 @@ class DynamicRendezvous:
                 out[node_id] = json.loads(v)
         return out
 
-    def _complete(self, n: int, members: list[str]) -> RendezvousInfo:
+    def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
+        """This node is in completed round ``n``; ``record`` lists [node id, role, workers]
+        in group-rank order (all a node needs, in one read)."""
         p, store = self._p, self._store
-        records = store.multi_get([f"{p}r{n}/join/{m}" for m in members])
-        nodes = tuple(
-            NodeInfo(str(r["role"]), int(r["nproc"]))
-            for r in (json.loads(v) for v in records if v is not None)
-        )
-        if len(nodes) != len(members):
-            raise RendezvousError(f"round {n} lost a member's announcement")
+        members = [str(m[0]) for m in record]
+        nodes = tuple(NodeInfo(str(role), int(nproc)) for _, role, nproc in record)
         group_rank = members.index(self.node_id)
         master_key = f"{p}r{n}/master"
         if group_rank == 0:
             addr = self._addr if isinstance(self._addr, str) else self._addr()
             store.set(master_key, json.dumps([addr, find_free_port(addr)]))
-            old, _ = store.scan(f"{p}r{n - 2}/")  # keep the store small over many rounds
-            for key in old:
-                store.delete(key)
+            store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
         store.wait([master_key], timeout=self._s.join_timeout)
         master = store.get(master_key)
         assert master is not None
@@ -460,6 +469,12 @@ class DynamicRendezvous:
             self._watcher = threading.Thread(target=self._watch, name="rdzv-watcher", daemon=True)
             self._watcher.start()
 
+    @property
+    def _watch_timeout(self) -> float:
+        """How long one watch waits before looking again (nothing depends on it: changes
+        wake it; it only bounds how stale a missed wake-up could be)."""
+        return max(5.0, self._s.heartbeat_timeout)
+
     def _watch(self) -> None:
         """Call the membership callback once per round when the round must re-form. A
         store that cannot be reached is waited for up to ``heartbeat_timeout`` (an etcd
@@ -476,7 +491,7 @@ class DynamicRendezvous:
                 if n is not None and n != notified and self._must_regroup(n, members, found):
                     notified = n
                     self._notify(n)
-                self._store.wait_for_change(self._p, version, timeout=1.0)
+                self._store.wait_for_change(self._p, version, self._watch_timeout)
             except StoreTimeoutError:
                 continue
             except StoreError as exc:

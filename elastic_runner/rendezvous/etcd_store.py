@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
 
 __all__ = ["EtcdStore"]
 
@@ -120,7 +120,9 @@ class EtcdStore:
                 errors.append(f"{host}:{port}: {detail}")
             except exc_types.Etcd3Exception as exc:
                 raise StoreError(f"etcd at {self.address}: {exc}") from None
-        raise StoreError(f"cannot reach etcd at any of {self.address} ({'; '.join(errors)})")
+        raise StoreUnavailableError(
+            f"cannot reach etcd at any of {self.address} ({'; '.join(errors)})"
+        )
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
         return self._call(lambda c: c.post(c.get_url(path), json=dict(body)))
@@ -200,19 +202,19 @@ class EtcdStore:
         return int(answer.get("deleted", 0)) > 0
 
     def multi_get(self, keys: Sequence[str]) -> list[str | None]:
-        if not keys:
-            return []
-        ops = [{"request_range": {"key": _b64(self._k(k))}} for k in keys]
-        answer = self._post("/kv/txn", {"success": ops})
         out: list[str | None] = []
-        for response in answer.get("responses", []):
-            kvs = response.get("response_range", {}).get("kvs") or []
-            out.append(_unb64(kvs[0].get("value", "")) if kvs else None)
+        for chunk in _chunks(list(keys)):  # etcd caps a transaction at 128 operations
+            ops = [{"request_range": {"key": _b64(self._k(k))}} for k in chunk]
+            answer = self._post("/kv/txn", {"success": ops})
+            for response in answer.get("responses", []):
+                kvs = response.get("response_range", {}).get("kvs") or []
+                out.append(_unb64(kvs[0].get("value", "")) if kvs else None)
         return out
 
     def multi_set(self, items: Mapping[str, str]) -> None:
-        ops = [{"request_put": self._put_op(k, v, None)} for k, v in items.items()]
-        self._post("/kv/txn", {"success": ops})
+        for chunk in _chunks(list(items)):
+            ops = [{"request_put": self._put_op(k, items[k], None)} for k in chunk]
+            self._post("/kv/txn", {"success": ops})
 
     def scan(self, prefix: str) -> tuple[dict[str, str], int]:
         full = self._k(prefix)
@@ -265,6 +267,10 @@ class EtcdStore:
             with contextlib.suppress(Exception):
                 client.session.close()
         self._clients.clear()
+
+
+def _chunks(keys: list[str], size: int = 100) -> list[list[str]]:
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
 def _common_prefix(keys: Sequence[str]) -> str:

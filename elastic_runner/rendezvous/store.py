@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["MemoryStore", "Store", "StoreError", "StoreTimeoutError"]
+__all__ = ["MemoryStore", "Store", "StoreError", "StoreTimeoutError", "StoreUnavailableError"]
 
 
 class StoreError(Exception):
@@ -24,6 +24,11 @@ class StoreError(Exception):
 
 class StoreTimeoutError(StoreError, TimeoutError):
     """A wait ran out of time."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached now but may come back (not started yet, restarting);
+    worth retrying, unlike a refusal or a store that is gone for good."""
 
 
 @runtime_checkable

@@ -22,7 +22,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from elastic_runner.rendezvous.store import MemoryStore, StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.store import (
+    MemoryStore,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
 
 __all__ = ["MAX_FRAME", "TCPStoreClient", "TCPStoreServer"]
 
@@ -258,7 +263,9 @@ class TCPStoreClient:
                 break
             except OSError as exc:
                 if time.monotonic() + delay > deadline:
-                    raise StoreError(
+                    # never reached: it may yet start; reached once: its host is gone
+                    kind = StoreError if self._connected_once else StoreUnavailableError
+                    raise kind(
                         f"cannot reach the rendezvous store at {self.address} "
                         f"(tried for {patience:g} s): {exc}"
                     ) from None

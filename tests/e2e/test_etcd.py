@@ -96,11 +96,17 @@ def test_etcd_gone_longer_than_the_lease_regroups_when_back(
     elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
 ) -> None:
     job = _job(elastic_run, tmp_path, etcd_server, "2")
-    for _ in range(2):
-        job.start(nproc=1, probe=("--sleep", "6"))
+    for _ in range(2):  # workers outlive the detection (a watch wait plus the retry window)
+        job.start(nproc=1, probe=("--sleep", "12"))
     _wait_for(lambda: len(probe_records(job.out)) == 2)
     etcd_server.kill()
-    time.sleep(5)  # longer than rdzv.heartbeat_timeout (3 s)
+    # Longer than a watch wait (5 s) plus rdzv.heartbeat_timeout (3 s): the agents notice,
+    # stop their workers and wait (up to rdzv.join_timeout) for etcd to come back.
+    _wait_for(
+        lambda: "unreachable" in "".join((d / "elastic-run.log").read_text() for d in job.run_dirs),
+        timeout=30,
+    )
+    time.sleep(4)
     etcd_server.start()
     results = job.finish(timeout=90)
     assert [code for code, _ in results] == [0, 0], results
