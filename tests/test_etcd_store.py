@@ -59,3 +59,19 @@ def test_multi_get_and_set_beyond_etcds_transaction_limit(etcd_server: EtcdServe
     items = {f"many/{i:04d}": str(i) for i in range(300)}  # etcd allows 128 ops per txn
     store.multi_set(items)
     assert store.multi_get(list(items)) == list(items.values())
+
+
+def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:
+    import requests
+
+    base = f"http://{etcd_server.endpoint}/v3"
+    for path, body in (("/auth/user/add", {"name": "root", "password": "pw"}),
+                       ("/auth/user/grant", {"user": "root", "role": "root"}),
+                       ("/auth/enable", {})):
+        requests.post(base + path, json=body, timeout=5).raise_for_status()
+    endpoints = parse_endpoints(etcd_server.endpoint, 2379)
+    with pytest.raises(StoreError, match="user name is empty|permission denied|token"):
+        EtcdStore(endpoints).set("k", "v")  # no credentials: refused, clearly
+    store = EtcdStore(endpoints, user="root", password="pw")
+    store.set("k", "v")
+    assert store.get("k") == "v"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -119,7 +120,7 @@ class EtcdStore:
                 detail = (str(exc).strip() or "connection failed").splitlines()[0][:200]
                 errors.append(f"{host}:{port}: {detail}")
             except exc_types.Etcd3Exception as exc:
-                raise StoreError(f"etcd at {self.address}: {exc}") from None
+                raise StoreError(f"etcd at {self.address}: {_etcd_error(exc)}") from None
         raise StoreUnavailableError(
             f"cannot reach etcd at any of {self.address} ({'; '.join(errors)})"
         )
@@ -267,6 +268,16 @@ class EtcdStore:
             with contextlib.suppress(Exception):
                 client.session.close()
         self._clients.clear()
+
+
+def _etcd_error(exc: Exception) -> str:
+    """etcd's own message (its JSON body says why), else the HTTP reason."""
+    detail = getattr(exc, "detail_text", None) or ""
+    with contextlib.suppress(ValueError, AttributeError):
+        body = json.loads(detail)
+        detail = body.get("error") or body.get("message") or detail
+    reason = str(exc) or type(exc).__name__
+    return f"{reason}: {detail}" if detail else reason
 
 
 def _chunks(keys: list[str], size: int = 100) -> list[list[str]]:
