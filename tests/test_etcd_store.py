@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,13 +66,89 @@ def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:
     import requests
 
     base = f"http://{etcd_server.endpoint}/v3"
-    for path, body in (("/auth/user/add", {"name": "root", "password": "pw"}),
-                       ("/auth/user/grant", {"user": "root", "role": "root"}),
-                       ("/auth/enable", {})):
+    for path, body in (
+        ("/auth/user/add", {"name": "root", "password": "pw"}),
+        ("/auth/user/grant", {"user": "root", "role": "root"}),
+        ("/auth/enable", {}),
+    ):
         requests.post(base + path, json=body, timeout=5).raise_for_status()
     endpoints = parse_endpoints(etcd_server.endpoint, 2379)
-    with pytest.raises(StoreError, match="user name is empty|permission denied|token"):
+    with pytest.raises(StoreError, match=r"user name is empty|permission denied|token"):
         EtcdStore(endpoints).set("k", "v")  # no credentials: refused, clearly
     store = EtcdStore(endpoints, user="root", password="pw")
     store.set("k", "v")
     assert store.get("k") == "v"
+
+
+def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    import subprocess
+
+    from elastic_runner.testing.etcd import etcd_binary
+
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
+    server = EtcdServer(
+        binary,
+        tmp_path / "data",
+        tls=(str(tmp_path / "ca.pem"), str(tmp_path / "server.pem"), str(tmp_path / "server.key")),
+    )
+    server.start()
+    try:
+        endpoints = parse_endpoints(server.endpoint, 2379)
+        store = EtcdStore(endpoints, ca_cert=str(tmp_path / "ca.pem"))
+        store.set("k", "over tls")
+        assert store.get("k") == "over tls"
+        with pytest.raises(StoreError):  # plain HTTP to a TLS-only etcd fails, clearly
+            EtcdStore(endpoints, timeout=2).get("k")
+    finally:
+        server.stop()

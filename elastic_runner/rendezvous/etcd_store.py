@@ -95,6 +95,10 @@ class EtcdStore:
                 cert_key=self._key,
                 cert_cert=self._cert,
             )
+            if self._ca_cert:
+                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the session's
+                # CA; the CA given for etcd must win
+                client.session.trust_env = False
             if self._auth:
                 token = client.post(
                     client.get_url("/auth/authenticate"),
@@ -117,8 +121,8 @@ class EtcdStore:
             except (exc_types.ConnectionFailedError, exc_types.ConnectionTimeoutError) as exc:
                 self._clients.pop(index, None)
                 host, port = self._endpoints[index]
-                detail = (str(exc).strip() or "connection failed").splitlines()[0][:200]
-                errors.append(f"{host}:{port}: {detail}")
+                detail = getattr(exc, "detail_text", None) or str(exc) or "connection failed"
+                errors.append(f"{host}:{port}: {detail.strip().splitlines()[0][:300]}")
             except exc_types.Etcd3Exception as exc:
                 raise StoreError(f"etcd at {self.address}: {_etcd_error(exc)}") from None
         raise StoreUnavailableError(

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,9 +56,13 @@ def _free_port() -> int:
 class EtcdServer:
     """One etcd member on loopback."""
 
-    def __init__(self, binary: str, data_dir: Path) -> None:
+    def __init__(
+        self, binary: str, data_dir: Path, tls: tuple[str, str, str] | None = None
+    ) -> None:
+        """``tls``: (CA file, server certificate, server key) to serve HTTPS only."""
         self.binary = binary
         self.data_dir = data_dir
+        self.tls = tls
         self.port = _free_port()
         self.peer_port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -67,7 +72,16 @@ class EtcdServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        client = f"{scheme}://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        tls_args: list[str] = []
+        context = None
+        if self.tls:
+            ca, cert, key = self.tls
+            # server TLS (``--trusted-ca-file`` would also demand client certificates)
+            tls_args = ["--cert-file", cert, "--key-file", key]
+            context = ssl.create_default_context(cafile=ca)
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -87,6 +101,7 @@ class EtcdServer:
                 f"test={peer}",
                 "--log-level",
                 "error",
+                *tls_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -99,7 +114,9 @@ class EtcdServer:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {err[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{client}/version", timeout=1) as answer:
+                with urllib.request.urlopen(
+                    f"{client}/version", timeout=1, context=context
+                ) as answer:
                     if answer.status == 200:
                         return
             except OSError:
