@@ -461,7 +461,7 @@ class DynamicRendezvous:
                 for key in (self._p + k + self.node_id for k in keys):
                     if not self._store.refresh(key, ttl):  # it expired: announce again
                         self._store.set(key, "1", ttl=ttl)
-            except StoreError as exc:
+            except Exception as exc:  # never let the heartbeat thread die
                 log.warning("heartbeat to %s failed: %s", self._endpoint, exc)
 
     def _start_watcher(self) -> None:
@@ -494,7 +494,7 @@ class DynamicRendezvous:
                 self._store.wait_for_change(self._p, version, self._watch_timeout)
             except StoreTimeoutError:
                 continue
-            except StoreError as exc:
+            except Exception as exc:  # StoreError, or a client bug: the watcher must not die
                 if self._stop.is_set():
                     return
                 now = self._clock()

@@ -64,7 +64,10 @@ class EtcdStore:
             raise StoreError(
                 "rdzv=etcd needs etcd3gw: pip install 'elastic-runner[etcd]'"
             ) from None
+        import requests
+
         self._etcd3gw = etcd3gw
+        self._requests = requests
         self._endpoints = list(endpoints)
         self._ns = namespace
         self._ca_cert, self._cert, self._key = ca_cert, cert, key
@@ -118,7 +121,11 @@ class EtcdStore:
                 result = fn(self._client(index))
                 self._current = index
                 return result
-            except (exc_types.ConnectionFailedError, exc_types.ConnectionTimeoutError) as exc:
+            except (
+                exc_types.ConnectionFailedError,
+                exc_types.ConnectionTimeoutError,
+                self._requests.exceptions.RequestException,  # raised raw by etcd3gw watches
+            ) as exc:
                 self._clients.pop(index, None)
                 host, port = self._endpoints[index]
                 detail = getattr(exc, "detail_text", None) or str(exc) or "connection failed"
@@ -154,7 +161,12 @@ class EtcdStore:
         lease = self._leases.get(key)
         if lease is None:
             return False
-        answer = self._post("/lease/keepalive", {"ID": lease})
+        try:
+            answer = self._post("/lease/keepalive", {"ID": lease})
+        except StoreUnavailableError:
+            raise
+        except StoreError:  # etcd answers "Not Found" for a lease that already expired
+            return False
         return int(answer.get("result", {}).get("TTL", -1)) > 0
 
     def _get(self, key: str) -> tuple[str | None, int]:
