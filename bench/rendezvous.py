@@ -13,17 +13,22 @@ Workers are ``bench/_worker.py`` (their first statement takes the time). It prin
     connect. For elastic-run the agents' ``events.jsonl`` split the time: "last joins" =
     the latest agent entering the rendezvous (its RENDEZVOUS event time minus its
     ``duration_ms``), "round done" = the latest RENDEZVOUS event (the agent has its ranks).
+    For both tools: "all exit" = the last agent process exited (workers exit at once) and
+    "cpu/agt" = user+sys CPU per agent over the run (``RUSAGE_CHILDREN``: the agent, its
+    worker and helpers such as elastic-run's guardian). On 2 cores M >= 8 is CPU-bound,
+    so the wall time tracks M x cpu/agt / cores; the load average before the run is shown.
 (2) steady state: the store is hosted in THIS process (``TCPStoreServer``, agents get
     ``rdzv.is_host=false``), so its request counter can be read. M agents start workers
     in mode ``sleep`` with ``rdzv.heartbeat_interval=H`` (``--heartbeat-interval``, 1 s)
-    and ``rdzv.heartbeat_timeout=5H``; once every worker runs and ``--settle`` s passed,
+    and ``rdzv.heartbeat_timeout=5H``; once every worker runs and max(``--settle``, H + 0.5)
+    s passed (a heartbeat thread connects, i.e. sends a ``hello``, at its first beat),
     the requests answered during ``--periods`` heartbeat periods are counted: ops per
     period, per period per agent (should be constant in M: linear total), by operation,
     and the bytes the store sent back per period (its answers' frames, counted by
     wrapping ``tcp_store._encode`` in this process). "rdzv ops" = every request answered
     from the server's start until all workers ran (forming the round). Agents are then
     stopped with SIGTERM.
-(3) torchrun: M × ``<torch-python> -m torch.distributed.run --nnodes M --nproc-per-node 1
+(3) torchrun: M x ``<torch-python> -m torch.distributed.run --nnodes M --nproc-per-node 1
     --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:<port> --rdzv-id <id> _worker.py ...``
     (one of them hosts the c10d TCPStore since the endpoint is local), timed as in (1)
     and interleaved with the elastic-run runs, when torch imports in ``--torch-python``
@@ -49,9 +54,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -219,6 +226,13 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of every waited-for child (an agent's count includes its
+    own waited-for children: workers, elastic-run's guardian)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rendezvous_events(run_dir: Path) -> dict[str, float]:
     with open(run_dir / "events.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -238,20 +252,24 @@ def launch_once(tool: str, exe: str, m: int, timeout: float, keep: bool) -> dict
         port, rid = free_port(), f"bench-{uuid.uuid4().hex[:10]}"
         if tool == ELASTIC:
             argvs = [
-                elastic_argv(exe, out, tmp / f"run{i}", "start", m, port, rid, [])
-                for i in range(m)
+                elastic_argv(exe, out, tmp / f"run{i}", "start", m, port, rid, []) for i in range(m)
             ]
         else:
             argvs = [torchrun_argv(exe, out, m, port, rid) for _ in range(m)]
+        cpu_before = _children_cpu()
         agents = Agents.start(tmp, argvs)
         codes = agents.wait(timeout)
+        exited = time.time()
+        cpu = _children_cpu() - cpu_before
         if any(codes):
             raise RunError(f"exit codes {codes}\n{agents.tail()}")
         starts = start_times(out, m, agents)
         metrics = {
             "total": _ms(max(starts) - agents.t0),
+            "all_exited": _ms(exited - agents.t0),
             "first_worker": _ms(min(starts) - agents.t0),
             "popen": _ms(agents.spawned_s),
+            "cpu_per_agent": _ms(cpu / m),
         }
         if tool == ELASTIC:
             rdzv = [_rendezvous_events(tmp / f"run{i}") for i in range(m)]
@@ -317,8 +335,7 @@ def steady_once(
         ]
         port = counting.server.port
         argvs = [
-            elastic_argv(exe, out, tmp / f"run{i}", "sleep", m, port, rid, extra)
-            for i in range(m)
+            elastic_argv(exe, out, tmp / f"run{i}", "sleep", m, port, rid, extra) for i in range(m)
         ]
         agents = Agents.start(tmp, argvs)
         deadline = time.monotonic() + timeout
@@ -328,7 +345,7 @@ def steady_once(
             time.sleep(0.005)
         started = max(start_times(out, m, agents))
         _, formed, formed_bytes = counting.snapshot()
-        time.sleep(settle)
+        time.sleep(max(settle, interval + 0.5))  # past each agent's first heartbeat
         t1, c1, b1 = counting.snapshot()
         time.sleep(periods * interval)
         t2, c2, b2 = counting.snapshot()
@@ -410,9 +427,7 @@ def run_benchmark(args: argparse.Namespace, torch_python: str | None) -> Results
             _guard(
                 results,
                 f"launch M={sizes[0]:<3} {tool:<12} warm-up",
-                lambda tool=tool, exe=exe: launch_once(
-                    tool, exe, sizes[0], args.timeout, args.keep
-                ),
+                functools.partial(launch_once, tool, exe, sizes[0], args.timeout, args.keep),
             )
     for m in sizes:
         runs = args.runs if m < 32 else args.large_runs
@@ -423,7 +438,7 @@ def run_benchmark(args: argparse.Namespace, torch_python: str | None) -> Results
                 metrics = _guard(
                     results,
                     f"launch M={m:<3} {tool:<12} run {i + 1}/{runs}",
-                    lambda tool=tool, exe=exe: launch_once(tool, exe, m, args.timeout, args.keep),
+                    functools.partial(launch_once, tool, exe, m, args.timeout, args.keep),
                 )
                 if metrics is not None:
                     results.add(tool, m, metrics)
@@ -432,7 +447,8 @@ def run_benchmark(args: argparse.Namespace, torch_python: str | None) -> Results
             steady = _guard(
                 results,
                 f"steady M={m:<3} {ELASTIC:<12} {args.periods} x {args.heartbeat_interval:g} s",
-                lambda m=m: steady_once(
+                functools.partial(
+                    steady_once,
                     args.elastic_run,
                     m,
                     args.heartbeat_interval,
@@ -460,12 +476,14 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.0f} ({min(values):5.0f}-{max(values):5.0f})"
 
 
-def format_launch(results: Results, sizes: list[int], torch_max: int, have_torch: bool) -> list[str]:
+def format_launch(
+    results: Results, sizes: list[int], torch_max: int, have_torch: bool
+) -> list[str]:
     lines = [
-        "(1)/(3) launch: first agent started -> all M workers run user code (ms, median "
-        "(min-max))",
+        "(1)/(3) launch: first agent started -> all M workers run user code (ms, median (min-max))",
         f"{'M':>3} {'runs':>4}  {'elastic-run':>21}  {'1st joins':>9} {'last joins':>10} "
-        f"{'round done':>10}  {'torchrun':>21}  {'ratio':>6}",
+        f"{'round done':>10} {'all exit':>8} {'cpu/agt':>7}  {'torchrun':>21}  {'ratio':>6} "
+        f"{'all exit':>8} {'cpu/agt':>7}",
     ]
     for m in sizes:
         el = results.values(ELASTIC, m)
@@ -480,8 +498,12 @@ def format_launch(results: Results, sizes: list[int], torch_max: int, have_torch
             f"{m:>3} {len(el):>4}  {_spread(el):>21}  "
             f"{_fmt(results.median(ELASTIC, m, 'first_joins'), 9)} "
             f"{_fmt(results.median(ELASTIC, m, 'last_joins'), 10)} "
-            f"{_fmt(results.median(ELASTIC, m, 'round_done'), 10)}  "
-            f"{_spread(tr) if tr else '-':>21}  {ratio:>6}"
+            f"{_fmt(results.median(ELASTIC, m, 'round_done'), 10)} "
+            f"{_fmt(results.median(ELASTIC, m, 'all_exited'), 8)} "
+            f"{_fmt(results.median(ELASTIC, m, 'cpu_per_agent'), 7)}  "
+            f"{_spread(tr) if tr else '-':>21}  {ratio:>6} "
+            f"{_fmt(results.median(TORCHRUN, m, 'all_exited'), 8)} "
+            f"{_fmt(results.median(TORCHRUN, m, 'cpu_per_agent'), 7)}"
         )
     return lines
 
@@ -515,11 +537,15 @@ class Verdict:
     text: str
 
 
-def verdicts(results: Results, have_torch: bool, target_m: int) -> list[Verdict]:
+def verdicts(
+    results: Results, sizes: list[int], have_torch: bool, target_m: int, steady_enabled: bool
+) -> list[Verdict]:
     out = []
     el, tr = results.median(ELASTIC, target_m), results.median(TORCHRUN, target_m)
     name = f"launch M={target_m}"
-    if el is None:
+    if target_m not in sizes:
+        out.append(Verdict(name, "SKIP", f"M={target_m} not among --sizes"))
+    elif el is None:
         out.append(Verdict(name, "FAIL", "no elastic-run figure"))
     elif not have_torch or tr is None:
         out.append(Verdict(name, "SKIP", f"elastic-run {el:.0f} ms; no torchrun figure"))
@@ -528,12 +554,13 @@ def verdicts(results: Results, have_torch: bool, target_m: int) -> list[Verdict]
             Verdict(
                 name,
                 "PASS" if el / tr <= 0.3 else "FAIL",
-                f"elastic-run {el:.0f} ms / torchrun {tr:.0f} ms = {el / tr:.2f}x "
-                "(target <= 0.3x)",
+                f"elastic-run {el:.0f} ms / torchrun {tr:.0f} ms = {el / tr:.2f}x (target <= 0.3x)",
             )
         )
     per_agent = {m: s["ops_per_period_per_agent"] for m, s in results.steady.items()}
-    if len(per_agent) < 2:
+    if not steady_enabled:
+        out.append(Verdict("steady ops", "SKIP", "--periods 0"))
+    elif len(per_agent) < 2:
         out.append(Verdict("steady ops", "FAIL", "fewer than two sizes measured"))
     else:
         lo, hi = min(per_agent.values()), max(per_agent.values())
@@ -588,7 +615,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-nodes", type=int, default=16, help="M of the ratio target")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="(2): s (1)")
     parser.add_argument("--periods", type=int, default=5, help="(2): periods counted (5; 0=skip)")
-    parser.add_argument("--settle", type=float, default=1.5, help="(2): s after all run (1.5)")
+    parser.add_argument(
+        "--settle", type=float, default=1.5, help="(2): s after all run (1.5; at least H + 0.5)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="per run, s (120)")
     parser.add_argument("--keep", action="store_true", help="keep each run's temp dir")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -619,13 +648,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.torchrun_max_nodes}: every torchrun agent imports torch, ~1 s CPU each)"
         )
 
+    load_before = os.getloadavg()
     started = time.monotonic()
     results = run_benchmark(args, torch_python)
     elapsed = time.monotonic() - started
+    load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+    if load_before[0] > (os.cpu_count() or 1):  # "after" includes this benchmark
+        notes.append(f"{load} (busy machine: launch times include other processes' CPU)")
+    else:
+        notes.append(load)
     left = sweep(TMP_PREFIX)
     if left:
         results.errors.append(f"{left} leftover process(es) found at the end and killed")
-    checks = verdicts(results, torch_python is not None, args.target_nodes)
+    checks = verdicts(
+        results, args.sizes, torch_python is not None, args.target_nodes, args.periods > 0
+    )
 
     tools = {ELASTIC: args.elastic_run}
     if torch_python:
@@ -680,7 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         print("  (1st/last joins: agents entering the rendezvous; round done: the last agent")
-        print("   got its ranks; all from the agents' events.jsonl, ms after the first start)")
+        print("   got its ranks; all from the agents' events.jsonl; all exit: the last agent")
+        print("   process exited (workers exit at once); all in ms after the first start;")
+        print("   cpu/agt: user+sys CPU ms per agent, its worker and helpers included)")
         print()
         if results.steady:
             print("\n".join(format_steady(results, args.sizes, args.heartbeat_interval)))

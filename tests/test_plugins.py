@@ -38,7 +38,7 @@ def test_builtins_register_through_the_hooks() -> None:
     pm = make_plugin_manager(autoload=False)
     assert [n for n, _ in pm.list_name_plugin()] == list(BUILTIN_PLUGINS)
     reg = Registry(pm)
-    assert reg.names(ComponentKind.RENDEZVOUS) == ["local", "static", "tcp"]
+    assert reg.names(ComponentKind.RENDEZVOUS) == ["etcd", "local", "static", "tcp"]
     assert reg.names(ComponentKind.EVENTS) == ["console", "jsonl", "null"]
     assert reg.provider(ComponentKind.RENDEZVOUS, "local") == "elastic_runner.rendezvous.local"
 
@@ -61,7 +61,7 @@ def test_duplicate_names_are_rejected() -> None:
 
 def test_unknown_name_lists_the_allowed() -> None:
     reg = Registry(make_plugin_manager(autoload=False))
-    with pytest.raises(KeyError, match="allowed: local"):
+    with pytest.raises(KeyError, match="allowed: etcd, local, static, tcp"):
         reg.get(ComponentKind.RENDEZVOUS, "nope")
 
 
