@@ -268,7 +268,10 @@ BAD_INPUTS = [
     (["+job=hello", "job.nproc_per_node=abc"], "job.nproc_per_node=abc: expected an integer"),
     (["+job=hello", "nnodes=3:1"], "nnodes=3:1: expected N or MIN:MAX"),
     (["+job=hello", "nnodes=x"], "nnodes=x: expected N or MIN:MAX"),
-    (["+job=hello", "rdzv=nope"], "rdzv=nope: no such option in group 'rdzv'; allowed: etcd, local, static, tcp"),
+    (
+        ["+job=hello", "rdzv=nope"],
+        "rdzv=nope: no such option in group 'rdzv'; allowed: etcd, local, static, tcp",
+    ),
     (["+job=nope"], "job=nope: no such option in group 'job'; allowed: hello, resnet"),
     (["job=hello"], "select a preset with +job=NAME"),
     (["+job=hello", "foo=1"], "foo=1: no such key; allowed keys at top level: events, job"),
