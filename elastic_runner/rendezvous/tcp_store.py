@@ -77,6 +77,7 @@ class TCPStoreServer:
         self._loop = asyncio.new_event_loop()
         self._waiters: set[asyncio.Event] = set()
         self._expiry: asyncio.TimerHandle | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
         self.store = MemoryStore(on_change=self._changed)
         #: Requests answered, by operation (for benchmarks and diagnostics).
         self.requests: collections.Counter[str] = collections.Counter()
@@ -111,10 +112,15 @@ class TCPStoreServer:
             self._server.close()
         if self._expiry:
             self._expiry.cancel()
+        # Close the connections first so their tasks end normally; cancelling a task that
+        # is still being set up trips an asyncio bug (CPython gh-113538) and prints noise.
+        for writer in list(self._writers):
+            writer.close()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
+        _, pending = await asyncio.wait(tasks, timeout=0.5) if tasks else (set(), set())
+        for task in pending:  # blocked in a wait: nothing else ends them
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- runs in the server's thread ----------------------------------------------------
 
@@ -133,6 +139,7 @@ class TCPStoreServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        self._writers.add(writer)
         authenticated = not self._token
         try:
             while True:
@@ -168,6 +175,7 @@ class TCPStoreServer:
         except (_BadFrame, asyncio.IncompleteReadError, ConnectionError) as exc:
             log.debug("tcp store: dropping client %s: %s", peer, exc)
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:

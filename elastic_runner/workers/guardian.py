@@ -18,12 +18,37 @@ import sys
 __all__ = ["Guardian", "main"]
 
 
+#: What the guardian runs while it waits: no ``site``, no package, only the pipe (it
+#: costs every agent a few milliseconds of CPU, not a full import of elastic_runner).
+#: The sweep, which needs psutil, is imported only when the agent died.
+_WAIT = """\
+import os, sys
+data = b""
+while chunk := os.read(0, 64):
+    data += chunk
+if data == b"done":
+    os._exit(0)
+sys.path[:0] = sys.argv[3].split(os.pathsep)
+from elastic_runner.workers.guardian import main
+sys.exit(main(sys.argv[1:3]))
+"""
+
+
 class Guardian:
     """The agent's handle on its guardian process."""
 
     def __init__(self, marker: str, run_id: str) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "elastic_runner.workers.guardian", marker, run_id],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _WAIT,
+                marker,
+                run_id,
+                os.pathsep.join(p for p in sys.path if p),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -49,12 +74,8 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
+    """Sweep every process carrying ``marker`` (the agent of run ``argv[1]`` died)."""
     marker, run_id = argv
-    received = b""
-    while chunk := os.read(0, 64):
-        received += chunk
-    if received == b"done":
-        os._exit(0)
     from elastic_runner.workers.tree import kill_processes, marked_processes
 
     killed: set[int] = set()
@@ -73,7 +94,3 @@ def main(argv: list[str]) -> int:
 def _say(message: str) -> None:
     with contextlib.suppress(BrokenPipeError, OSError):
         print(f"[elastic-run guardian] {message}", file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
