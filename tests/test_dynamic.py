@@ -9,7 +9,8 @@ import pytest
 from elastic_runner.rendezvous.dynamic import parse_endpoints
 from elastic_runner.rendezvous.etcd_store import EtcdStore
 from elastic_runner.rendezvous.store import MemoryStore
-from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.rendezvous_suite import RendezvousSuite
 

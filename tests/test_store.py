@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from elastic_runner.rendezvous.store import MemoryStore, StoreError
-from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.testing.store_suite import StoreSuite
 
 

@@ -26,7 +26,7 @@ from elastic_runner.rendezvous.dynamic import (
     parse_endpoints,
     settings_from,
 )
-from elastic_runner.rendezvous.tcp_store import TCPStoreClient, TCPStoreServer
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.spec import RunContext
 
 __all__ = ["DEFAULT_PORT", "StaticRendezvousConfig", "TcpRendezvousConfig"]
@@ -85,6 +85,8 @@ def _connect(
     settings = settings_from(config, context, node_rank, config.close_timeout)
     server = None
     if config.is_host or (config.is_host is None and _is_local(host)):
+        from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+
         try:
             server = TCPStoreServer(host, port, config.token)
         except OSError as exc:
