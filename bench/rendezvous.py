@@ -25,7 +25,7 @@ Workers are ``bench/_worker.py`` (their first statement takes the time). It prin
     the requests answered during ``--periods`` heartbeat periods are counted: ops per
     period, per period per agent (should be constant in M: linear total), by operation,
     and the bytes the store sent back per period (its answers' frames, counted by
-    wrapping ``tcp_store._encode`` in this process). "rdzv ops" = every request answered
+    wrapping ``tcp_server.encode`` in this process). "rdzv ops" = every request answered
     from the server's start until all workers ran (forming the round). Agents are then
     stopped with SIGTERM.
 (3) torchrun: M x ``<torch-python> -m torch.distributed.run --nnodes M --nproc-per-node 1
@@ -291,10 +291,10 @@ class CountingServer:
     """A ``TCPStoreServer`` on 127.0.0.1 whose answered bytes are counted too."""
 
     def __init__(self) -> None:
-        from elastic_runner.rendezvous import tcp_store
+        from elastic_runner.rendezvous import tcp_server
 
-        self._module = tcp_store
-        self._encode = tcp_store._encode
+        self._module = tcp_server
+        self._encode = tcp_server.encode
         self.bytes_sent = 0
 
         def counting_encode(message: Any) -> bytes:
@@ -302,11 +302,11 @@ class CountingServer:
             self.bytes_sent += len(frame)  # only the server's thread encodes here
             return frame
 
-        tcp_store._encode = counting_encode
+        tcp_server.encode = counting_encode  # what the server's module calls
         try:
-            self.server = tcp_store.TCPStoreServer("127.0.0.1", 0)
+            self.server = tcp_server.TCPStoreServer("127.0.0.1", 0)
         except BaseException:
-            tcp_store._encode = self._encode
+            tcp_server.encode = self._encode
             raise
 
     def snapshot(self) -> tuple[float, collections.Counter[str], int]:
@@ -314,7 +314,7 @@ class CountingServer:
 
     def close(self) -> None:
         self.server.close()
-        self._module._encode = self._encode
+        self._module.encode = self._encode
 
 
 def steady_once(
