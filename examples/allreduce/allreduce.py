@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         total = int(value.item())
     finally:
+        # This drops the last reference to the process group, so gloo joins its worker
+        # threads here, while the interpreter is alive; see the end of resnet/train.py.
         dist.destroy_process_group()
 
     expected = sum(range(world_size))

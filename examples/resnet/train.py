@@ -27,6 +27,9 @@ from typing import Any
 try:
     import torch
     import torch.distributed as dist
+
+    # Imported before init_process_group on purpose; see the end of main().
+    import torch.distributed.nn
     import torch.nn.functional as F
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -213,6 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"elapsed {time.monotonic() - started:.1f}s", flush=True)
         print(f"training done: epochs={args.epochs} world_size={world_size}", flush=True)
+
+    # Teardown. gloo runs every collective on its own worker threads, and a worker drops
+    # its reference to a finished collective (and so to our tensors, e.g. loss_sum) only
+    # after wait() has already returned here. If the interpreter is finalizing by then,
+    # that decref needs the GIL, the thread is made to exit and the process aborts
+    # ("terminate called without an active exception"). destroy_process_group() rules this
+    # out only if it drops the last reference to the process group: then gloo's destructor
+    # joins the worker threads while the interpreter is still alive. Hence: delete the DDP
+    # model (its reducer holds the group) first, and import torch.distributed.nn (which
+    # DDP imports) before init_process_group, as that module, imported while a default
+    # group exists, keeps it as a default argument forever.
+    del ddp_model
     dist.destroy_process_group()
     return 0
 
