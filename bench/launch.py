@@ -58,6 +58,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from _procs import sweep  # bench/ is on the path: scripts run from it
+
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
 DEFAULT_TORCH_PYTHON = Path("/tmp/torchvenv/bin/python")
@@ -98,26 +100,6 @@ class Launch:
         return "\n".join(text[-lines:])
 
 
-def _sweep_workers(marker: str) -> int:
-    """SIGKILL every process whose command line mentions ``marker`` (a run's unique temp
-    dir); returns how many were found. Linux-only, like elastic-run itself."""
-    found = 0
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found += 1
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-    return found
-
-
 def run_launcher(
     argv: Sequence[str], tmp: Path, out: Path, run_dir: Path, timeout: float
 ) -> Launch:
@@ -140,14 +122,14 @@ def run_launcher(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            left = _sweep_workers(str(tmp))
+            left = sweep(str(tmp))
             launch = Launch(t0, -1, time.time() - t0, out, run_dir, log)
             raise RunError(
                 f"timed out after {timeout:g} s ({left} worker(s) killed): "
                 f"{' '.join(argv)}\n{launch.log_tail()}"
             ) from None
         wall = time.time() - t0
-    left = _sweep_workers(str(tmp))
+    left = sweep(str(tmp))
     launch = Launch(t0, returncode, wall, out, run_dir, log)
     if left:
         raise RunError(f"{left} worker process(es) outlived the launcher: {' '.join(argv)}")

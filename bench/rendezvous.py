@@ -73,6 +73,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _procs import sweep  # bench/ is on the path: scripts run from it
+
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
 DEFAULT_TORCH_PYTHON = Path("/tmp/torchvenv/bin/python")
@@ -93,26 +95,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def sweep(marker: str) -> int:
-    """SIGKILL every process whose command line mentions ``marker`` (a run's temp dir);
-    returns how many were found. Linux-only, like elastic-run itself."""
-    found = 0
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found += 1
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-    return found
 
 
 @dataclass
