@@ -40,7 +40,7 @@ from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.signals import handle_signals
-from elastic_runner.spec import RestartPolicy, RunContext, WorkerSpec
+from elastic_runner.spec import RestartPolicy, RunContext, WorkerExit, WorkerSpec
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
 from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
@@ -153,7 +153,10 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         timer.stop()
         metrics.close()
         events.close()
-    stderr_of = lambda e: WorkerLogPaths.of(run_dir, result.attempts, e.local_rank).stderr  # noqa: E731
+
+    def stderr_of(exit_: WorkerExit) -> Path:
+        return WorkerLogPaths.of(run_dir, result.attempts, exit_.local_rank).stderr
+
     print(format_report(result, spec, run_dir, stderr_of), file=sys.stderr, flush=True)
     if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
         write_nested_error_file(result, nested)
