@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 
-__all__ = ["sweep"]
+__all__ = ["sweep", "torch_version"]
 
 
 def sweep(marker: str) -> int:
@@ -27,3 +28,15 @@ def sweep(marker: str) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
     return found
+
+
+def torch_version(python: str) -> str | None:
+    """torch's version as ``python`` imports it, or ``None`` when it does not."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import torch; print(torch.__version__)"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None

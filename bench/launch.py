@@ -58,7 +58,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _procs import sweep  # bench/ is on the path: scripts run from it
+from _procs import sweep, torch_version  # bench/ is on the path: scripts run from it
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
@@ -417,17 +417,6 @@ def verdicts(results: Results, have_torch: bool) -> list[Verdict]:
     return sorted(out, key=lambda v: order[v.metric[:3]])
 
 
-def _torch_version(python: str) -> str | None:
-    try:
-        proc = subprocess.run(
-            [python, "-c", "import torch; print(torch.__version__)"],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Launch/restart latency of elastic-run vs torchrun --standalone.",
@@ -460,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch_python is None and DEFAULT_TORCH_PYTHON.exists():
         torch_python = str(DEFAULT_TORCH_PYTHON)
     if torch_python:
-        version = _torch_version(torch_python)
+        version = torch_version(torch_python)
         if version is None:
             notes.append(f"torch does not import in {torch_python}: torchrun skipped")
         else:

@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _procs import sweep  # bench/ is on the path: scripts run from it
+from _procs import sweep, torch_version  # bench/ is on the path: scripts run from it
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
@@ -566,17 +566,6 @@ def verdicts(
     return out
 
 
-def _torch_version(python: str) -> str | None:
-    try:
-        proc = subprocess.run(
-            [python, "-c", "import torch; print(torch.__version__)"],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Multi-node rendezvous of elastic-run (rdzv=tcp) vs torchrun c10d.",
@@ -627,10 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch_python = args.torch_python
     if torch_python is None and DEFAULT_TORCH_PYTHON.exists():
         torch_python = str(DEFAULT_TORCH_PYTHON)
-    torch_version = None
+    torch_found = None
     if torch_python:
-        torch_version = _torch_version(torch_python)
-        if torch_version is None:
+        torch_found = torch_version(torch_python)
+        if torch_found is None:
             notes.append(f"torch does not import in {torch_python}: torchrun skipped")
             torch_python = None
     else:
@@ -678,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tools = {ELASTIC: args.elastic_run}
     if torch_python:
-        tools[TORCHRUN] = f"{torch_python} -m torch.distributed.run (torch {torch_version})"
+        tools[TORCHRUN] = f"{torch_python} -m torch.distributed.run (torch {torch_found})"
     if args.json:
         launch = {
             tool: {
