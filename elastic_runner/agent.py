@@ -23,6 +23,7 @@ from typing import Protocol
 
 from elastic_runner.events import Event, EventSink
 from elastic_runner.failures import diagnose, oom_kill_count
+from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
 from elastic_runner.rendezvous.ranks import assign_ranks
@@ -62,6 +63,14 @@ class WorkerLauncher(Protocol):
     def wake(self) -> None: ...
 
 
+class _Refused(Exception):
+    """A health check kept this node out of the next rendezvous."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.describe())
+        self.refusal = refusal
+
+
 class ElasticAgent:
     """Runs one worker spec on this node until it succeeds, fails for good, or is stopped.
 
@@ -84,6 +93,7 @@ class ElasticAgent:
         restart_policy: RestartPolicy | None = None,
         monitor: ResourceMonitor | None = None,
         memory_limit: int | None = None,
+        lifecycle: Lifecycle | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -99,6 +109,7 @@ class ElasticAgent:
         self._policy = restart_policy or RestartPolicy()
         self._monitor = monitor
         self._memory_limit = memory_limit
+        self._lifecycle = lifecycle or NoLifecycle()
         self._clock = clock
         self._stop_signal: int | None = None
         self._membership_changed = False
@@ -107,6 +118,8 @@ class ElasticAgent:
         self._failures: list[Failure] = []
         self._kill_reasons: dict[int, tuple[FailureKind, str]] = {}
         self._attempt_started = 0.0
+        #: When the last failed attempt's first failure was seen (for recovery time).
+        self._failed_at: float | None = None
         self._oom_kills_at_start: int | None = None
         #: Latest resource sample per local rank (for status displays).
         self.usage: dict[int, Usage] = {}
@@ -130,39 +143,55 @@ class ElasticAgent:
     def run(self) -> RunResult:
         self._rdzv.on_membership_change(self._on_membership_change)
         try:
-            self._start_attempt()
-            while True:
-                for exit_ in self._launcher.wait(self._wait_timeout()):
-                    self._record_exit(exit_)
-                if self._stop_signal is not None:
-                    return self._stop_by_signal(self._stop_signal)
-                if self._monitor and self._monitor.due():
-                    self._sample_resources()
-                state = self._group_state()
-                if state == WorkerState.SUCCEEDED:
-                    if self._rdzv.exit_barrier():
-                        return self._finish(WorkerState.SUCCEEDED)
-                    # the job re-forms (another node failed or left): run again with it
-                    self._emit_agent("elastic_runner.restart", reason="membership_change")
-                    self._start_attempt()
-                if state == WorkerState.FAILED:
-                    self._stop_workers(signal.SIGTERM)
-                    reason = self._why_not_restart()
-                    if reason:
-                        self._rdzv.fail_job(reason)
-                        return self._finish(WorkerState.FAILED, reason)
-                    self._emit_agent("elastic_runner.restart", reason="failure")
-                    if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
-                        return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
-                    self._start_attempt(failed=True)
-                elif self._membership_changed:
-                    self._stop_workers(signal.SIGTERM)
-                    self._emit_agent("elastic_runner.restart", reason="membership_change")
-                    self._start_attempt()
+            return self._loop()
+        except _Refused as refused:
+            log.error("%s: leaving the job", refused.refusal.describe())
+            self._emit_agent(
+                "elastic_runner.health_check.refused",
+                plugin=refused.refusal.plugin,
+                reason=refused.refusal.reason,
+            )
+            return self._finish(WorkerState.FAILED, refused.refusal.describe())
         finally:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
             self._rdzv.shutdown()
+
+    def _loop(self) -> RunResult:
+        self._start_attempt()
+        while True:
+            for exit_ in self._launcher.wait(self._wait_timeout()):
+                self._record_exit(exit_)
+            if self._stop_signal is not None:
+                return self._stop_by_signal(self._stop_signal)
+            if self._monitor and self._monitor.due():
+                self._sample_resources()
+            state = self._group_state()
+            if state == WorkerState.SUCCEEDED:
+                if self._rdzv.exit_barrier():
+                    return self._finish(WorkerState.SUCCEEDED)
+                # the job re-forms (another node failed or left): run again with it
+                self._emit_agent("elastic_runner.restart", reason="membership_change")
+                self._start_attempt()
+            if state == WorkerState.FAILED:
+                self._stop_workers(signal.SIGTERM)
+                reason = self._why_not_restart()
+                self._lifecycle.worker_failure(
+                    self.group,
+                    sorted(self._failures, key=lambda f: f.timestamp),
+                    will_restart=reason is None,
+                )
+                if reason:
+                    self._rdzv.fail_job(reason)
+                    return self._finish(WorkerState.FAILED, reason)
+                self._emit_agent("elastic_runner.restart", reason="failure")
+                if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
+                    return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
+                self._start_attempt(failed=True)
+            elif self._membership_changed:
+                self._stop_workers(signal.SIGTERM)
+                self._emit_agent("elastic_runner.restart", reason="membership_change")
+                self._start_attempt()
 
     # -- steps --------------------------------------------------------------------------
 
@@ -174,6 +203,11 @@ class ElasticAgent:
         self._kill_reasons.clear()
         self.usage.clear()
         group, spec = self.group, self.spec
+        group.state = WorkerState.INIT
+        self._put_state()
+        refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
+        if refusal is not None:
+            raise _Refused(refusal)
         t0 = self._clock()
         info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
         # Only now: a notification about the round we left is stale; what concerns the new
@@ -183,6 +217,7 @@ class ElasticAgent:
         ranks = assign_ranks(info.nodes, info.group_rank)
         group.group_rank, group.group_world_size = info.group_rank, info.group_world_size
         group.restart_count = info.restart_count
+        self._metrics.put("workers.restarts", group.restart_count)
         group.master_addr, group.master_port = info.master_addr, info.master_port
         group.attempt += 1
         self._metrics.put("rendezvous.duration_s", rdzv_s)
@@ -223,12 +258,19 @@ class ElasticAgent:
                 )
             )
         self._oom_kills_at_start = oom_kill_count()
-        self._attempt_started = self._clock()
+        t_start = self._clock()
         pids = self._launcher.start(launches)
+        self._attempt_started = self._clock()
         group.state = WorkerState.HEALTHY
+        self._metrics.put("workers.start_latency_s", self._attempt_started - t_start)
+        if self._failed_at is not None:
+            self._metrics.put("recovery.duration_s", self._attempt_started - self._failed_at)
+            self._failed_at = None
+        self._put_state()
         for w in group.workers:
             w.pid = pids[w.local_rank]
             self._emit_worker("START", w.global_rank, pid=w.pid, local_rank=w.local_rank)
+        self._lifecycle.workers_started(group)
         log.info(
             "attempt %d: started %d worker(s) (ranks %d-%d of %d, restart %d/%d)",
             group.attempt,
@@ -263,6 +305,9 @@ class ElasticAgent:
                 oom_kills_before=self._oom_kills_at_start,
             )
             self._failures.append(failure)
+            self._metrics.put("workers.failures", 1, {"kind": failure.kind.name})
+            if self._failed_at is None:
+                self._failed_at = self._clock()
             log.warning(
                 "worker rank %d (pid %d) failed: %s",
                 exit_.global_rank,
@@ -340,7 +385,12 @@ class ElasticAgent:
     def _stop_workers(self, sig: int) -> None:
         for exit_ in self._launcher.stop(sig, self.spec.stop_timeout):
             self._record_exit(exit_)
-        self.group.state = WorkerState.STOPPED
+        if self.group.state != WorkerState.STOPPED:
+            self.group.state = WorkerState.STOPPED
+            self._put_state()
+
+    def _put_state(self) -> None:
+        self._metrics.put("group.state", 1, {"state": self.group.state.value})
 
     def _has_running_workers(self) -> bool:
         return any(w.pid is not None for w in self.group.workers)
@@ -364,6 +414,7 @@ class ElasticAgent:
         # Sweep what the attempt's processes left behind, whatever the outcome.
         self._stop_workers(signal.SIGTERM)
         self.group.state = state
+        self._put_state()
         self._metrics.put("workers.restarts", self.group.restart_count)
         self._emit_agent(f"torchelastic.worker.status.{state.value}", reason=reason)
         return RunResult(

@@ -34,13 +34,21 @@ from elastic_runner.config import (
     register_configs,
     validate,
 )
-from elastic_runner.plugins import make_plugin_manager
+from elastic_runner.lifecycle import Lifecycle
+from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, load_plugins
 from elastic_runner.registry import ComponentKind, Registry
 from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.signals import handle_signals
-from elastic_runner.spec import RestartPolicy, RunContext, WorkerExit, WorkerSpec
+from elastic_runner.spec import (
+    RestartPolicy,
+    RunContext,
+    RunResult,
+    WorkerExit,
+    WorkerSpec,
+    WorkerState,
+)
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
 from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
@@ -57,8 +65,8 @@ EXIT_CONFIG_ERROR = 2
 def main() -> None:
     """Console entry point of ``elastic-run``."""
     base_env = dict(os.environ)
-    registry = Registry(make_plugin_manager())
-    register_configs(registry)
+    plugins = load_plugins()
+    register_configs(plugins.registry)
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
 
     codes: list[int] = []
@@ -67,12 +75,12 @@ def main() -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         try:
-            codes.append(run_job(cfg, registry, base_env))
+            codes.append(run_job(cfg, plugins, base_env))
         except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
             message = (
                 str(exc)
                 if isinstance(exc, ConfigError)
-                else describe_hydra_error(exc, sys.argv[1:])
+                else describe_hydra_error(exc, sys.argv[1:], plugins.broken)
             )
             print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
             codes.append(EXIT_CONFIG_ERROR)
@@ -88,7 +96,7 @@ def main() -> None:
     except ConfigError as exc:
         _config_error(str(exc))
     except Exception as exc:
-        message = describe_hydra_error(exc, sys.argv[1:])
+        message = describe_hydra_error(exc, sys.argv[1:], plugins.broken)
         if message is None:
             raise
         _config_error(message)
@@ -103,10 +111,11 @@ def main() -> None:
     sys.exit(code)
 
 
-def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) -> int:
+def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]) -> int:
     """One whole elastic run from a composed config; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
 
+    registry = plugins.registry
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     conf: ElasticRunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(conf)
@@ -130,14 +139,15 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
     assert isinstance(resolved, dict)
     resolved.setdefault("rdzv", {})["id"] = run_id
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    lifecycle = Lifecycle(plugins.pm, context)
     try:
         rdzv = _build(registry, ComponentKind.RENDEZVOUS, conf.rdzv, context)
     except RendezvousError as exc:
-        return _rendezvous_failed(exc)
+        return _rendezvous_failed(exc, lifecycle)
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
-    supervisor, agent = _make_agent(conf, spec, rdzv, context, events, metrics, base_env)
+    supervisor, agent = _make_agent(conf, spec, rdzv, context, events, metrics, base_env, lifecycle)
     timer.start()
     guardian = Guardian(supervisor.marker, run_id)
     try:
@@ -146,7 +156,7 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         with handle_signals(agent.request_stop, handled - ignored, ignored):
             result = agent.run()
     except RendezvousError as exc:
-        return _rendezvous_failed(exc)
+        return _rendezvous_failed(exc, lifecycle, agent)
     finally:
         supervisor.close()
         guardian.close()
@@ -158,6 +168,7 @@ def run_job(cfg: DictConfig, registry: Registry, base_env: Mapping[str, str]) ->
         return WorkerLogPaths.of(run_dir, result.attempts, exit_.local_rank).stderr
 
     print(format_report(result, spec, run_dir, stderr_of), file=sys.stderr, flush=True)
+    lifecycle.run_end(result)
     if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
         write_nested_error_file(result, nested)
     return result.exit_code
@@ -171,6 +182,7 @@ def _make_agent(
     events: Any,
     metrics: Any,
     base_env: Mapping[str, str],
+    lifecycle: Lifecycle,
 ) -> tuple[ProcessSupervisor, ElasticAgent]:
     logs = conf.logs
     console: Console | None = None
@@ -200,12 +212,24 @@ def _make_agent(
         ),
         monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
         memory_limit=parse_memory("job.limits.memory", conf.job.limits.memory),
+        lifecycle=lifecycle,
     )
     return supervisor, agent
 
 
-def _rendezvous_failed(exc: RendezvousError) -> int:
+def _rendezvous_failed(
+    exc: RendezvousError, lifecycle: Lifecycle, agent: ElasticAgent | None = None
+) -> int:
     print(f"elastic-run: rendezvous failed: {exc}", file=sys.stderr, flush=True)
+    group = agent.group if agent else None
+    lifecycle.run_end(
+        RunResult(
+            state=WorkerState.FAILED,
+            attempts=group.attempt if group else 0,
+            restart_count=group.restart_count if group else 0,
+            ended_because=f"rendezvous failed: {exc}",
+        )
+    )
     return 1
 
 
@@ -258,8 +282,12 @@ def _config_error(message: str) -> NoReturn:
 # -- turning Hydra's and OmegaConf's errors into one line ------------------------------
 
 
-def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
-    """One line for a composition error, or ``None`` when ``exc`` is not one."""
+def describe_hydra_error(
+    exc: BaseException, argv: list[str], broken: list[BrokenPlugin] | None = None
+) -> str | None:
+    """One line for a composition error, or ``None`` when ``exc`` is not one. When an
+    unknown option may come from an installed plugin that failed to load, ``broken``
+    names it."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import (
         ConfigAttributeError,
@@ -279,7 +307,12 @@ def describe_hydra_error(exc: BaseException, argv: list[str]) -> str | None:
         cause = nxt
     text = str(exc).strip()
     if isinstance(exc, MissingConfigException):
-        return _missing_option(exc, text)
+        message = _missing_option(exc, text)
+        if broken:
+            message += "; installed plugins that failed to load: " + "; ".join(
+                b.describe() for b in broken
+            )
+        return message
     if isinstance(exc, OverrideParseException):
         return (
             f"{exc.override}: cannot parse this override ({text.splitlines()[0]}); quote "

@@ -3,124 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-from elastic_runner.testing.etcd import etcd_server  # noqa: F401  (a fixture)
+from elastic_runner.testing.fixtures import elastic_run, etcd_server  # noqa: F401
+from elastic_runner.testing.runner import (  # noqa: F401  (tests import these from here)
+    ElasticRunner,
+    Run,
+    assert_nothing_survives,
+    free_port,
+    processes_of_runs,
+)
 
 TESTS = Path(__file__).resolve().parent
 PROBE = TESTS / "workers" / "probe.py"
-
-
-def elastic_run_exe() -> str:
-    """The ``elastic-run`` installed beside the interpreter running the tests."""
-    exe = Path(sys.executable).with_name("elastic-run")
-    found = str(exe) if exe.exists() else shutil.which("elastic-run")
-    assert found, "elastic-run is not installed (pip install -e '.[dev]')"
-    return found
-
-
-def processes_of_runs(run_ids: set[str]) -> list[psutil.Process]:
-    """Live processes whose environment carries one of ``run_ids``."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get("TORCHELASTIC_RUN_ID") in run_ids:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-@dataclass
-class Run:
-    """A finished ``elastic-run``."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    run_dir: Path
-    run_id: str
-    seconds: float
-
-    def events(self) -> list[dict]:
-        path = self.run_dir / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-class ElasticRunner:
-    """Starts ``elastic-run`` in a subprocess with a fresh run id and run directory, and
-    remembers every run id so the test's teardown can prove nothing survived."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.run_ids: set[str] = set()
-        self._count = 0
-
-    def command(self, *overrides: str, run_id: str | None = None) -> tuple[list[str], Path, str]:
-        self._count += 1
-        run_dir = self.tmp_path / f"run{self._count}"
-        run_id = run_id or f"test-{uuid.uuid4().hex[:12]}"
-        self.run_ids.add(run_id)
-        argv = [elastic_run_exe(), *overrides, f"hydra.run.dir={run_dir}", f"rdzv.id={run_id}"]
-        return argv, run_dir, run_id
-
-    def popen(
-        self, *overrides: str, run_id: str | None = None, **kwargs: object
-    ) -> tuple[subprocess.Popen[str], Path, str]:
-        argv, run_dir, run_id = self.command(*overrides, run_id=run_id)
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            **kwargs,  # type: ignore[call-overload]
-        )
-        return proc, run_dir, run_id
-
-    def __call__(self, *overrides: str, timeout: float = 60, cwd: Path | None = None) -> Run:
-        argv, run_dir, run_id = self.command(*overrides)
-        t0 = time.monotonic()
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd or self.tmp_path,
-        )
-        return Run(
-            done.returncode, done.stdout, done.stderr, run_dir, run_id, time.monotonic() - t0
-        )
-
-
-@pytest.fixture
-def elastic_run(tmp_path: Path) -> Iterator[ElasticRunner]:
-    runner = ElasticRunner(tmp_path)
-    yield runner
-    assert_nothing_survives(runner.run_ids)
-
-
-def assert_nothing_survives(run_ids: set[str], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while (left := processes_of_runs(run_ids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for proc in left:
-        proc.kill()
-    assert not left, f"processes survived the test: {[p.pid for p in left]}"
 
 
 @pytest.fixture
@@ -143,11 +40,3 @@ def probe_records(out: Path) -> dict[tuple[int, int], dict]:
         restart, rank = path.stem[1:].split("_")[:2]
         records[int(restart), int(rank[1:])] = json.loads(path.read_text())
     return records
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

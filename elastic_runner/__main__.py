@@ -1,0 +1,34 @@
+"""``python -m elastic_runner plugins [--json]``: what the installed plugins provide.
+
+(``elastic-run``'s own arguments belong to Hydra, hence a separate entry point.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from elastic_runner.inventory import format_json, format_text, inventory
+from elastic_runner.plugins import PluginLoadWarning, load_plugins
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elastic_runner")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser(
+        "plugins", help="list installed plugins, what each provides and where it comes from"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        # broken plugins are listed with their error instead
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        loaded = load_plugins()
+    entries = inventory(loaded)
+    print(format_json(entries) if args.json else format_text(entries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
