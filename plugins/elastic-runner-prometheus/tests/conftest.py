@@ -1,0 +1,1 @@
+from elastic_runner.testing.fixtures import elastic_run  # noqa: F401
