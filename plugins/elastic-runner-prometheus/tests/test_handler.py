@@ -80,5 +80,5 @@ def test_a_busy_port_is_a_clear_config_error(tmp_path) -> None:  # type: ignore[
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=rf"metrics.port={port}: cannot listen on"):
             make_handler(PrometheusMetricsConfig(port=port), RunContext("r", tmp_path, "n"))
-    with pytest.raises(ConfigError, match="metrics.port=70000: expected 0"):
+    with pytest.raises(ConfigError, match=r"metrics\.port=70000: expected 0"):
         make_handler(PrometheusMetricsConfig(port=70000), RunContext("r", tmp_path, "n"))
