@@ -1,0 +1,315 @@
+"""The :class:`~elastic_runner.rendezvous.store.Store` on a Redis server (redis-py).
+
+Every operation is one Lua script, so it is atomic and sees the same clock (Redis's
+``TIME``) as every other client:
+
+- A TTL key's deadline lives in a sorted set; each script first deletes the keys past
+  their deadline and counts each as a change. A refresh moves the deadline and changes
+  nothing (watchers stay asleep). Redis's own expiry, a minute later, only collects keys
+  nobody purged (every client gone).
+- Each change increments a version counter, records ``key -> version`` in a sorted set
+  and is published on a channel. A waiter subscribes, checks the record for a change
+  under its prefix after its version, and sleeps until a message arrives or the next
+  deadline passes: notified, never polled.
+- An index of live keys (a lexicographic sorted set) makes prefix scans exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+#: Redis's own expiry of a TTL key comes this long after its deadline (a safety net).
+GRACE_MS = 60_000
+
+_PRELUDE = """
+local VERSION, CHANGES, EXPIRY, INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local DATA, CHANNEL, GRACE = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function bump(key)
+  local v = redis.call('INCR', VERSION)
+  redis.call('ZADD', CHANGES, v, key)
+  redis.call('PUBLISH', CHANNEL, key)
+  return v
+end
+local function remove(key)
+  redis.call('DEL', DATA .. key)
+  redis.call('ZREM', EXPIRY, key)
+  redis.call('ZREM', INDEX, key)
+end
+local function put(key, value, ttl)
+  if ttl and ttl > 0 then
+    redis.call('SET', DATA .. key, value, 'PX', ttl + GRACE)
+    redis.call('ZADD', EXPIRY, now + ttl, key)
+  else
+    redis.call('SET', DATA .. key, value)
+    redis.call('ZREM', EXPIRY, key)
+  end
+  redis.call('ZADD', INDEX, 0, key)
+  bump(key)
+end
+local function under(prefix)
+  local last = prefix .. '\\255'
+  return redis.call('ZRANGEBYLEX', INDEX, '[' .. prefix, '[' .. last)
+end
+local function next_expiry()
+  local first = redis.call('ZRANGE', EXPIRY, 0, 0, 'WITHSCORES')
+  if #first == 0 then return -1 end
+  return math.max(0, tonumber(first[2]) - now)
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now)) do
+  remove(key)
+  bump(key)
+end
+local A = {}
+for i = 4, #ARGV do A[#A + 1] = ARGV[i] end
+"""
+
+_SCRIPTS = {
+    "set": "put(A[1], A[2], tonumber(A[3])) return 1",
+    "refresh": """
+        if redis.call('EXISTS', DATA .. A[1]) == 0 then return 0 end
+        local ttl = tonumber(A[2])
+        redis.call('PEXPIRE', DATA .. A[1], ttl + GRACE)
+        redis.call('ZADD', EXPIRY, now + ttl, A[1])
+        return 1
+    """,
+    "get": "return redis.call('GET', DATA .. A[1])",
+    "add": """
+        local current = redis.call('GET', DATA .. A[1])
+        local n = tonumber(current or '0')
+        if n == nil then return redis.error_reply('not an integer') end
+        n = n + tonumber(A[2])
+        put(A[1], string.format('%d', n), nil)
+        return n
+    """,
+    "compare_set": """
+        local current = redis.call('GET', DATA .. A[1])
+        local expected = false
+        if A[2] == '1' then expected = A[3] end
+        if current ~= expected then return {0, current} end
+        put(A[1], A[4], tonumber(A[5]))
+        return {1, A[4]}
+    """,
+    "delete": """
+        if redis.call('EXISTS', DATA .. A[1]) == 0 then return 0 end
+        remove(A[1])
+        bump(A[1])
+        return 1
+    """,
+    "delete_prefix": """
+        local doomed = under(A[1])
+        for _, key in ipairs(doomed) do
+          remove(key)
+          redis.call('ZREM', CHANGES, key)
+        end
+        if #doomed > 0 then bump(A[1]) end
+        return #doomed
+    """,
+    "multi_get": """
+        local out = {}
+        for i, key in ipairs(A) do out[i] = redis.call('GET', DATA .. key) end
+        return out
+    """,
+    "multi_set": """
+        for i = 1, #A, 2 do put(A[i], A[i + 1], nil) end
+        return 1
+    """,
+    "scan": """
+        local keys = under(A[1])
+        local out = {redis.call('GET', VERSION) or '0'}
+        for _, key in ipairs(keys) do
+          local value = redis.call('GET', DATA .. key)
+          if value then out[#out + 1] = key; out[#out + 1] = value end
+        end
+        return out
+    """,
+    "changed_since": """
+        local prefix = A[1]
+        for _, key in ipairs(redis.call('ZRANGEBYSCORE', CHANGES, '(' .. A[2], '+inf')) do
+          if string.sub(key, 1, #prefix) == prefix or string.sub(prefix, 1, #key) == key then
+            return {1, redis.call('GET', VERSION) or '0', -1}
+          end
+        end
+        return {0, redis.call('GET', VERSION) or '0', next_expiry()}
+    """,
+    "exist": """
+        for _, key in ipairs(A) do
+          if redis.call('EXISTS', DATA .. key) == 0 then return {0, next_expiry()} end
+        end
+        return {1, -1}
+    """,
+}
+
+
+class RedisStore:
+    """A store under ``namespace`` on the Redis server at ``host:port``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        namespace: str = "elastic-runner:",
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        ca_cert: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self._errors = redis.exceptions
+        self.address = f"{host}:{port}"
+        self._redis = redis.Redis(
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            ssl=tls or bool(ca_cert),
+            ssl_ca_certs=ca_cert,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            # Short retries for a blip; longer outages are the rendezvous's to ride out.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        )
+        self._timeout = timeout
+        meta = namespace + "meta:"
+        self._keys = [meta + "version", meta + "changes", meta + "expiry", meta + "index"]
+        self._channel = meta + "events"
+        self._base_args = [namespace + "data:", self._channel, str(GRACE_MS)]
+        self._scripts = {
+            name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
+        }
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _call(self, name: str, *args: object) -> Any:
+        script = self._scripts[name]
+        return self._guard(
+            lambda: script(keys=self._keys, args=[*self._base_args, *(str(a) for a in args)])
+        )
+
+    def _guard(self, request: Callable[[], T]) -> T:
+        errors = self._errors
+        try:
+            return request()
+        except errors.AuthenticationError as exc:
+            raise StoreError(
+                f"Redis at {self.address} refused the credentials (rdzv.username, "
+                f"rdzv.password): {exc}"
+            ) from None
+        except (errors.ConnectionError, errors.TimeoutError) as exc:
+            raise StoreUnavailableError(f"cannot reach Redis at {self.address}: {exc}") from None
+        except errors.RedisError as exc:
+            raise StoreError(f"Redis at {self.address}: {exc}") from None
+
+    @staticmethod
+    def _ttl_ms(ttl: float | None) -> str:
+        return "" if ttl is None else str(max(1, round(ttl * 1000)))
+
+    # -- the Store protocol -------------------------------------------------------------
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        self._call("set", key, value, self._ttl_ms(ttl))
+
+    def refresh(self, key: str, ttl: float) -> bool:
+        return bool(self._call("refresh", key, self._ttl_ms(ttl)))
+
+    def get(self, key: str) -> str | None:
+        value = self._call("get", key)
+        return None if value is None else str(value)
+
+    def add(self, key: str, amount: int) -> int:
+        try:
+            return int(self._call("add", key, amount))
+        except StoreError as exc:
+            raise StoreError(f"add: key {key!r} does not hold an integer ({exc})") from None
+
+    def compare_set(
+        self, key: str, expected: str | None, desired: str, ttl: float | None = None
+    ) -> tuple[bool, str | None]:
+        has_expected = "0" if expected is None else "1"
+        done, value = self._call(
+            "compare_set", key, has_expected, expected or "", desired, self._ttl_ms(ttl)
+        )
+        return bool(done), value
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("delete", key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        return int(self._call("delete_prefix", prefix))
+
+    def multi_get(self, keys: Sequence[str]) -> list[str | None]:
+        return list(self._call("multi_get", *keys)) if keys else []
+
+    def multi_set(self, items: Mapping[str, str]) -> None:
+        if items:
+            self._call("multi_set", *(x for pair in items.items() for x in pair))
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        version, *flat = self._call("scan", prefix)
+        return dict(zip(flat[::2], flat[1::2], strict=True)), int(version)
+
+    def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
+        found: list[int] = []
+
+        def changed() -> float | None:
+            done, now, next_expiry = self._call("changed_since", prefix, version)
+            if done:
+                found.append(int(now))
+                return None
+            return float(next_expiry)
+
+        self._wait(changed, timeout, lambda: f"no change under {prefix!r} in {timeout:g} s")
+        return found[0]
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        def exist() -> float | None:
+            done, next_expiry = self._call("exist", *keys)
+            return None if done else float(next_expiry)
+
+        self._wait(exist, timeout, lambda: f"keys {list(keys)} did not appear in {timeout:g} s")
+
+    def _wait(
+        self, check: Callable[[], float | None], timeout: float, why: Callable[[], str]
+    ) -> None:
+        """Subscribe to the change channel, then run ``check`` (``None``: done; else
+        milliseconds until the next TTL deadline, -1 for none) after every message and
+        deadline until it is done or ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        pubsub = self._redis.pubsub()
+        try:
+            self._guard(lambda: pubsub.subscribe(self._channel))
+            # The confirmation proves the subscription is live before the first check.
+            self._guard(lambda: pubsub.get_message(timeout=self._timeout))
+            while True:
+                next_expiry_ms = check()
+                if next_expiry_ms is None:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreTimeoutError(why())
+                sleep = left if next_expiry_ms < 0 else min(left, next_expiry_ms / 1000 + 0.001)
+                message = self._guard(lambda s=sleep: pubsub.get_message(timeout=s))  # type: ignore[misc]
+                while message is not None:  # drain: one check covers a burst
+                    message = self._guard(lambda: pubsub.get_message(timeout=0))
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,71 @@
+"""The Redis store and rendezvous against elastic_runner's conformance suites, on a real
+redis-server, plus its own failure modes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from elastic_runner_redis import RedisStore
+from elastic_runner_redis.testing import RedisServer
+
+from elastic_runner.rendezvous.store import Store, StoreError, StoreUnavailableError
+from elastic_runner.testing.rendezvous_suite import RendezvousSuite
+from elastic_runner.testing.store_suite import StoreSuite
+
+
+def clients_of(server: RedisServer) -> Iterator[Callable[[], Store]]:
+    made: list[RedisStore] = []
+
+    def make() -> RedisStore:
+        made.append(RedisStore("127.0.0.1", server.port, namespace="suite:"))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+class TestRedisStore(StoreSuite):
+    TTL = 0.3
+
+    @pytest.fixture
+    def make_store(self, redis_server: RedisServer) -> Iterator[Callable[[], Store]]:
+        yield from clients_of(redis_server)
+
+
+class TestRedisRendezvous(RendezvousSuite):
+    TTL = 0.5
+
+    @pytest.fixture
+    def make_store(self, redis_server: RedisServer) -> Iterator[Callable[[], Store]]:
+        yield from clients_of(redis_server)
+
+
+def test_namespaces_do_not_see_each_other(redis_server: RedisServer) -> None:
+    a = RedisStore("127.0.0.1", redis_server.port, namespace="a:")
+    b = RedisStore("127.0.0.1", redis_server.port, namespace="b:")
+    a.set("k", "from a")
+    assert b.get("k") is None
+    assert b.scan("")[0] == {}
+    assert a.scan("")[0] == {"k": "from a"}
+
+
+def test_wrong_password_is_a_clear_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="right")
+    try:
+        assert RedisStore("127.0.0.1", server.port, password="right").get("k") is None
+        with pytest.raises(StoreError, match=r"Redis at 127\.0\.0\.1:\d+ refused the credentials"):
+            RedisStore("127.0.0.1", server.port, password="wrong").get("k")
+    finally:
+        server.stop()
+
+
+def test_unreachable_server_is_unavailable(redis_server: RedisServer) -> None:
+    store = RedisStore("127.0.0.1", redis_server.port, timeout=1)
+    redis_server.stop()
+    message = f"cannot reach Redis at 127.0.0.1:{redis_server.port}"
+    with pytest.raises(StoreUnavailableError, match=re.escape(message)):
+        store.get("k")
