@@ -1,14 +1,18 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``,
+``nox -s plugins`` (installs each package in plugins/ and runs its tests),
 ``nox -s integration`` (installs torch==2.13.0, CPU build, and runs the examples)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "plugins"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = "torch==2.13.0"  # pinned: an unpinned torch downloads GBs of CUDA wheels
+PLUGINS = sorted(str(p) for p in Path("plugins").iterdir() if (p / "pyproject.toml").exists())
 
 
 @nox.session
@@ -26,8 +30,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", *(f"-e{p}" for p in PLUGINS))
     session.run("mypy")
+    for plugin in PLUGINS:
+        session.run("mypy", "--strict", "--explicit-package-bases", plugin)
+
+
+@nox.session
+def plugins(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    for plugin in PLUGINS:
+        session.install("-e", f"{plugin}[test]")
+    for plugin in PLUGINS:
+        session.run("pytest", "-n", "2", f"{plugin}/tests", *session.posargs)
 
 
 @nox.session

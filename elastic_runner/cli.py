@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,7 +36,7 @@ from elastic_runner.config import (
     validate,
 )
 from elastic_runner.lifecycle import Lifecycle
-from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, load_plugins
+from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, PluginLoadWarning, load_plugins
 from elastic_runner.registry import ComponentKind, Registry
 from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.report import format_report, write_nested_error_file
@@ -65,7 +66,17 @@ EXIT_CONFIG_ERROR = 2
 def main() -> None:
     """Console entry point of ``elastic-run``."""
     base_env = dict(os.environ)
-    plugins = load_plugins()
+    with warnings.catch_warnings():
+        # one line each, below, instead of Python's two-line warning format
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        plugins = load_plugins()
+    for broken in plugins.broken:
+        print(
+            f"elastic-run: warning: {broken.describe()}; skipped (selecting what it "
+            "provides is an error)",
+            file=sys.stderr,
+            flush=True,
+        )
     register_configs(plugins.registry)
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
 

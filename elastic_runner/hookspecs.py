@@ -90,7 +90,9 @@ def elastic_runner_before_rendezvous(
 ) -> str | None:
     """Called before this node joins each rendezvous round (the first, and again before
     every restart or re-formation); ``attempt`` is the group's next attempt number (1 for
-    the first) and ``restart_count`` the restarts spent so far.
+    the first) and ``restart_count`` the restarts spent before this round (a restart after
+    a failure is counted when the round forms, so the call after the first failure still
+    sees 0; :func:`elastic_runner_worker_failure` came just before it).
 
     A node health check: return ``None`` to join, or a short reason to keep this node out.
     A refused node does not join: the agent leaves the job (the other nodes re-form

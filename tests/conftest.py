@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from elastic_runner.plugins import DISABLE_AUTOLOAD_ENV
 from elastic_runner.testing.fixtures import elastic_run, etcd_server  # noqa: F401
 from elastic_runner.testing.runner import (  # noqa: F401  (tests import these from here)
     ElasticRunner,
@@ -17,6 +19,11 @@ from elastic_runner.testing.runner import (  # noqa: F401  (tests import these f
 )
 
 TESTS = Path(__file__).resolve().parent
+
+# elastic_runner's own tests see the built-in plugins only, whatever else is installed in
+# the environment (the plugin packages in plugins/ are, in CI); tests of installed
+# plugins pass an environment of their own (tests/e2e/test_installed_plugins.py).
+os.environ[DISABLE_AUTOLOAD_ENV] = "1"
 PROBE = TESTS / "workers" / "probe.py"
 
 

@@ -33,18 +33,20 @@ MakeSink = Callable[[], EventSink]
 def sample_events(run_id: str = "suite-run") -> list[Event]:
     """One of each shape the agent emits: agent and worker sources, ``None`` fields,
     metadata with nested values, non-ASCII text and values JSON cannot encode as is."""
-    common = {"run_id": run_id, "node": "node-\u00e9"}
+    node = "node-\u00e9"
     return [
         Event(
             "torchelastic.worker.status.RENDEZVOUS",
             "AGENT",
-            **common,
+            run_id,
+            node,
             metadata={"round": 1, "group_rank": 0, "duration_ms": 12.5},
         ),
         Event(
             "torchelastic.worker.status.START",
             "WORKER",
-            **common,
+            run_id,
+            node,
             rank=0,
             state="START",
             metadata={"pid": 4242, "local_rank": 0},
@@ -52,7 +54,8 @@ def sample_events(run_id: str = "suite-run") -> list[Event]:
         Event(
             "torchelastic.worker.status.FAILED",
             "WORKER",
-            **common,
+            run_id,
+            node,
             rank=1,
             state="FAILED",
             metadata={
@@ -63,8 +66,8 @@ def sample_events(run_id: str = "suite-run") -> list[Event]:
                 "nested": {"a": [1, 2]},
             },
         ),
-        Event("elastic_runner.restart", "AGENT", **common, metadata={"reason": "failure"}),
-        Event("torchelastic.worker.status.SUCCEEDED", "AGENT", **common),
+        Event("elastic_runner.restart", "AGENT", run_id, node, metadata={"reason": "failure"}),
+        Event("torchelastic.worker.status.SUCCEEDED", "AGENT", run_id, node),
     ]
 
 

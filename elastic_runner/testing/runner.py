@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -60,7 +61,7 @@ class Run:
     run_id: str
     seconds: float
 
-    def events(self) -> list[dict]:
+    def events(self) -> list[dict[str, Any]]:
         path = self.run_dir / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 

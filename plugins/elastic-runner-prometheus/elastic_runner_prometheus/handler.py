@@ -36,7 +36,7 @@ class PrometheusMetrics:
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 9400, namespace: str = "elastic_runner"
-    ):
+    ) -> None:
         self.registry = CollectorRegistry()
         self.namespace = namespace
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ from elastic_runner_prometheus import PrometheusMetrics
 from elastic_runner_prometheus.handler import prometheus_name
 from elastic_runner_prometheus.scrape import scrape
 
+from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.dynamic import address_towards
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
 
@@ -29,9 +30,10 @@ class TestPrometheusHandler(MetricHandlerSuite):
             handler.close()
 
     def observed(
-        self, handler: PrometheusMetrics, name: str, labels: Mapping[str, str]
+        self, handler: MetricHandler, name: str, labels: Mapping[str, str]
     ) -> float | None:
         """Read back over HTTP, as Prometheus would."""
+        assert isinstance(handler, PrometheusMetrics)
         samples = scrape(handler.url)
         full = prometheus_name(name, handler.namespace)
         if name == "group.state":

@@ -292,7 +292,7 @@ class RedisStore:
         milliseconds until the next TTL deadline, -1 for none) after every message and
         deadline until it is done or ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
-        pubsub = self._redis.pubsub()
+        pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]
         try:
             self._guard(lambda: pubsub.subscribe(self._channel))
             # The confirmation proves the subscription is live before the first check.
