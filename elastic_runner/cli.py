@@ -37,7 +37,7 @@ from elastic_runner.config import (
 )
 from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, PluginLoadWarning, load_plugins
-from elastic_runner.registry import ComponentKind, Registry
+from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.resources import conf_dir, example_path
@@ -77,7 +77,10 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-    register_configs(plugins.registry)
+    try:
+        register_configs(plugins.registry)
+    except PluginError as exc:  # two plugins claim one name; a schema of the wrong base
+        _config_error(str(exc))
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
 
     codes: list[int] = []

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from elastic_runner.registry import ComponentKind, Registry
+from elastic_runner.registry import ComponentKind, PluginError, Registry
 
 __all__ = [
     "ConfigError",
@@ -209,8 +209,10 @@ def register_configs(registry: Registry) -> None:
     for kind, spec in registry:
         base = _GROUP_BASES[kind]
         if not (isinstance(spec.config_class, type) and issubclass(spec.config_class, base)):
-            raise TypeError(
-                f"{kind.group} component {spec.name!r}: config_class must subclass {base.__name__}"
+            raise PluginError(
+                f"{kind.group} component {spec.name!r} of plugin "
+                f"{registry.provider(kind, spec.name)!r}: config_class must subclass "
+                f"{base.__name__}"
             )
         cs.store(
             group=kind.group,

@@ -36,9 +36,10 @@ class PluginEntry:
 def inventory(loaded: LoadedPlugins) -> list[PluginEntry]:
     """Every plugin of ``loaded``, built-ins first, then installed ones, then broken ones."""
     registry = loaded.registry
-    entries = {
-        name: PluginEntry(name, source.describe()) for name, source in loaded.sources.items()
-    }
+    entries = {}
+    for name, _ in loaded.pm.list_name_plugin():
+        source = loaded.sources.get(name)
+        entries[name] = PluginEntry(name, source.describe() if source else "registered directly")
     for kind, spec in registry:
         provider = registry.provider(kind, spec.name)
         entries[provider].components.setdefault(kind.group, {})[spec.name] = spec.description
@@ -48,8 +49,8 @@ def inventory(loaded: LoadedPlugins) -> list[PluginEntry]:
                 entries[impl.plugin_name].hooks.append(hook.removeprefix("elastic_runner_"))
     out = list(entries.values())
     for broken in loaded.broken:
-        source = f"{broken.distribution} {broken.version} (entry point {broken.value})"
-        out.append(PluginEntry(broken.name, source, error=broken.error))
+        where = f"{broken.distribution} {broken.version} (entry point {broken.value})"
+        out.append(PluginEntry(broken.name, where, error=broken.error))
     return out
 
 

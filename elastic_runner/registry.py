@@ -9,7 +9,7 @@ from typing import Any
 
 import pluggy
 
-__all__ = ["ComponentKind", "ComponentSpec", "DuplicateComponentError", "Registry"]
+__all__ = ["ComponentKind", "ComponentSpec", "DuplicateComponentError", "PluginError", "Registry"]
 
 
 class ComponentKind(enum.Enum):
@@ -44,7 +44,11 @@ class ComponentSpec:
     description: str = ""
 
 
-class DuplicateComponentError(Exception):
+class PluginError(Exception):
+    """A plugin provides something elastic-run cannot use; the message names it."""
+
+
+class DuplicateComponentError(PluginError):
     """Two plugins provide a component of the same kind under the same name."""
 
 

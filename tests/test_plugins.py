@@ -83,3 +83,52 @@ def test_entry_points_load_and_broken_ones_warn(monkeypatch: pytest.MonkeyPatch)
     assert "fromep" in Registry(pm).names(ComponentKind.RENDEZVOUS)
     monkeypatch.setenv("ELASTIC_RUNNER_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert "fromep" not in Registry(make_plugin_manager()).names(ComponentKind.RENDEZVOUS)
+
+
+def test_a_schema_of_the_wrong_base_names_the_plugin() -> None:
+    from elastic_runner.config import register_configs
+    from elastic_runner.registry import PluginError
+
+    @dataclass
+    class NotARendezvousConfig:
+        backend: str = "odd"
+
+    @hookimpl
+    def elastic_runner_rendezvous_backends() -> list[ComponentSpec]:
+        return [ComponentSpec("odd", lambda c, ctx: None, NotARendezvousConfig)]
+
+    pm = make_plugin_manager(autoload=False)
+    pm.register(
+        types.SimpleNamespace(
+            elastic_runner_rendezvous_backends=elastic_runner_rendezvous_backends
+        ),
+        name="odd-plugin",
+    )
+    with pytest.raises(PluginError, match=r"'odd' of plugin 'odd-plugin'.*RendezvousConfig"):
+        register_configs(Registry(pm))
+
+
+def test_the_inventory_lists_sources_components_and_hooks() -> None:
+    from elastic_runner.inventory import format_text, inventory
+    from elastic_runner.plugins import load_plugins
+
+    @hookimpl
+    def elastic_runner_run_end() -> None:
+        pass
+
+    loaded = load_plugins(autoload=False)
+    loaded.pm.register(
+        types.SimpleNamespace(elastic_runner_run_end=elastic_runner_run_end), name="ender"
+    )
+    entries = {e.name: e for e in inventory(loaded)}
+    assert entries["elastic_runner.events"].source == "built-in (elastic_runner.events)"
+    assert entries["elastic_runner.events"].components == {
+        "events": {
+            "console": "JSON lines on stderr",
+            "jsonl": "events.jsonl in the run directory",
+            "null": "discard",
+        }
+    }
+    text = format_text(list(entries.values()))
+    assert "    rdzv=etcd  dynamic (min:max nodes) on an etcd cluster, v3 API" in text
+    assert (entries["ender"].source, entries["ender"].hooks) == ("registered directly", ["run_end"])
