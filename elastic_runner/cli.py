@@ -35,6 +35,7 @@ from elastic_runner.config import (
     register_configs,
     validate,
 )
+from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, PluginLoadWarning, load_plugins
 from elastic_runner.registry import ComponentKind, PluginError, Registry
@@ -50,10 +51,13 @@ from elastic_runner.spec import (
     WorkerSpec,
     WorkerState,
 )
+from elastic_runner.timer.server import NoTimerServer
+from elastic_runner.watchdog import HangDetector, Watchdog
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
 from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
 from elastic_runner.workers.resources import ResourceMonitor
+from elastic_runner.workers.stacks import StackDumper
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
 __all__ = ["main", "run_job"]
@@ -141,6 +145,13 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     timer = _build(registry, ComponentKind.TIMER, conf.timer, context)
     events = _build(registry, ComponentKind.EVENTS, conf.events, context)
     metrics = _build(registry, ComponentKind.METRICS, conf.metrics, context)
+    status = RunStatus(
+        run_id,
+        context.node,
+        restart_loop=conf.health.restart_loop,
+        restart_window=conf.health.restart_window,
+    )
+    health = _health_server(conf, status)
     spec = WorkerSpec(
         role=conf.job.role,
         local_world_size=nproc,
@@ -161,7 +172,9 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
-    supervisor, agent = _make_agent(conf, spec, rdzv, context, events, metrics, base_env, lifecycle)
+    supervisor, agent = _make_agent(
+        conf, spec, rdzv, context, events, metrics, base_env, lifecycle, timer, status
+    )
     timer.start()
     guardian = Guardian(supervisor.marker, run_id)
     try:
@@ -175,6 +188,8 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
         supervisor.close()
         guardian.close()
         timer.stop()
+        if health is not None:
+            health.close()
         metrics.close()
         events.close()
 
@@ -197,6 +212,8 @@ def _make_agent(
     metrics: Any,
     base_env: Mapping[str, str],
     lifecycle: Lifecycle,
+    timer: Any,
+    status: RunStatus,
 ) -> tuple[ProcessSupervisor, ElasticAgent]:
     logs = conf.logs
     console: Console | None = None
@@ -227,8 +244,36 @@ def _make_agent(
         monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
         memory_limit=parse_memory("job.limits.memory", conf.job.limits.memory),
         lifecycle=lifecycle,
+        hangs=_hang_detector(conf, timer),
+        timers=timer,
+        status=status,
     )
     return supervisor, agent
+
+
+def _hang_detector(conf: ElasticRunConfig, timer: Any) -> HangDetector | None:
+    """Hang handling is set up only when asked for (a watchdog timeout, a timer server):
+    faulthandler stacks put a directory on the workers' PYTHONPATH."""
+    watchdog = Watchdog(conf.watchdog.no_output_timeout, conf.watchdog.heartbeat_timeout)
+    if not watchdog.enabled and isinstance(timer, NoTimerServer):
+        return None
+    mode = conf.watchdog.stacks
+    return HangDetector(watchdog, None if mode == "none" else StackDumper(mode))
+
+
+def _health_server(conf: ElasticRunConfig, status: RunStatus) -> HealthServer | None:
+    if not conf.health.port:
+        return None
+    try:
+        server = HealthServer(status, conf.health.host, conf.health.port)
+    except OSError as exc:
+        raise ConfigError(
+            "health.port",
+            conf.health.port,
+            f"cannot listen on {conf.health.host}:{conf.health.port} ({exc.strerror or exc})",
+        ) from None
+    log.info("health endpoint: %s/healthz, %s/status", server.url, server.url)
+    return server
 
 
 def _rendezvous_failed(

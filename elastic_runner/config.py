@@ -22,11 +22,13 @@ __all__ = [
     "ConfigError",
     "ElasticRunConfig",
     "EventsConfig",
+    "HealthConfig",
     "JobConfig",
     "LogsConfig",
     "MetricsConfig",
     "RendezvousConfig",
     "TimerConfig",
+    "WatchdogConfig",
     "parse_memory",
     "parse_nnodes",
     "parse_nproc_per_node",
@@ -168,6 +170,36 @@ class ResourcesConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Hang detection with no code change: a hung rank's stacks are dumped into the run
+    directory, then the group is stopped and restarted per policy."""
+
+    #: Seconds without a byte on a rank's stdout or stderr that mean hung (0 = off).
+    no_output_timeout: float = 0.0
+    #: Seconds without ``elastic_runner.heartbeat()`` that mean hung, for ranks that
+    #: called it at least once (0 = off).
+    heartbeat_timeout: float = 0.0
+    #: How stacks are dumped: auto (py-spy if installed, else faulthandler), py-spy,
+    #: faulthandler, none.
+    stacks: str = "auto"
+
+
+@dataclass
+class HealthConfig:
+    """An HTTP endpoint for liveness and readiness probes: ``/healthz``, ``/readyz``,
+    ``/status``."""
+
+    #: 0 = off.
+    port: int = 0
+    #: Loopback unless set (``0.0.0.0`` for a Kubernetes probe from the kubelet).
+    host: str = "127.0.0.1"
+    #: ``/healthz`` is 503 (restart-looping) after this many restarts within
+    #: ``restart_window`` seconds.
+    restart_loop: int = 3
+    restart_window: float = 600.0
+
+
+@dataclass
 class ElasticRunConfig:
     """The whole run."""
 
@@ -181,6 +213,8 @@ class ElasticRunConfig:
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     rdzv: RendezvousConfig = MISSING
     logs: LogsConfig = MISSING
     events: EventsConfig = MISSING
@@ -304,6 +338,9 @@ def validate(cfg: ElasticRunConfig) -> None:
         ("restart.min_uptime", cfg.restart.min_uptime),
         ("resources.interval", cfg.resources.interval),
         ("logs.collapse_window", cfg.logs.collapse_window),
+        ("watchdog.no_output_timeout", cfg.watchdog.no_output_timeout),
+        ("watchdog.heartbeat_timeout", cfg.watchdog.heartbeat_timeout),
+        ("health.restart_window", cfg.health.restart_window),
     ):
         if value < 0:
             raise ConfigError(key, value, "expected seconds >= 0")
@@ -314,6 +351,17 @@ def validate(cfg: ElasticRunConfig) -> None:
     if cfg.job.limits.memory is not None and cfg.resources.interval == 0:
         raise ConfigError(
             "resources.interval", 0, "job.limits.memory needs sampling: expected seconds > 0"
+        )
+    stack_modes = ("auto", "py-spy", "faulthandler", "none")
+    if cfg.watchdog.stacks not in stack_modes:
+        raise ConfigError(
+            "watchdog.stacks", cfg.watchdog.stacks, f"allowed: {', '.join(stack_modes)}"
+        )
+    if not 0 <= cfg.health.port <= 65535:
+        raise ConfigError("health.port", cfg.health.port, "expected 0 (off) to 65535")
+    if cfg.health.restart_loop < 1:
+        raise ConfigError(
+            "health.restart_loop", cfg.health.restart_loop, "expected an integer >= 1"
         )
     if cfg.max_restarts < 0:
         raise ConfigError("max_restarts", cfg.max_restarts, "expected an integer >= 0")

@@ -77,7 +77,7 @@ def elastic_runner_metric_handlers() -> Sequence[ComponentSpec]:
 def elastic_runner_timer_servers() -> Sequence[ComponentSpec]:
     """Worker timer servers this plugin provides, selected with ``timer=<name>``.
 
-    ``factory(config, context)`` returns a :class:`~elastic_runner.timer.TimerServer`.
+    ``factory(config, context)`` returns a :class:`~elastic_runner.timer.server.TimerServer`.
     """
 
 

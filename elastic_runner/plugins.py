@@ -42,7 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "elastic_runner.rendezvous.etcd",
     "elastic_runner.events",
     "elastic_runner.metrics",
-    "elastic_runner.timer",
+    "elastic_runner.timer.server",
 )
 
 

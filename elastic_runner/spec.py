@@ -21,6 +21,7 @@ __all__ = [
     "RunContext",
     "RunResult",
     "Worker",
+    "WorkerActivity",
     "WorkerExit",
     "WorkerGroup",
     "WorkerSpec",
@@ -116,6 +117,16 @@ class WorkerExit:
         """``exit code 3`` or ``killed by SIGKILL``."""
         name = self.signal_name
         return f"killed by {name}" if name else f"exit code {self.returncode}"
+
+
+@dataclass(frozen=True)
+class WorkerActivity:
+    """Signs of life of a running worker, in the supervisor's clock (monotonic seconds):
+    its last byte on stdout or stderr (its start, before any), and its last heartbeat
+    (``None`` until it calls :func:`elastic_runner.heartbeat`)."""
+
+    last_output: float
+    last_heartbeat: float | None = None
 
 
 class FailureKind(str, enum.Enum):

@@ -23,7 +23,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from elastic_runner.spec import WorkerExit
+from elastic_runner.progress import HEARTBEAT_FD_ENV
+from elastic_runner.spec import WorkerActivity, WorkerExit
 from elastic_runner.workers.logs import Console, LineTee, WorkerLogPaths
 from elastic_runner.workers.tree import (
     MARKER_ENV,
@@ -55,6 +56,8 @@ class WorkerLaunch:
     logs: WorkerLogPaths
     #: Console line prefix for this worker's output.
     prefix: str = ""
+    #: Give the worker a heartbeat pipe (ELASTIC_RUNNER_HEARTBEAT_FD).
+    heartbeat: bool = False
 
 
 @dataclass
@@ -65,6 +68,9 @@ class _Proc:
     #: Open output pipes by fd: the pipe's file object and its tee.
     streams: dict[int, tuple[IO[bytes], LineTee]] = field(default_factory=dict)
     stopping: bool = False
+    last_output: float = 0.0
+    last_heartbeat: float | None = None
+    heartbeat_fd: int | None = None
 
     @property
     def pid(self) -> int:
@@ -129,6 +135,13 @@ class ProcessSupervisor:
             self.stop(signal.SIGKILL, 0)
             raise
         return started
+
+    def activity(self) -> dict[int, WorkerActivity]:
+        """Signs of life of each running worker (safe to call from another thread)."""
+        return {
+            p.launch.local_rank: WorkerActivity(p.last_output, p.last_heartbeat)
+            for p in list(self._procs.values())
+        }
 
     @property
     def running(self) -> list[int]:
@@ -199,17 +212,33 @@ class ProcessSupervisor:
 
     def _spawn(self, launch: WorkerLaunch) -> int:
         launch.logs.dir.mkdir(parents=True, exist_ok=True)
-        popen = subprocess.Popen(
-            list(launch.argv),
-            env={**launch.env, MARKER_ENV: self.marker},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_child_setup(os.getpid()),
-            close_fds=True,
-        )
+        env = {**launch.env, MARKER_ENV: self.marker}
+        beat_r = beat_w = None
+        if launch.heartbeat:
+            beat_r, beat_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            env[HEARTBEAT_FD_ENV] = str(beat_w)
+        try:
+            popen = subprocess.Popen(
+                list(launch.argv),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=_child_setup(os.getpid()),
+                close_fds=True,
+                pass_fds=() if beat_w is None else (beat_w,),
+            )
+        except BaseException:
+            for fd in (beat_r, beat_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        if beat_w is not None:
+            os.close(beat_w)
         pidfd = os.pidfd_open(popen.pid)
-        proc = _Proc(launch, popen, pidfd)
+        proc = _Proc(launch, popen, pidfd, last_output=self._clock(), heartbeat_fd=beat_r)
+        if beat_r is not None:
+            self._sel.register(beat_r, selectors.EVENT_READ, proc)
         prefix = launch.prefix.encode()
         console = self._console if self._to_console(launch) else None
         for number, stream, path in (
@@ -246,6 +275,8 @@ class ProcessSupervisor:
                 exits.append(self._reap(proc))
             elif key.fd in proc.streams:
                 self._read(proc, key.fd)
+            elif key.fd == proc.heartbeat_fd:
+                self._read_heartbeat(proc)
         if self._console:
             self._console.flush()
         return exits, woken
@@ -263,7 +294,25 @@ class ProcessSupervisor:
             if not data:
                 self._close_stream(proc, fd)
                 return
+            proc.last_output = self._clock()
             proc.streams[fd][1].feed(data)
+
+    def _read_heartbeat(self, proc: _Proc) -> None:
+        assert proc.heartbeat_fd is not None
+        try:
+            data = os.read(proc.heartbeat_fd, 4096)
+        except BlockingIOError:
+            return
+        if data:
+            proc.last_heartbeat = self._clock()
+        else:  # every writer closed it
+            self._close_heartbeat(proc)
+
+    def _close_heartbeat(self, proc: _Proc) -> None:
+        if proc.heartbeat_fd is not None:
+            self._sel.unregister(proc.heartbeat_fd)
+            os.close(proc.heartbeat_fd)
+            proc.heartbeat_fd = None
 
     def _close_stream(self, proc: _Proc, fd: int) -> None:
         self._sel.unregister(fd)
@@ -296,6 +345,7 @@ class ProcessSupervisor:
             os.close(proc.pidfd)
         for fd in list(proc.streams):
             self._close_stream(proc, fd)
+        self._close_heartbeat(proc)
 
     def _wait_all(self, timeout: float) -> list[WorkerExit]:
         exits: list[WorkerExit] = []

@@ -129,3 +129,25 @@ def test_resnet_on_two_agents_resumes_after_a_worker_is_killed(
     assert "training done: epochs=3 world_size=2" in out
     failed = [e for run in runs for e in run.events() if e["state"] == "FAILED"]
     assert [(e["rank"], e["metadata"]["signal"]) for e in failed] == [(1, "SIGKILL")]
+
+
+def test_torchs_file_timer_client_talks_to_our_timer_server(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    """torch.distributed.elastic.timer.FileTimerClient + expires(), unchanged, against
+    ``timer=file``: the expiry stops that worker's tree, is reported, and the group
+    restarts."""
+    hang = Path(__file__).resolve().parents[1] / "workers" / "hang.py"
+    run = elastic_run(
+        f"job.entrypoint={hang}",
+        f'job.args=["{tmp_path}","torch-timer","1"]',
+        "job.nproc_per_node=2",
+        "max_restarts=1",
+        "timer=file",
+        timeout=120,
+    )
+    assert run.returncode == 0, _explain(run)
+    assert "worker rank 1: timer for scope train_step expired after 1 s" in run.stderr
+    assert "killed by SIGKILL (timer expired)" in run.stderr
+    expired = [e for e in run.events() if e["name"] == "elastic_runner.timer.expired"]
+    assert [e["metadata"]["rank"] for e in expired] == [1]

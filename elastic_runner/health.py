@@ -1,0 +1,206 @@
+"""The run's live status and the HTTP health endpoint that serves it (``health.port``).
+
+- ``GET /healthz``: 200 while the agent and its workers are healthy (including while it
+  waits in a rendezvous), 503 while they are failing, hung or restart-looping (at least
+  ``health.restart_loop`` restarts within ``health.restart_window`` seconds). A liveness
+  probe.
+- ``GET /readyz``: 200 only while the workers run and nothing is wrong. A readiness probe.
+- ``GET /status``: JSON with run id, round, group rank, world size and, per worker, state,
+  pid, restarts, CPU, RSS and seconds since its last output.
+
+The agent updates a :class:`RunStatus` at each step of its loop; the server's threads
+only read snapshots of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from elastic_runner.spec import WorkerActivity
+from elastic_runner.workers.resources import Usage
+
+__all__ = ["HealthServer", "RunStatus"]
+
+log = logging.getLogger(__name__)
+
+
+class RunStatus:
+    """What the agent is doing now, safe to read from other threads."""
+
+    def __init__(
+        self,
+        run_id: str,
+        node: str,
+        *,
+        restart_loop: int = 3,
+        restart_window: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id, self.node = run_id, node
+        self._restart_loop, self._restart_window = restart_loop, restart_window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fields: dict[str, Any] = {
+            "state": "INIT",
+            "phase": "starting",
+            "round": None,
+            "group_rank": None,
+            "group_world_size": None,
+            "world_size": None,
+            "attempt": 0,
+            "restart_count": 0,
+        }
+        self._problem: str | None = None
+        self._workers: dict[int, dict[str, Any]] = {}
+        self._restarts: deque[float] = deque()
+        self._activity: Callable[[], Mapping[int, WorkerActivity]] = dict
+        self._usage: Callable[[], Mapping[int, Usage]] = dict
+
+    # -- written by the agent -----------------------------------------------------------
+
+    def set(self, **fields: Any) -> None:
+        with self._lock:
+            self._fields.update(fields)
+
+    def set_problem(self, problem: str | None) -> None:
+        """Why the node is unhealthy now (a failure, a hang), or ``None`` when it is not."""
+        with self._lock:
+            self._problem = problem
+
+    def set_workers(self, workers: Mapping[int, Mapping[str, Any]]) -> None:
+        with self._lock:
+            self._workers = {k: dict(v) for k, v in workers.items()}
+
+    def set_worker(self, local_rank: int, **fields: Any) -> None:
+        with self._lock:
+            self._workers.setdefault(local_rank, {}).update(fields)
+
+    def restarted(self) -> None:
+        with self._lock:
+            self._restarts.append(self._clock())
+
+    def watch(
+        self,
+        activity: Callable[[], Mapping[int, WorkerActivity]],
+        usage: Callable[[], Mapping[int, Usage]],
+    ) -> None:
+        """Where live per-worker figures come from (read at each request)."""
+        self._activity, self._usage = activity, usage
+
+    # -- read by the endpoint -----------------------------------------------------------
+
+    def _recent_restarts(self, now: float) -> int:
+        while self._restarts and self._restarts[0] < now - self._restart_window:
+            self._restarts.popleft()
+        return len(self._restarts)
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): the answer of ``/healthz``."""
+        with self._lock:
+            recent = self._recent_restarts(self._clock())
+            if self._problem:
+                return False, self._problem
+            if self._fields["state"] in ("FAILED", "UNHEALTHY"):
+                return False, f"worker group {self._fields['state']}"
+            if recent >= self._restart_loop:
+                return False, (
+                    f"restart-looping: {recent} restarts in the last "
+                    f"{self._restart_window:g} s (health.restart_loop={self._restart_loop})"
+                )
+            return True, str(self._fields["phase"])
+
+    def ready(self) -> tuple[bool, str]:
+        healthy, why = self.health()
+        with self._lock:
+            running = self._fields["state"] == "HEALTHY"
+        if healthy and not running:
+            return False, why
+        return healthy, why
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON of ``/status``."""
+        now = self._clock()
+        activity, usage = self._activity(), self._usage()
+        healthy, why = self.health()
+        with self._lock:
+            workers = []
+            for local_rank, w in sorted(self._workers.items()):
+                a, u = activity.get(local_rank), usage.get(local_rank)
+                workers.append(
+                    {
+                        "local_rank": local_rank,
+                        **w,
+                        "restarts": self._fields["restart_count"],
+                        "cpu_percent": round(u.cpu_percent, 1) if u else None,
+                        "rss_bytes": u.rss if u else None,
+                        "seconds_since_output": round(now - a.last_output, 3) if a else None,
+                    }
+                )
+            return {
+                "run_id": self.run_id,
+                "node": self.node,
+                **self._fields,
+                "healthy": healthy,
+                "reason": why,
+                "restarts_in_window": len(self._restarts),
+                "workers": workers,
+            }
+
+
+class HealthServer:
+    """Serves a :class:`RunStatus` over HTTP from a daemon thread; ``port=0`` picks one."""
+
+    def __init__(self, status: RunStatus, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.status = status
+        self._server = ThreadingHTTPServer((host, port), _handler(status))
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health-server", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def _handler(status: RunStatus) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in ("/healthz", "/readyz"):
+                ok, why = status.health() if path == "/healthz" else status.ready()
+                text = f"{'ok' if ok else 'unhealthy'}: {why}\n"
+                self._send(200 if ok else 503, "text/plain", text)
+            elif path == "/status":
+                self._send(200, "application/json", json.dumps(status.snapshot(), indent=1) + "\n")
+            else:
+                self._send(404, "text/plain", "try /healthz, /readyz or /status\n")
+
+        def _send(self, code: int, kind: str, body: str) -> None:
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("health: " + format, *args)
+
+    return Handler
