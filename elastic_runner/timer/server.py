@@ -218,9 +218,7 @@ class FileTimerServer:
             expiry = TimerExpiry(
                 pid, scope, round(timer.expiration - timer.armed_at, 3), timer.signal
             )
-            log.debug(
-                "timer for scope %s of pid %d expired after %.1f s", scope, pid, expiry.after
-            )
+            log.debug("timer for scope %s of pid %d expired after %.1f s", scope, pid, expiry.after)
             # Every other timer of that process goes with it (its tree is about to stop).
             for other in [k for k in self._timers if k[0] == pid]:
                 del self._timers[other]
