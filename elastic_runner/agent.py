@@ -177,6 +177,7 @@ class ElasticAgent:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
             self._rdzv.shutdown()
+            self._emit_agent("elastic_runner.shutdown")
 
     def _loop(self) -> RunResult:
         self._start_attempt()
@@ -194,6 +195,7 @@ class ElasticAgent:
                 if self._rdzv.exit_barrier():
                     return self._finish(WorkerState.SUCCEEDED)
                 # the job re-forms (another node failed or left): run again with it
+                self._emit_agent("elastic_runner.membership.changed", during="exit barrier")
                 self._emit_agent("elastic_runner.restart", reason="membership_change")
                 self._start_attempt()
             if state == WorkerState.FAILED:
@@ -216,6 +218,7 @@ class ElasticAgent:
                     return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
                 self._start_attempt(failed=True)
             elif self._membership_changed:
+                self._emit_agent("elastic_runner.membership.changed", during="run")
                 self._stop_workers(signal.SIGTERM)
                 self._emit_agent("elastic_runner.restart", reason="membership_change")
                 self._start_attempt()
@@ -239,6 +242,7 @@ class ElasticAgent:
         refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
         if refusal is not None:
             raise _Refused(refusal)
+        self._emit_agent("elastic_runner.rendezvous.join", next_attempt=group.attempt + 1)
         t0 = self._clock()
         info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
         # Only now: a notification about the round we left is stale; what concerns the new
@@ -300,6 +304,13 @@ class ElasticAgent:
                     heartbeat=self._hangs is not None and self._hangs.wants_heartbeat,
                 )
             )
+        self._emit_agent(
+            "elastic_runner.ranks.assigned",
+            ranks=[w.global_rank for w in group.workers],
+            role_ranks=[w.role_rank for w in group.workers],
+            world_size=ranks.world_size,
+            master=f"{group.master_addr}:{group.master_port}",
+        )
         self._oom_kills_at_start = oom_kill_count()
         t_start = self._clock()
         pids = self._launcher.start(launches)
@@ -523,7 +534,7 @@ class ElasticAgent:
     # -- events -------------------------------------------------------------------------
 
     def _emit_agent(self, name: str, **metadata: object) -> None:
-        self._emit(name, "AGENT", None, None, metadata)
+        self._emit(name, "AGENT", None, self.group.state.value, metadata)
 
     def _emit_worker(self, state: str, rank: int, **metadata: object) -> None:
         self._emit(f"torchelastic.worker.status.{state}", "WORKER", rank, state, metadata)

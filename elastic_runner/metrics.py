@@ -1,18 +1,32 @@
-"""Metric handlers. Built-in: ``none`` (discards). The handler interface is what plugins
-(for example elastic-runner-prometheus) implement."""
+"""Metric handlers. Built-in: ``none`` (discards; torch's null handler), ``console`` and
+``jsonl``. The handler interface is what plugins (for example elastic-runner-prometheus)
+implement; :data:`METRICS` is the catalogue of what the agent puts."""
 
 from __future__ import annotations
 
 import enum
+import json
+import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol
 
 from elastic_runner.config import MetricsConfig
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 
-__all__ = ["METRICS", "MetricHandler", "MetricInfo", "MetricKind", "NoMetrics", "NoMetricsConfig"]
+__all__ = [
+    "METRICS",
+    "ConsoleMetrics",
+    "JsonlMetrics",
+    "MetricHandler",
+    "MetricInfo",
+    "MetricKind",
+    "NoMetrics",
+    "NoMetricsConfig",
+]
 
 
 class MetricKind(str, enum.Enum):
@@ -77,8 +91,20 @@ class NoMetricsConfig(MetricsConfig):
     handler: str = "none"
 
 
+@dataclass
+class ConsoleMetricsConfig(MetricsConfig):
+    handler: str = "console"
+
+
+@dataclass
+class JsonlMetricsConfig(MetricsConfig):
+    handler: str = "jsonl"
+    #: File in the run directory, one JSON object a line.
+    file: str = "metrics.jsonl"
+
+
 class NoMetrics:
-    """Discards every value."""
+    """Discards every value (torch's null handler): ``metrics=none``."""
 
     def put(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
         """Discard."""
@@ -87,6 +113,61 @@ class NoMetrics:
         """Nothing to release."""
 
 
+def _label_text(labels: Mapping[str, str] | None) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+class ConsoleMetrics:
+    """One line per value on stderr: ``[metric] workers.failures{kind=EXIT_CODE} 1``."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream
+
+    def put(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(f"[metric] {name}{_label_text(labels)} {value:g}\n")
+
+    def close(self) -> None:
+        """Nothing to release (stderr stays open)."""
+
+
+class JsonlMetrics:
+    """Appends ``{"name", "value", "labels", "kind", "timestamp"}`` per value; flushed per
+    line, so a crash loses nothing."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def put(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
+        info = METRICS.get(name)
+        record = {
+            "name": name,
+            "value": value,
+            "labels": dict(labels or {}),
+            "kind": info.kind.value if info else MetricKind.GAUGE.value,
+            "timestamp": time.time(),
+        }
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @hookimpl
 def elastic_runner_metric_handlers() -> Sequence[ComponentSpec]:
-    return [ComponentSpec("none", lambda c, ctx: NoMetrics(), NoMetricsConfig, "discard")]
+    return [
+        ComponentSpec("none", lambda c, ctx: NoMetrics(), NoMetricsConfig, "discard (null)"),
+        ComponentSpec(
+            "console", lambda c, ctx: ConsoleMetrics(), ConsoleMetricsConfig, "lines on stderr"
+        ),
+        ComponentSpec(
+            "jsonl",
+            lambda c, ctx: JsonlMetrics(ctx.run_dir / c.file),
+            JsonlMetricsConfig,
+            "metrics.jsonl in the run directory",
+        ),
+    ]

@@ -140,7 +140,45 @@ def test_happy_path_succeeds_without_spending_restarts(tmp_path: Path) -> None:
     assert (result.attempts, result.restart_count) == (1, 0)
     assert rdzv.rounds == 1 and rdzv.shut and rdzv.barriers == 1
     assert events.names().count("START") == 2
-    assert events.names()[-1] == "torchelastic.worker.status.SUCCEEDED"
+    assert events.names()[-2:] == [
+        "torchelastic.worker.status.SUCCEEDED",
+        "elastic_runner.shutdown",
+    ]
+
+
+def test_event_sequence_of_a_run_with_one_restart(tmp_path: Path) -> None:
+    agent, _, _, events = make_agent(tmp_path, [[[(1, 3)]], [[(0, 0), (1, 0)]]], max_restarts=1)
+    agent.run()
+    assert events.names() == [
+        "elastic_runner.rendezvous.join",
+        "torchelastic.worker.status.RENDEZVOUS",
+        "elastic_runner.ranks.assigned",
+        "START",
+        "START",
+        "FAILED",  # rank 1, exit code 3
+        "TERMINATED",  # rank 0, stopped by the agent
+        "elastic_runner.restart",
+        "elastic_runner.rendezvous.join",
+        "torchelastic.worker.status.RENDEZVOUS",
+        "elastic_runner.ranks.assigned",
+        "START",
+        "START",
+        "SUCCEEDED",
+        "SUCCEEDED",
+        "torchelastic.worker.status.SUCCEEDED",
+        "elastic_runner.shutdown",
+    ]
+    failed = next(e for e in events.events if e.state == "FAILED")
+    assert (failed.rank, failed.metadata["failure"], failed.metadata["exit_code"]) == (
+        1,
+        "EXIT_CODE",
+        3,
+    )
+    assigned = [e for e in events.events if e.name == "elastic_runner.ranks.assigned"]
+    assert assigned[1].metadata["ranks"] == [0, 1] and assigned[1].metadata["restart_count"] == 1
+    assert {e.run_id for e in events.events} == {"rid"} and {e.node for e in events.events} == {
+        "node0"
+    }
 
 
 def test_failure_stops_the_group_and_restarts_it(tmp_path: Path) -> None:

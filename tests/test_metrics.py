@@ -3,12 +3,22 @@ itself against a reference handler that it must accept and a broken one it must 
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from elastic_runner.metrics import METRICS, MetricHandler, MetricKind, NoMetrics
+from elastic_runner.metrics import (
+    METRICS,
+    ConsoleMetrics,
+    JsonlMetrics,
+    MetricHandler,
+    MetricKind,
+    NoMetrics,
+)
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
 
 
@@ -58,3 +68,41 @@ def test_the_suite_catches_counters_that_do_not_add_up() -> None:
     suite = TestReference()
     with pytest.raises(AssertionError):
         suite.test_counters_add_up_per_label(lambda: Recorder(counters_add=False))
+
+
+def aggregate(records: list[dict[str, Any]], name: str, labels: Mapping[str, str]) -> float:
+    """What a reader of metrics.jsonl makes of the lines, by the catalogue's kinds."""
+    mine = [r for r in records if r["name"] == name]
+    if name == "group.state":
+        return 1.0 if mine and mine[-1]["labels"] == dict(labels) else 0.0
+    mine = [r for r in mine if r["labels"] == dict(labels)]
+    kind = METRICS[name].kind
+    if kind is MetricKind.COUNTER:
+        return float(sum(r["value"] for r in mine))
+    if kind is MetricKind.DURATION:
+        return float(len(mine))
+    return float(mine[-1]["value"]) if mine else 0.0
+
+
+class TestJsonlMetrics(MetricHandlerSuite):
+    @pytest.fixture
+    def make_handler(self, tmp_path: Path) -> Callable[[], MetricHandler]:
+        self.path = tmp_path / "metrics.jsonl"
+        self.path.unlink(missing_ok=True)
+        return lambda: JsonlMetrics(self.path)
+
+    def observed(self, handler: Any, name: str, labels: Mapping[str, str]) -> float | None:
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        return aggregate(records, name, labels)
+
+
+class TestConsoleMetrics(MetricHandlerSuite):
+    @pytest.fixture
+    def make_handler(self) -> Callable[[], MetricHandler]:
+        self.stream = io.StringIO()
+        return lambda: ConsoleMetrics(self.stream)
+
+    def test_lines(self) -> None:
+        stream = io.StringIO()
+        ConsoleMetrics(stream).put("workers.failures", 1, {"kind": "EXIT_CODE"})
+        assert stream.getvalue() == "[metric] workers.failures{kind=EXIT_CODE} 1\n"
