@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,7 @@ from elastic_runner.spec import (
     WorkerSpec,
     WorkerState,
 )
+from elastic_runner.sweep import PointResult
 from elastic_runner.timer.server import NoTimerServer
 from elastic_runner.watchdog import HangDetector, Watchdog
 from elastic_runner.workers.command import resolve_command
@@ -90,10 +92,13 @@ def main() -> None:
     codes: list[int] = []
 
     def task(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf.errors import OmegaConfBaseException
 
+        started = time.monotonic()
+        hydra_cfg = HydraConfig.get()
         try:
-            codes.append(run_job(cfg, plugins, base_env))
+            outcome = run_job(cfg, plugins, base_env)
         except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
             message = (
                 str(exc)
@@ -101,7 +106,20 @@ def main() -> None:
                 else describe_hydra_error(exc, sys.argv[1:], plugins.broken)
             )
             print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
-            codes.append(EXIT_CONFIG_ERROR)
+            outcome = PointResult(
+                [],
+                EXIT_CONFIG_ERROR,
+                "CONFIG ERROR",
+                0.0,
+                hydra_cfg.runtime.output_dir,
+                error=message,
+            )
+        outcome.overrides = list(hydra_cfg.overrides.task)
+        outcome.seconds = round(time.monotonic() - started, 3)
+        outcome.num = getattr(hydra_cfg.job, "num", None)
+        with contextlib.suppress(OSError):
+            outcome.write()
+        codes.append(outcome.exit_code)
 
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -129,8 +147,8 @@ def main() -> None:
     sys.exit(code)
 
 
-def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]) -> int:
-    """One whole elastic run from a composed config; returns the exit code."""
+def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]) -> PointResult:
+    """One whole elastic run from a composed config; returns how it ended."""
     from hydra.core.hydra_config import HydraConfig
 
     registry = plugins.registry
@@ -168,7 +186,7 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     try:
         rdzv = _build(registry, ComponentKind.RENDEZVOUS, conf.rdzv, context)
     except RendezvousError as exc:
-        return _rendezvous_failed(exc, lifecycle)
+        return _outcome(_rendezvous_failed(exc, lifecycle), run_dir, run_id)
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
@@ -183,7 +201,7 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
         with handle_signals(agent.request_stop, handled - ignored, ignored):
             result = agent.run()
     except RendezvousError as exc:
-        return _rendezvous_failed(exc, lifecycle, agent)
+        return _outcome(_rendezvous_failed(exc, lifecycle, agent), run_dir, run_id)
     finally:
         supervisor.close()
         guardian.close()
@@ -200,7 +218,30 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     lifecycle.run_end(result)
     if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
         write_nested_error_file(result, nested)
-    return result.exit_code
+    return _outcome(result, run_dir, run_id)
+
+
+def _outcome(result: RunResult, run_dir: Path, run_id: str) -> PointResult:
+    root = result.root_cause
+    error = None
+    if root is not None:
+        error = f"rank {root.exit.global_rank}: {root.describe()}"
+        if root.message:
+            error += f": {root.message}"
+    state = result.state.value
+    if result.signal is not None:
+        state = f"STOPPED by {signal.Signals(result.signal).name}"
+    return PointResult(
+        overrides=[],
+        exit_code=result.exit_code,
+        state=state,
+        seconds=0.0,
+        run_dir=str(run_dir),
+        run_id=run_id,
+        attempts=result.attempts,
+        restarts=result.restart_count,
+        error=error or result.ended_because or None,
+    )
 
 
 def _make_agent(
@@ -278,18 +319,17 @@ def _health_server(conf: ElasticRunConfig, status: RunStatus) -> HealthServer | 
 
 def _rendezvous_failed(
     exc: RendezvousError, lifecycle: Lifecycle, agent: ElasticAgent | None = None
-) -> int:
+) -> RunResult:
     print(f"elastic-run: rendezvous failed: {exc}", file=sys.stderr, flush=True)
     group = agent.group if agent else None
-    lifecycle.run_end(
-        RunResult(
-            state=WorkerState.FAILED,
-            attempts=group.attempt if group else 0,
-            restart_count=group.restart_count if group else 0,
-            ended_because=f"rendezvous failed: {exc}",
-        )
+    result = RunResult(
+        state=WorkerState.FAILED,
+        attempts=group.attempt if group else 0,
+        restart_count=group.restart_count if group else 0,
+        ended_because=f"rendezvous failed: {exc}",
     )
-    return 1
+    lifecycle.run_end(result)
+    return result
 
 
 @contextlib.contextmanager
