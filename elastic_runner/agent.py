@@ -130,6 +130,7 @@ class ElasticAgent:
         self._failures: list[Failure] = []
         self._kill_reasons: dict[int, tuple[FailureKind, str]] = {}
         self._attempt_started = 0.0
+        self._attempt_started_wall = 0.0
         #: When the last failed attempt's first failure was seen (for recovery time).
         self._failed_at: float | None = None
         self._oom_kills_at_start: int | None = None
@@ -315,6 +316,7 @@ class ElasticAgent:
         t_start = self._clock()
         pids = self._launcher.start(launches)
         self._attempt_started = self._clock()
+        self._attempt_started_wall = time.time()
         group.state = WorkerState.HEALTHY
         self._metrics.put("workers.start_latency_s", self._attempt_started - t_start)
         if self._failed_at is not None:
@@ -529,6 +531,7 @@ class ElasticAgent:
             failures=sorted(self._failures, key=lambda f: f.timestamp),
             peak_rss=dict(self._peak_rss),
             ended_because=reason,
+            started_at=self._attempt_started_wall,
         )
 
     # -- events -------------------------------------------------------------------------

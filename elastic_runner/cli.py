@@ -38,6 +38,7 @@ from elastic_runner.config import (
 )
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
+from elastic_runner.live import LiveView, wants_live
 from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, PluginLoadWarning, load_plugins
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.rendezvous.api import RendezvousError
@@ -88,6 +89,7 @@ def main() -> None:
     except PluginError as exc:  # two plugins claim one name; a schema of the wrong base
         _config_error(str(exc))
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
+    sys.argv[1:] = _quote_null_options(sys.argv[1:])
 
     codes: list[int] = []
 
@@ -116,7 +118,7 @@ def main() -> None:
             )
         outcome.overrides = list(hydra_cfg.overrides.task)
         outcome.seconds = round(time.monotonic() - started, 3)
-        outcome.num = getattr(hydra_cfg.job, "num", None)
+        outcome.num = OmegaConf.select(hydra_cfg, "job.num", default=None)  # type: ignore[arg-type]
         with contextlib.suppress(OSError):
             outcome.write()
         codes.append(outcome.exit_code)
@@ -190,8 +192,11 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
+    view = None
+    if wants_live(str(conf.logs.live).lower()):
+        view = LiveView(status, waiting=getattr(rdzv, "progress", lambda: None))
     supervisor, agent = _make_agent(
-        conf, spec, rdzv, context, events, metrics, base_env, lifecycle, timer, status
+        conf, spec, rdzv, context, events, metrics, base_env, lifecycle, timer, status, view
     )
     timer.start()
     guardian = Guardian(supervisor.marker, run_id)
@@ -199,7 +204,13 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
         handled = parse_signals("signals", list(HANDLED_SIGNALS))
         ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
         with handle_signals(agent.request_stop, handled - ignored, ignored):
-            result = agent.run()
+            if view is not None:
+                view.start()
+            try:
+                result = agent.run()
+            finally:
+                if view is not None:
+                    view.stop()
     except RendezvousError as exc:
         return _outcome(_rendezvous_failed(exc, lifecycle, agent), run_dir, run_id)
     finally:
@@ -255,12 +266,18 @@ def _make_agent(
     lifecycle: Lifecycle,
     timer: Any,
     status: RunStatus,
+    view: LiveView | None,
 ) -> tuple[ProcessSupervisor, ElasticAgent]:
     logs = conf.logs
     console: Console | None = None
     if logs.tee:
         fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
-        console = CollapsingConsole(fds, logs.collapse_window) if logs.collapse else Console(fds)
+        sink = view.sink if view else None
+        console = (
+            CollapsingConsole(fds, logs.collapse_window, sink=sink)
+            if logs.collapse
+            else Console(fds, sink=sink)
+        )
     supervisor = ProcessSupervisor(
         marker=uuid.uuid4().hex, console=console, console_ranks=logs.console_ranks
     )
@@ -330,6 +347,13 @@ def _rendezvous_failed(
     )
     lifecycle.run_end(result)
     return result
+
+
+def _quote_null_options(argv: list[str]) -> list[str]:
+    """``events=null`` selects the option named ``null``: Hydra's grammar reads an unquoted
+    ``null`` as None, which it rejects for a config group with a traceback."""
+    groups = "|".join(kind.group for kind in ComponentKind)
+    return [re.sub(rf"^(\+{{0,2}}(?:{groups}))=null$", r"\1='null'", arg) for arg in argv]
 
 
 @contextlib.contextmanager

@@ -102,6 +102,9 @@ class LogsConfig:
     collapse: bool = False
     #: Seconds a line waits for the same line from other ranks before it is printed.
     collapse_window: float = 0.2
+    #: A live table of the workers under their output: auto (when stderr is a terminal),
+    #: true, false.
+    live: str = "auto"
 
 
 @dataclass
@@ -352,6 +355,8 @@ def validate(cfg: ElasticRunConfig) -> None:
         raise ConfigError(
             "resources.interval", 0, "job.limits.memory needs sampling: expected seconds > 0"
         )
+    if str(cfg.logs.live).lower() not in ("auto", "true", "false"):
+        raise ConfigError("logs.live", cfg.logs.live, "allowed: auto, true, false")
     stack_modes = ("auto", "py-spy", "faulthandler", "none")
     if cfg.watchdog.stacks not in stack_modes:
         raise ConfigError(

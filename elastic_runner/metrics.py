@@ -92,6 +92,11 @@ class NoMetricsConfig(MetricsConfig):
 
 
 @dataclass
+class NullMetricsConfig(MetricsConfig):
+    handler: str = "null"
+
+
+@dataclass
 class ConsoleMetricsConfig(MetricsConfig):
     handler: str = "console"
 
@@ -160,7 +165,8 @@ class JsonlMetrics:
 @hookimpl
 def elastic_runner_metric_handlers() -> Sequence[ComponentSpec]:
     return [
-        ComponentSpec("none", lambda c, ctx: NoMetrics(), NoMetricsConfig, "discard (null)"),
+        ComponentSpec("none", lambda c, ctx: NoMetrics(), NoMetricsConfig, "discard"),
+        ComponentSpec("null", lambda c, ctx: NoMetrics(), NullMetricsConfig, "discard"),
         ComponentSpec(
             "console", lambda c, ctx: ConsoleMetrics(), ConsoleMetricsConfig, "lines on stderr"
         ),

@@ -13,7 +13,7 @@ from pathlib import Path
 from elastic_runner.spec import Failure, RunResult, WorkerExit, WorkerSpec
 from elastic_runner.workers.resources import format_bytes
 
-__all__ = ["format_report", "stderr_tail", "write_nested_error_file"]
+__all__ = ["format_report", "rank_table", "stderr_tail", "write_nested_error_file"]
 
 TAIL_LINES = 10
 TRACEBACK_LINES = 30
@@ -70,11 +70,7 @@ def format_report(
 ) -> str:
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
     attempts = _count(result.attempts, "attempt")
-    peaks = ""
-    if result.peak_rss:
-        peaks = "  peak RSS: " + ", ".join(
-            f"rank {rank} {format_bytes(rss)}" for rank, rss in sorted(result.peak_rss.items())
-        )
+    peaks = rank_table(result)
     if result.signal is not None and not result.failures:
         text = (
             f"elastic-run: stopped by {signal.Signals(result.signal).name} after {attempts}; "
@@ -112,6 +108,41 @@ def format_report(
         out.append(peaks)
     out.append(f"  run directory: {run_dir}")
     return "\n".join(out)
+
+
+def rank_table(result: RunResult) -> str:
+    """One line per rank of the last attempt: how it ended, how long it ran, its peak RSS
+    and the group's restarts."""
+    if not result.exits:
+        return ""
+    rows = [("rank", "result", "ran", "peak RSS", "restarts")]
+    for e in sorted(result.exits, key=lambda e: e.global_rank):
+        if e.stopped_by_agent and not any(
+            f.exit.global_rank == e.global_rank for f in result.failures
+        ):
+            outcome = f"stopped ({e.signal_name or e.returncode})"
+        else:
+            outcome = "ok" if e.succeeded else e.describe()
+        ran = f"{e.timestamp - result.started_at:.1f} s" if result.started_at else "-"
+        rss = result.peak_rss.get(e.global_rank)
+        rows.append(
+            (
+                str(e.global_rank),
+                outcome,
+                ran,
+                format_bytes(rss) if rss else "-",
+                str(result.restart_count),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(
+        "  "
+        + "  ".join(
+            cell.rjust(w) if i in (0, 2, 3, 4) else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
 
 
 def write_nested_error_file(result: RunResult, path: str) -> None:

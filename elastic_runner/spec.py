@@ -223,6 +223,8 @@ class RunResult:
     peak_rss: dict[int, int] = field(default_factory=dict)
     #: Why the run ended when it did not succeed (restarts used up, a signal ...).
     ended_because: str = ""
+    #: Wall-clock time the last attempt's workers started (0: none started).
+    started_at: float = 0.0
 
     @property
     def root_cause(self) -> Failure | None:

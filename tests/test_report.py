@@ -68,7 +68,31 @@ def test_root_cause_first_then_others_then_victims(tmp_path: Path) -> None:
     )
     assert also > 1
     assert "  stopped by the agent: ranks 1" in lines
-    assert "  peak RSS: rank 0 1.0 MiB, rank 3 3.0 GiB" in lines
+    table = lines[lines.index("  rank  result             ran  peak RSS  restarts") :]
+    assert table[1:4] == [
+        "     0  exit code 1          -   1.0 MiB         2",
+        "     1  stopped (SIGTERM)    -         -         2",
+        "     3  killed by SIGKILL    -   3.0 GiB         2",
+    ]
+
+
+def test_rank_table_gives_how_long_each_rank_ran() -> None:
+    from elastic_runner.report import rank_table
+
+    started = 1000.0
+    result = RunResult(
+        WorkerState.SUCCEEDED,
+        1,
+        0,
+        [WorkerExit(0, 0, 10, 0, timestamp=started + 12.34), WorkerExit(1, 1, 11, 0, started + 2)],
+        peak_rss={0: 5 * 2**20},
+        started_at=started,
+    )
+    assert rank_table(result).splitlines() == [
+        "  rank  result     ran  peak RSS  restarts",
+        "     0  ok      12.3 s   5.0 MiB         0",
+        "     1  ok       2.0 s         -         0",
+    ]
 
 
 def test_traceback_from_stderr_is_not_repeated_as_tail(tmp_path: Path) -> None:

@@ -195,6 +195,8 @@ class DynamicRendezvous:
         self.node_id = f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self._p = f"rdzv/{settings.run_id}/"
         self._round: int | None = None
+        #: (arrived or -1, min, max, deadline, last call) while in next_round
+        self._progress: tuple[int, int, int, float, float | None] | None = None
         self._members: list[str] = []
         self._callback: Callable[[], None] | None = None
         self._stop = threading.Event()
@@ -217,6 +219,8 @@ class DynamicRendezvous:
             return self._next_round(node, failed)
         except StoreError as exc:
             raise RendezvousError(f"rendezvous store at {self._endpoint}: {exc}") from None
+        finally:
+            self._progress = None
 
     def exit_barrier(self) -> bool:
         """Wait (up to exit_barrier_timeout) until every member of the round finished.
@@ -339,8 +343,10 @@ class DynamicRendezvous:
             if done is not None:
                 record = json.loads(done)
                 if self.node_id in (m[0] for m in record):
+                    self._progress = None
                     return self._complete(n, record)
                 self._set_waiting(True)  # the round is under way without us
+                self._progress = (-1, s.min_nodes, s.max_nodes, deadline, None)
             else:
                 self._set_waiting(False)
                 joined = self._join(n, node)
@@ -348,6 +354,7 @@ class DynamicRendezvous:
                     last_call = None
                 elif last_call is None:
                     last_call = self._clock() + s.last_call_timeout
+                self._progress = (len(joined), s.min_nodes, s.max_nodes, deadline, last_call)
                 if len(joined) >= s.max_nodes or (
                     last_call is not None and self._clock() >= last_call
                 ):
@@ -367,6 +374,28 @@ class DynamicRendezvous:
             watched = f"{p}r{n}/done" if done is None else p + "round"
             with contextlib.suppress(StoreTimeoutError):
                 store.wait_for_change(watched, version, min(left, s.heartbeat_timeout))
+
+    def progress(self) -> str | None:
+        """What this node waits for in a rendezvous now, for status displays (``None``
+        when it is not waiting); safe to call from another thread."""
+        progress = self._progress
+        if progress is None:
+            return None
+        arrived, lo, hi, deadline, last_call = progress
+        now = self._clock()
+        if arrived < 0:
+            return f"a round is under way without this node; {deadline - now:.0f} s left to join"
+        if arrived < lo:
+            return (
+                f"waiting for {lo - arrived} more node(s) ({arrived} of {lo}), "
+                f"{max(0.0, deadline - now):.0f} s left"
+            )
+        if last_call is not None and arrived < hi:
+            return (
+                f"{arrived} node(s) in, up to {hi} welcome: starting in "
+                f"{max(0.0, last_call - now):.0f} s"
+            )
+        return f"{arrived} node(s) in: starting"
 
     @staticmethod
     def _order_key(node_id: str, record: dict[str, Any]) -> tuple[int, str]:

@@ -46,13 +46,23 @@ class WorkerLogPaths:
 
 class Console:
     """Where teed lines go: each line with its worker's prefix, written whole to the fd of
-    its stream (1 = stdout, 2 = stderr)."""
+    its stream (1 = stdout, 2 = stderr), or handed to ``sink(stream, data)`` (the live
+    status display prints them above its table)."""
 
-    def __init__(self, fds: dict[int, int]) -> None:
+    def __init__(
+        self, fds: dict[int, int], sink: Callable[[int, bytes], None] | None = None
+    ) -> None:
         self._fds = fds
+        self._sink = sink
+
+    def _emit(self, stream: int, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(stream, data)
+        else:
+            _write_all(self._fds[stream], data)
 
     def write(self, stream: int, rank: int, prefix: bytes, lines: list[bytes]) -> None:
-        _write_all(self._fds[stream], b"".join(prefix + line for line in lines))
+        self._emit(stream, b"".join(prefix + line for line in lines))
 
     def expect(self, ranks: int) -> None:
         """How many ranks write to the console in this attempt."""
@@ -80,9 +90,13 @@ class CollapsingConsole(Console):
     """
 
     def __init__(
-        self, fds: dict[int, int], window: float, clock: Callable[[], float] = time.monotonic
+        self,
+        fds: dict[int, int],
+        window: float,
+        clock: Callable[[], float] = time.monotonic,
+        sink: Callable[[int, bytes], None] | None = None,
     ) -> None:
-        super().__init__(fds)
+        super().__init__(fds, sink)
         self._window = window
         self._clock = clock
         self._expected = 0
@@ -116,7 +130,7 @@ class CollapsingConsole(Console):
             del self._pending[key]
             stream, line = key
             prefix = entry.prefix if len(entry.ranks) == 1 else _ranks_prefix(entry.ranks)
-            _write_all(self._fds[stream], prefix + line)
+            self._emit(stream, prefix + line)
 
 
 def _ranks_prefix(ranks: list[int]) -> bytes:

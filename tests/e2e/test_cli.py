@@ -129,7 +129,7 @@ def test_hello_preset_succeeds(elastic_run: ElasticRunner) -> None:
         log = run.run_dir / "attempt_1" / str(rank) / "stdout.log"
         assert log.read_text().startswith(f"hello from rank {rank} of 4")
     names = [e["name"] for e in run.events()]
-    assert names[0] == "torchelastic.worker.status.RENDEZVOUS"
+    assert names[:2] == ["elastic_runner.rendezvous.join", "torchelastic.worker.status.RENDEZVOUS"]
     assert names.count("torchelastic.worker.status.START") == 4
     assert names.count("torchelastic.worker.status.SUCCEEDED") == 5  # 4 workers + agent
 

@@ -99,8 +99,10 @@ def test_memory_limit_kills_and_reports_the_worker(
     report = _report(run.stderr)
     assert "killed by SIGKILL (over its memory limit); RSS" in report[1]
     assert "> job.limits.memory 150.0 MiB" in report[1]
-    peak = next(line for line in report if line.startswith("  peak RSS:"))
-    assert "rank 0 " in peak and "rank 1 " in peak
+    table = report[report.index(next(r for r in report if r.startswith("  rank  result"))) :]
+    rows = {row.split()[0]: row for row in table[1:3]}
+    assert "killed by SIGKILL" in rows["0"] and "MiB" in rows["0"]  # rank 0 grew
+    assert "stopped (SIGTERM)" in rows["1"]  # rank 1 was stopped with the group
     failed = [e for e in run.events() if e["state"] == "FAILED"]
     assert failed[0]["metadata"]["failure"] == "MEMORY_LIMIT"
     assert run.seconds < 20
@@ -115,7 +117,11 @@ def test_restart_backoff_spaces_the_attempts(elastic_run: ElasticRunner, tmp_pat
     )
     assert run.returncode == 1
     events = run.events()
-    failed = [e["metadata"]["detected_at"] for e in events if e["state"] == "FAILED"]
+    failed = [
+        e["metadata"]["detected_at"]
+        for e in events
+        if e["source"] == "WORKER" and e["state"] == "FAILED"
+    ]
     starts = [e["timestamp"] for e in events if e["state"] == "START"]
     assert len(starts) == 3
     assert starts[1] - failed[0] >= 0.3

@@ -139,9 +139,9 @@ def test_a_plugin_schema_composes_and_validates(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     names = (run_dir / "names.txt").read_text().splitlines()
-    assert names[0] == "torchelastic.worker.status.RENDEZVOUS"
+    assert names[:2] == ["elastic_runner.rendezvous.join", "torchelastic.worker.status.RENDEZVOUS"]
     assert names.count("torchelastic.worker.status.START") == 4  # +job=hello: 4 workers
-    assert names[-1] == "torchelastic.worker.status.SUCCEEDED"
+    assert names[-2:] == ["torchelastic.worker.status.SUCCEEDED", "elastic_runner.shutdown"]
     code, err = run(elastic_run, env_with_plugins, "+job=hello", "events=sample", "events.fiel=x")
     assert code == 2
     assert err.strip().splitlines()[-1] == (

@@ -4,8 +4,9 @@
 Modes: silent (prints once, then blocks in ``wait_for_peer``) | heartbeat (beats five
 times, then blocks in ``wait_for_peer``) | timer (arms ``elastic_runner.timer.expires``
 for 1 s around a 60 s block in ``train_step``, with a child process in its tree) |
-torch-timer (the same through torch's FileTimerClient) | exit-first (exit 3 at once; on
-the next attempt run until OUT/release exists). Writes OUT/pids_r<RANK>.txt with its pid
+torch-timer (the same through torch's FileTimerClient) | exit-first (the chosen ranks exit
+3 at once, the others wait to be stopped; on the next attempt run until OUT/release
+exists). Writes OUT/pids_r<RANK>.txt with its pid
 and its child's pid.
 """
 
@@ -19,8 +20,10 @@ ranks = {int(r) for r in sys.argv[3].split(",")} if len(sys.argv) > 3 else None
 rank = int(os.environ["RANK"])
 print(f"rank {rank} started", flush=True)
 if mode == "exit-first":
-    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and (ranks is None or rank in ranks):
-        sys.exit(3)
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        if ranks is None or rank in ranks:
+            sys.exit(3)
+        time.sleep(60)  # the others wait to be stopped with the group
     while not os.path.exists(os.path.join(out, "release")):
         time.sleep(0.02)
     sys.exit(0)
