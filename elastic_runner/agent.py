@@ -23,7 +23,6 @@ from typing import Protocol
 
 from elastic_runner.events import Event, EventSink
 from elastic_runner.failures import diagnose, oom_kill_count
-from elastic_runner.health import RunStatus
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
@@ -102,7 +101,6 @@ class ElasticAgent:
         lifecycle: Lifecycle | None = None,
         hangs: HangDetector | None = None,
         timers: TimerServer | None = None,
-        status: RunStatus | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -121,7 +119,6 @@ class ElasticAgent:
         self._lifecycle = lifecycle or NoLifecycle()
         self._hangs = hangs
         self._timers = timers
-        self._status = status
         self._clock = clock
         self._stop_signal: int | None = None
         self._membership_changed = False
@@ -162,8 +159,6 @@ class ElasticAgent:
         self._rdzv.on_membership_change(self._on_membership_change)
         if self._timers is not None:
             self._timers.on_expired(self._on_timer_expired)
-        if self._status is not None:
-            self._status.watch(self._launcher.activity, lambda: self.usage)
         try:
             return self._loop()
         except _Refused as refused:
@@ -200,7 +195,6 @@ class ElasticAgent:
                 self._emit_agent("elastic_runner.restart", reason="membership_change")
                 self._start_attempt()
             if state == WorkerState.FAILED:
-                self._report_problem()
                 self._stop_workers(signal.SIGTERM)
                 reason = self._why_not_restart()
                 self._lifecycle.worker_failure(
@@ -212,9 +206,6 @@ class ElasticAgent:
                     self._rdzv.fail_job(reason)
                     return self._finish(WorkerState.FAILED, reason)
                 self._emit_agent("elastic_runner.restart", reason="failure")
-                if self._status is not None:
-                    self._status.restarted()
-                    self._status.set(phase="restarting")
                 if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
                     return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
                 self._start_attempt(failed=True)
@@ -236,8 +227,6 @@ class ElasticAgent:
         group, spec = self.group, self.spec
         group.state = WorkerState.INIT
         self._put_state()
-        if self._status is not None:
-            self._status.set(phase="rendezvous")
         if self._hangs is not None:
             self._hangs.new_attempt()
         refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
@@ -264,15 +253,6 @@ class ElasticAgent:
             group_world_size=info.group_world_size,
             duration_ms=round(rdzv_s * 1000, 3),
         )
-        if self._status is not None:
-            self._status.set(
-                round=info.round,
-                group_rank=info.group_rank,
-                group_world_size=info.group_world_size,
-                world_size=ranks.world_size,
-                attempt=group.attempt,
-                restart_count=group.restart_count,
-            )
         launches = []
         for w in group.workers:
             w.global_rank = ranks.base_global_rank + w.local_rank
@@ -326,15 +306,6 @@ class ElasticAgent:
         for w in group.workers:
             w.pid = pids[w.local_rank]
             self._emit_worker("START", w.global_rank, pid=w.pid, local_rank=w.local_rank)
-        if self._status is not None:
-            self._status.set(phase="running")
-            self._status.set_problem(None)
-            self._status.set_workers(
-                {
-                    w.local_rank: {"rank": w.global_rank, "pid": w.pid, "state": "HEALTHY"}
-                    for w in group.workers
-                }
-            )
         self._lifecycle.workers_started(group)
         log.info(
             "attempt %d: started %d worker(s) (ranks %d-%d of %d, restart %d/%d)",
@@ -379,10 +350,6 @@ class ElasticAgent:
                 exit_.pid,
                 failure.describe(),
             )
-        if self._status is not None:
-            self._status.set_worker(
-                exit_.local_rank, state=state, pid=None, exit_code=exit_.returncode
-            )
         self._emit_worker(
             state,
             exit_.global_rank,
@@ -423,18 +390,9 @@ class ElasticAgent:
             rank = self.group.workers[order.local_rank].global_rank
             log.error("worker rank %d: %s", rank, order.detail)
             self._emit_agent(order.event, rank=rank, detail=order.detail, **order.metadata)
-            if self._status is not None:
-                self._status.set_problem(f"rank {rank}: {order.detail}")
             if order.signal > 0 and order.local_rank not in self._kill_reasons:
                 self._kill_reasons[order.local_rank] = (order.kind, order.detail)
                 self._launcher.kill(order.local_rank, order.signal)
-
-    def _report_problem(self) -> None:
-        if self._status is not None and self._failures:
-            root = min(self._failures, key=lambda f: f.timestamp)
-            self._status.set_problem(
-                f"worker rank {root.exit.global_rank} failed: {root.describe()}"
-            )
 
     def _sample_resources(self) -> None:
         running = {w.local_rank: w.pid for w in self.group.workers if w.pid is not None}
@@ -489,8 +447,6 @@ class ElasticAgent:
 
     def _put_state(self) -> None:
         self._metrics.put("group.state", 1, {"state": self.group.state.value})
-        if self._status is not None:
-            self._status.set(state=self.group.state.value)
 
     def _has_running_workers(self) -> bool:
         return any(w.pid is not None for w in self.group.workers)
@@ -515,12 +471,6 @@ class ElasticAgent:
         self._stop_workers(signal.SIGTERM)
         self.group.state = state
         self._put_state()
-        if self._status is not None:
-            self._status.set(phase="finished")
-            if state == WorkerState.SUCCEEDED:
-                self._status.set_problem(None)
-            elif reason:
-                self._status.set_problem(reason)
         self._metrics.put("workers.restarts", self.group.restart_count)
         self._emit_agent(f"torchelastic.worker.status.{state.value}", reason=reason)
         return RunResult(

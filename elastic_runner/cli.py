@@ -36,6 +36,7 @@ from elastic_runner.config import (
     register_configs,
     validate,
 )
+from elastic_runner.events import FanOutSink
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.live import LiveView, wants_live
@@ -287,7 +288,7 @@ def _make_agent(
         rdzv,
         supervisor,
         context=context,
-        events=events,
+        events=FanOutSink([events, status]),
         metrics=metrics,
         base_env=base_env,
         log_prefix=logs.prefix,
@@ -304,8 +305,8 @@ def _make_agent(
         lifecycle=lifecycle,
         hangs=_hang_detector(conf, timer),
         timers=timer,
-        status=status,
     )
+    status.watch(supervisor.activity, lambda: agent.usage)
     return supervisor, agent
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "ConsoleEventsConfig",
     "Event",
     "EventSink",
+    "FanOutSink",
     "JsonlEventSink",
     "JsonlEventsConfig",
     "NullEventsConfig",
@@ -74,6 +75,21 @@ class ConsoleEventsConfig(EventsConfig):
 @dataclass
 class NullEventsConfig(EventsConfig):
     sink: str = "null"
+
+
+class FanOutSink:
+    """Gives each event to several sinks in turn (the selected sink, the live status)."""
+
+    def __init__(self, sinks: Sequence[EventSink]) -> None:
+        self.sinks = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.emit(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 class JsonlEventSink:

@@ -8,8 +8,8 @@
 - ``GET /status``: JSON with run id, round, group rank, world size and, per worker, state,
   pid, restarts, CPU, RSS and seconds since its last output.
 
-The agent updates a :class:`RunStatus` at each step of its loop; the server's threads
-only read snapshots of it.
+A :class:`RunStatus` follows the run as an event sink (it sees every event the agent
+emits); the server's threads only read snapshots of it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from elastic_runner.events import Event
 from elastic_runner.spec import WorkerActivity
 from elastic_runner.workers.resources import Usage
 
@@ -63,28 +64,70 @@ class RunStatus:
         self._activity: Callable[[], Mapping[int, WorkerActivity]] = dict
         self._usage: Callable[[], Mapping[int, Usage]] = dict
 
-    # -- written by the agent -----------------------------------------------------------
+    # -- written by the agent's thread, as an event sink ---------------------------------
 
-    def set(self, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
+        """Follow the run through the agent's events (an event sink): the status knows
+        only what the events say, so it never reaches into the agent's loop."""
+        m, name = event.metadata, event.name
         with self._lock:
-            self._fields.update(fields)
+            f = self._fields
+            f["attempt"] = m.get("attempt", f["attempt"])
+            f["restart_count"] = m.get("restart_count", f["restart_count"])
+            if event.source == "AGENT" and event.state:
+                f["state"] = event.state
+            if name == "elastic_runner.rendezvous.join":
+                f["phase"] = "rendezvous"
+            elif name == "torchelastic.worker.status.RENDEZVOUS":
+                f.update(
+                    round=m.get("round"),
+                    group_rank=m.get("group_rank"),
+                    group_world_size=m.get("group_world_size"),
+                )
+            elif name == "elastic_runner.ranks.assigned":
+                f["world_size"] = m.get("world_size")
+                self._workers = {}
+            elif event.source == "WORKER":
+                self._worker_event(event)
+            elif name == "elastic_runner.restart":
+                f["phase"] = "restarting"
+                if m.get("reason") == "failure":
+                    self._restarts.append(self._clock())
+            elif name in ("elastic_runner.watchdog.fired", "elastic_runner.timer.expired"):
+                self._problem = f"rank {m.get('rank')}: {m.get('detail')}"
+            elif name == "elastic_runner.health_check.refused":
+                self._problem = f"health check of {m.get('plugin')!r} refused: {m.get('reason')}"
+            elif name in (
+                "torchelastic.worker.status.SUCCEEDED",
+                "torchelastic.worker.status.FAILED",
+            ):
+                f["phase"] = "finished"
+                if event.state == "SUCCEEDED":
+                    self._problem = None
+                elif m.get("reason"):
+                    self._problem = self._problem or str(m["reason"])
 
-    def set_problem(self, problem: str | None) -> None:
-        """Why the node is unhealthy now (a failure, a hang), or ``None`` when it is not."""
-        with self._lock:
-            self._problem = problem
+    def _worker_event(self, event: Event) -> None:
+        m, local_rank = event.metadata, int(event.metadata.get("local_rank", -1))
+        if event.state == "START":
+            self._workers[local_rank] = {
+                "rank": event.rank,
+                "pid": m.get("pid"),
+                "state": "HEALTHY",
+            }
+            self._fields.update(phase="running", state="HEALTHY")
+            self._problem = None  # a new attempt runs
+            return
+        self._workers.setdefault(local_rank, {"rank": event.rank}).update(
+            state=event.state, pid=None, exit_code=m.get("exit_code")
+        )
+        if event.state == "FAILED" and self._problem is None:
+            how = m.get("signal") or f"exit code {m.get('exit_code')}"
+            error = f": {m['error']}" if m.get("error") else ""
+            self._problem = f"worker rank {event.rank} failed ({how}){error}"
 
-    def set_workers(self, workers: Mapping[int, Mapping[str, Any]]) -> None:
-        with self._lock:
-            self._workers = {k: dict(v) for k, v in workers.items()}
-
-    def set_worker(self, local_rank: int, **fields: Any) -> None:
-        with self._lock:
-            self._workers.setdefault(local_rank, {}).update(fields)
-
-    def restarted(self) -> None:
-        with self._lock:
-            self._restarts.append(self._clock())
+    def close(self) -> None:
+        """Nothing to release (an event sink)."""
 
     def watch(
         self,
