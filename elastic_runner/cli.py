@@ -19,7 +19,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +39,6 @@ from elastic_runner.config import (
 from elastic_runner.events import FanOutSink
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
-from elastic_runner.live import LiveView, wants_live
 from elastic_runner.plugins import BrokenPlugin, LoadedPlugins, PluginLoadWarning, load_plugins
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.rendezvous.api import RendezvousError
@@ -63,6 +62,9 @@ from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPat
 from elastic_runner.workers.resources import ResourceMonitor
 from elastic_runner.workers.stacks import StackDumper
 from elastic_runner.workers.supervisor import ProcessSupervisor
+
+if TYPE_CHECKING:
+    from elastic_runner.live import LiveView
 
 __all__ = ["main", "run_job"]
 
@@ -193,9 +195,7 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
-    view = None
-    if wants_live(str(conf.logs.live).lower()):
-        view = LiveView(status, waiting=getattr(rdzv, "progress", lambda: None))
+    view = _live_view(str(conf.logs.live).lower(), status, rdzv)
     supervisor, agent = _make_agent(
         conf, spec, rdzv, context, events, metrics, base_env, lifecycle, timer, status, view
     )
@@ -308,6 +308,18 @@ def _make_agent(
     )
     status.watch(supervisor.activity, lambda: agent.usage)
     return supervisor, agent
+
+
+def _live_view(setting: str, status: RunStatus, rdzv: Any) -> LiveView | None:
+    """``logs.live``: ``auto`` = only when stderr is a terminal (and TERM is not dumb).
+    rich is imported only then."""
+    if setting == "false" or (
+        setting == "auto" and not (sys.stderr.isatty() and os.environ.get("TERM", "dumb") != "dumb")
+    ):
+        return None
+    from elastic_runner.live import LiveView
+
+    return LiveView(status, waiting=getattr(rdzv, "progress", lambda: None))
 
 
 def _hang_detector(conf: ElasticRunConfig, timer: Any) -> HangDetector | None:

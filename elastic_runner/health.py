@@ -20,12 +20,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elastic_runner.events import Event
 from elastic_runner.spec import WorkerActivity
 from elastic_runner.workers.resources import Usage
+
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
 
 __all__ = ["HealthServer", "RunStatus"]
 
@@ -201,6 +203,8 @@ class HealthServer:
     """Serves a :class:`RunStatus` over HTTP from a daemon thread; ``port=0`` picks one."""
 
     def __init__(self, status: RunStatus, host: str = "127.0.0.1", port: int = 0) -> None:
+        from http.server import ThreadingHTTPServer  # only when an endpoint is asked for
+
         self.status = status
         self._server = ThreadingHTTPServer((host, port), _handler(status))
         self._server.daemon_threads = True
@@ -223,6 +227,8 @@ class HealthServer:
 
 
 def _handler(status: RunStatus) -> type[BaseHTTPRequestHandler]:
+    from http.server import BaseHTTPRequestHandler
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]

@@ -22,7 +22,7 @@ from rich.text import Text
 from elastic_runner.health import RunStatus
 from elastic_runner.workers.resources import format_bytes
 
-__all__ = ["LiveView", "wants_live"]
+__all__ = ["LiveView"]
 
 _STATE_STYLE = {
     "HEALTHY": "green",
@@ -32,18 +32,6 @@ _STATE_STYLE = {
     "STOPPED": "yellow",
     "INIT": "cyan",
 }
-
-
-def wants_live(setting: str, stream: IO[str] | None = None) -> bool:
-    """``logs.live``: ``auto`` = only when stderr is a terminal (and TERM is not dumb)."""
-    if setting in ("true", "on", "yes"):
-        return True
-    if setting in ("false", "off", "no"):
-        return False
-    stream = stream or sys.stderr
-    import os
-
-    return stream.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
 
 
 class _ConsoleStream:
