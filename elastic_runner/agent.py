@@ -19,7 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from elastic_runner.events import Event, EventSink
 from elastic_runner.failures import diagnose, oom_kill_count
@@ -39,12 +39,14 @@ from elastic_runner.spec import (
     WorkerSpec,
     WorkerState,
 )
-from elastic_runner.timer.server import TimerExpiry, TimerServer
-from elastic_runner.watchdog import HangDetector
 from elastic_runner.workers.environment import worker_environment
 from elastic_runner.workers.logs import WorkerLogPaths
 from elastic_runner.workers.resources import ResourceMonitor, Usage, format_bytes
 from elastic_runner.workers.supervisor import WorkerLaunch
+
+if TYPE_CHECKING:
+    from elastic_runner.timer.server import TimerExpiry, TimerServer
+    from elastic_runner.watchdog import HangDetector
 
 __all__ = ["ElasticAgent", "WorkerLauncher"]
 

@@ -55,16 +55,15 @@ from elastic_runner.spec import (
 )
 from elastic_runner.sweep import PointResult
 from elastic_runner.timer.server import NoTimerServer
-from elastic_runner.watchdog import HangDetector, Watchdog
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
 from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
 from elastic_runner.workers.resources import ResourceMonitor
-from elastic_runner.workers.stacks import StackDumper
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
 if TYPE_CHECKING:
     from elastic_runner.live import LiveView
+    from elastic_runner.watchdog import HangDetector
 
 __all__ = ["main", "run_job"]
 
@@ -325,10 +324,14 @@ def _live_view(setting: str, status: RunStatus, rdzv: Any) -> LiveView | None:
 def _hang_detector(conf: ElasticRunConfig, timer: Any) -> HangDetector | None:
     """Hang handling is set up only when asked for (a watchdog timeout, a timer server):
     faulthandler stacks put a directory on the workers' PYTHONPATH."""
-    watchdog = Watchdog(conf.watchdog.no_output_timeout, conf.watchdog.heartbeat_timeout)
-    if not watchdog.enabled and isinstance(timer, NoTimerServer):
+    dog = conf.watchdog
+    if not (dog.no_output_timeout or dog.heartbeat_timeout) and isinstance(timer, NoTimerServer):
         return None
-    mode = conf.watchdog.stacks
+    from elastic_runner.watchdog import HangDetector, Watchdog
+    from elastic_runner.workers.stacks import StackDumper
+
+    watchdog = Watchdog(dog.no_output_timeout, dog.heartbeat_timeout)
+    mode = dog.stacks
     return HangDetector(watchdog, None if mode == "none" else StackDumper(mode))
 
 

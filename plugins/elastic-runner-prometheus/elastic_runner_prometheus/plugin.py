@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from elastic_runner import hookimpl
 from elastic_runner.config import ConfigError
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.spec import RunContext
 from elastic_runner_prometheus.config import PrometheusMetricsConfig
-from elastic_runner_prometheus.handler import PrometheusMetrics
+
+if TYPE_CHECKING:
+    from elastic_runner_prometheus.handler import PrometheusMetrics
 
 log = logging.getLogger("elastic_runner.prometheus")
 
@@ -18,6 +21,8 @@ log = logging.getLogger("elastic_runner.prometheus")
 def make_handler(config: PrometheusMetricsConfig, context: RunContext) -> PrometheusMetrics:
     if not 0 <= config.port <= 65535:
         raise ConfigError("metrics.port", config.port, "expected 0 (any free port) to 65535")
+    from elastic_runner_prometheus.handler import PrometheusMetrics
+
     try:
         handler = PrometheusMetrics(config.host, config.port, config.namespace)
     except OSError as exc:
