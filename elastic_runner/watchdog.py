@@ -160,7 +160,7 @@ class HangDetector:
         if hung:
             self._fired = True
             # every rank's stacks: a hang is often one rank waiting for another
-            dumps = {r: self._dump(pid, logs(r)) for r, pid in pids.items()}
+            dumps = self._dump_all({r: (pid, logs(r)) for r, pid in pids.items()})
             for local_rank, why in sorted(hung.items()):
                 dump = dumps.get(local_rank)
                 orders.append(
@@ -178,6 +178,22 @@ class HangDetector:
                     )
                 )
         return orders
+
+    def _dump_all(
+        self, targets: Mapping[int, tuple[int, WorkerLogPaths]]
+    ) -> dict[int, StackDump | None]:
+        if self.stacks is None:
+            return {}
+        try:
+            return self.stacks.dump_all(
+                {
+                    rank: (pid, logs.dir / "faulthandler", logs.dir / "stacks.txt")
+                    for rank, (pid, logs) in targets.items()
+                }
+            )
+        except OSError as exc:
+            log.warning("could not dump the workers' stacks: %s", exc)
+            return {}
 
     def _dump(self, pid: int, logs: WorkerLogPaths) -> StackDump | None:
         if self.stacks is None:

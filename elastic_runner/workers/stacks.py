@@ -22,12 +22,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 __all__ = ["STACK_MODES", "StackDump", "StackDumper"]
+
+K = TypeVar("K")
 
 STACK_MODES = ("auto", "py-spy", "faulthandler", "none")
 STACKS_DIR_ENV = "ELASTIC_RUNNER_STACKS_DIR"
@@ -36,7 +40,7 @@ DUMP_SIGNAL = int(signal.SIGRTMIN) + 5
 _SITE_DIR = Path(__file__).with_name("stackdump")
 #: Bounds of the wait for faulthandler's files: there is no completion event (the
 #: handler writes from a signal handler), so the agent waits until each file stops growing.
-_SETTLE, _GIVE_UP = 0.05, 3.0
+_SETTLE, _GIVE_UP = 0.02, 3.0
 
 
 @dataclass(frozen=True)
@@ -88,65 +92,89 @@ class StackDumper:
 
     def dump(self, pid: int, stacks_dir: Path, out: Path) -> StackDump | None:
         """Stacks of ``pid`` and its descendants into ``out``; None if none could be had."""
-        try:
-            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return None
+        return self.dump_all({0: (pid, stacks_dir, out)})[0]
+
+    def dump_all(self, targets: Mapping[K, tuple[int, Path, Path]]) -> dict[K, StackDump | None]:
+        """:meth:`dump` for several workers at once (``key: (pid, stacks dir, out)``): all
+        of them are asked together, so a node's dump takes as long as its slowest rank."""
+        trees: dict[K, list[psutil.Process]] = {}
+        for key, (pid, _, _) in targets.items():
+            try:
+                trees[key] = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
         if self.mode == "py-spy" and self.py_spy:
-            text = self._py_spy(tree)
+            texts = self._py_spy(trees)
         elif self.mode == "faulthandler":
-            text = self._faulthandler(tree, stacks_dir)
+            texts = self._faulthandler({k: (t, targets[k][1]) for k, t in trees.items()})
         else:
-            return None
-        if not text.strip():
-            return None
-        out.write_text(text)
-        return StackDump(out, text, self.mode)
+            texts = {}
+        out: dict[K, StackDump | None] = {}
+        for key, (_, _, path) in targets.items():
+            text = texts.get(key, "")
+            if text.strip():
+                path.write_text(text)
+                out[key] = StackDump(path, text, self.mode)
+            else:
+                out[key] = None
+        return out
 
-    def _py_spy(self, tree: list[psutil.Process]) -> str:
+    def _py_spy(self, trees: Mapping[K, list[psutil.Process]]) -> dict[K, str]:
         assert self.py_spy
-        parts = []
-        for proc in tree:
+        running = [
+            (key, subprocess.Popen(
+                [self.py_spy, "dump", "--pid", str(proc.pid)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                text=True,
+            ))
+            for key, tree in trees.items()
+            for proc in tree
+        ]  # fmt: skip
+        parts: dict[K, list[str]] = {}
+        for key, proc in running:
             try:
-                done = subprocess.run(
-                    [self.py_spy, "dump", "--pid", str(proc.pid)],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                    stdin=subprocess.DEVNULL,
-                )
+                stdout, _ = proc.communicate(timeout=10)
             except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
                 continue
-            if done.returncode == 0:
-                parts.append(done.stdout)
-        return "\n".join(parts)
+            if proc.returncode == 0:
+                parts.setdefault(key, []).append(stdout)
+        return {key: "\n".join(texts) for key, texts in parts.items()}
 
-    def _faulthandler(self, tree: list[psutil.Process], stacks_dir: Path) -> str:
-        sizes: dict[Path, int] = {}
-        for proc in tree:
-            path = stacks_dir / f"{proc.pid}.txt"
-            if not path.exists():  # not a Python process that armed the handler
-                continue
-            sizes[path] = path.stat().st_size
-            try:
-                os.kill(proc.pid, DUMP_SIGNAL)
-            except ProcessLookupError:
-                del sizes[path]
+    def _faulthandler(self, trees: Mapping[K, tuple[list[psutil.Process], Path]]) -> dict[K, str]:
+        offsets: dict[Path, int] = {}  # each file's size before this dump
+        owner: dict[Path, K] = {}
+        for key, (tree, stacks_dir) in trees.items():
+            for proc in tree:
+                path = stacks_dir / f"{proc.pid}.txt"
+                if not path.exists():  # not a Python process that armed the handler
+                    continue
+                offsets[path] = path.stat().st_size
+                try:
+                    os.kill(proc.pid, DUMP_SIGNAL)
+                except ProcessLookupError:
+                    del offsets[path]
+                    continue
+                owner[path] = key
+        sizes = dict(offsets)
+        pending = set(offsets)
         deadline = time.monotonic() + _GIVE_UP
-        pending = dict(sizes)
         while pending and time.monotonic() < deadline:
             time.sleep(_SETTLE)
-            for path, before in list(pending.items()):
+            for path in list(pending):
                 size = path.stat().st_size
-                if size > before and size == sizes[path]:
-                    del pending[path]  # grew, then did not change for one settle period
+                if size > offsets[path] and size == sizes[path]:
+                    pending.discard(path)  # grew, then did not change for one settle period
                 sizes[path] = size
-        parts = []
-        for path in sizes:
-            text = path.read_text(errors="replace")
+        parts: dict[K, list[str]] = {}
+        for path, start in offsets.items():
+            with open(path, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
             if text.strip():
-                parts.append(f"== pid {path.stem} ==\n{text}")
-        return "\n".join(parts)
+                parts.setdefault(owner[path], []).append(f"== pid {path.stem} ==\n{text}")
+        return {key: "\n".join(texts) for key, texts in parts.items()}
 
 
 def _find_py_spy() -> str | None:
