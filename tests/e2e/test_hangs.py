@@ -166,3 +166,24 @@ def test_a_busy_health_port_is_one_line_and_exit_2(elastic_run: ElasticRunner) -
         f"elastic-run: error: health.port={port}: cannot listen on 127.0.0.1:{port} "
         "(Address already in use)"
     ]
+
+
+def test_the_workers_own_sitecustomize_still_runs(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    """The faulthandler stack dump arrives through a sitecustomize on PYTHONPATH; one the
+    worker's environment already had must run as before."""
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "user_sitecustomize_ran"
+    (site / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    run = elastic_run(
+        "+job=hello",
+        "job.nproc_per_node=1",
+        f"+job.env.PYTHONPATH={site}",
+        "watchdog.no_output_timeout=30",
+        "watchdog.stacks=faulthandler",
+    )
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()
+    assert list((run.run_dir / "attempt_1" / "0" / "faulthandler").glob("*.txt"))  # ours too
