@@ -78,6 +78,7 @@ def test_malformed_requests_are_ignored(server: FileTimerServer) -> None:
     with expires(after=0.2, scope="after garbage"):
         expiry = got.get(timeout=5)
     assert expiry.scope == "after garbage" and expiry.pid == os.getpid()
+    assert expiry.after == 0.2  # our client says how long it armed for
 
 
 def test_no_server_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,26 +28,37 @@ TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
 
 class TimerRequest:
     """One request of torch's FileTimer protocol. A negative ``expiration_time`` (wall
-    clock, ``time.time()``) releases the scope's timer."""
+    clock, ``time.time()``) releases the scope's timer. ``after`` (the armed duration) is
+    our addition, for the report; torch's server ignores it, and requests from torch's
+    client lack it."""
 
-    __slots__ = ("expiration_time", "pid", "scope_id", "signal")
+    __slots__ = ("after", "expiration_time", "pid", "scope_id", "signal")
 
-    def __init__(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
+    def __init__(
+        self,
+        pid: int,
+        scope_id: str,
+        expiration_time: float,
+        signal: int,
+        after: float | None = None,
+    ) -> None:
         self.pid = pid
         self.scope_id = scope_id
         self.expiration_time = expiration_time
         self.signal = signal
+        self.after = after
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": 1,
-                "pid": self.pid,
-                "scope_id": self.scope_id,
-                "expiration_time": self.expiration_time,
-                "signal": self.signal,
-            }
-        )
+        request: dict[str, object] = {
+            "version": 1,
+            "pid": self.pid,
+            "scope_id": self.scope_id,
+            "expiration_time": self.expiration_time,
+            "signal": self.signal,
+        }
+        if self.after is not None:
+            request["after"] = self.after
+        return json.dumps(request)
 
 
 def _send(path: str, request: TimerRequest) -> None:
@@ -78,7 +89,7 @@ def expires(after: float, scope: str | None = None, sig: int = signal.SIGKILL) -
         caller = inspect.stack()[2]
         scope = f"{caller.filename}#{caller.function}"
     pid = os.getpid()
-    _send(path, TimerRequest(pid, scope, time.time() + after, sig))
+    _send(path, TimerRequest(pid, scope, time.time() + after, sig, after=after))
     try:
         yield
     finally:

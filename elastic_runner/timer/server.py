@@ -106,7 +106,7 @@ class NoTimerServer:
 @dataclass
 class _Timer:
     expiration: float  # wall clock, as the client sent it
-    armed_at: float
+    after: float  # seconds armed for
     signal: int
 
 
@@ -198,13 +198,16 @@ class FileTimerServer:
             request = json.loads(line)
             pid, scope = int(request["pid"]), str(request["scope_id"])
             expiration, sig = float(request["expiration_time"]), int(request["signal"])
+            after = float(request["after"]) if "after" in request else None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("timer server: ignoring a malformed request %r (%s)", line[:200], exc)
             return
         if expiration < 0:
             self._timers.pop((pid, scope), None)
         else:
-            self._timers[pid, scope] = _Timer(expiration, self._clock(), sig)
+            # torch's client does not say how long it armed for: estimate from arrival
+            armed = after if after is not None else round(expiration - self._clock(), 1)
+            self._timers[pid, scope] = _Timer(expiration, armed, sig)
 
     def _expire(self) -> None:
         now = self._clock()
@@ -215,9 +218,7 @@ class FileTimerServer:
             pid, scope = key
             if not _alive(pid):  # it exited without releasing: nothing to stop
                 continue
-            expiry = TimerExpiry(
-                pid, scope, round(timer.expiration - timer.armed_at, 3), timer.signal
-            )
+            expiry = TimerExpiry(pid, scope, timer.after, timer.signal)
             log.debug("timer for scope %s of pid %d expired after %.1f s", scope, pid, expiry.after)
             # Every other timer of that process goes with it (its tree is about to stop).
             for other in [k for k in self._timers if k[0] == pid]:

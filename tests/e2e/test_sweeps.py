@@ -38,7 +38,7 @@ def test_a_parallel_sweep_runs_each_point_as_its_own_job(tmp_path: Path) -> None
         tmp_path,
         f"job.entrypoint={PROBE}",
         # each point records into its own directory; --sleep keeps the points overlapping
-        "job.args=[--out,${hydra:runtime.output_dir},--sleep,0.5]",
+        "job.args=[--out,${hydra:runtime.output_dir},--sleep,2]",
         "job.nproc_per_node=1,2,3",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=3",
@@ -59,7 +59,7 @@ def test_a_parallel_sweep_runs_each_point_as_its_own_job(tmp_path: Path) -> None
         assert result["overrides"][-1] == f"job.nproc_per_node={n + 1}"
     assert len(run_ids) == 3 and len(ports) == 3  # no shared rendezvous, no shared port
     starts = [min(r["started"] for r in records(p)) for p in points]
-    ends = [max(r["started"] for r in records(p)) + 0.5 for p in points]
+    ends = [max(r["started"] for r in records(p)) + 2 for p in points]
     assert max(starts) < min(ends), "the points did not run at the same time"
     summary = done.stderr[done.stderr.index("elastic-run: sweep of 3 point(s)") :]
     assert summary.splitlines()[0] == (

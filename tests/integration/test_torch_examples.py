@@ -7,6 +7,7 @@ torch is not installed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,10 @@ def test_torchs_file_timer_client_talks_to_our_timer_server(
         timeout=120,
     )
     assert run.returncode == 0, _explain(run)
-    assert "worker rank 1: timer for scope train_step expired after 1 s" in run.stderr
+    # torch's client does not send the armed duration: the server estimates it (0.1 s)
+    assert re.search(
+        r"worker rank 1: timer for scope train_step expired after (1|0\.9) s", run.stderr
+    )
     assert "killed by SIGKILL (timer expired)" in run.stderr
     expired = [e for e in run.events() if e["name"] == "elastic_runner.timer.expired"]
     assert [e["metadata"]["rank"] for e in expired] == [1]
