@@ -88,3 +88,4 @@ def test_a_failing_point_fails_the_sweep_and_the_summary_says_which(
     assert summary[3].strip() == "rank 1: exit code 1: ValueError: rank 1 bad input"
     saved = json.loads((sweep_dir / "summary.json").read_text())
     assert [p["exit_code"] for p in saved] == [0, 1]
+    assert not processes_of_runs({p["run_id"] for p in saved})
