@@ -156,7 +156,12 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     from hydra.core.hydra_config import HydraConfig
 
     registry = plugins.registry
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    # points of a parallel sweep share the terminal: one live table each would garble it
+    shared_terminal = str(hydra_cfg.mode) == "RunMode.MULTIRUN" and "BasicLauncher" not in str(
+        OmegaConf.select(hydra_cfg, "launcher._target_", default="")  # type: ignore[arg-type]
+    )
     conf: ElasticRunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(conf)
     min_nodes, max_nodes = parse_nnodes(conf.nnodes)
@@ -194,7 +199,8 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     log.info(
         "run %s: %d worker(s) of %s; run directory: %s", run_id, nproc, " ".join(command), run_dir
     )
-    view = _live_view(str(conf.logs.live).lower(), status, rdzv)
+    live = str(conf.logs.live).lower()
+    view = _live_view("false" if shared_terminal and live == "auto" else live, status, rdzv)
     supervisor, agent = _make_agent(
         conf, spec, rdzv, context, events, metrics, base_env, lifecycle, timer, status, view
     )

@@ -9,6 +9,9 @@ import re
 import select
 from pathlib import Path
 
+import pytest
+
+from elastic_runner.testing.runner import elastic_run_exe
 from tests.conftest import ElasticRunner, free_port, probe_job
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
@@ -78,3 +81,21 @@ def test_no_live_display_when_not_a_terminal(elastic_run: ElasticRunner, tmp_pat
     assert "\x1b[" not in run.stderr + run.stdout
     assert "quiet s" not in run.stderr
     assert "[elastic-run] attempt 1: started 2 worker(s)" in run.stderr  # plain log lines
+
+
+def test_parallel_sweep_points_share_the_terminal_without_live_tables(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    argv = [
+        elastic_run_exe(),
+        "--multirun",
+        *probe_job(tmp_path, "--sleep", "1"),
+        "job.nproc_per_node=1,2",
+        "hydra/launcher=joblib",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    code, out = run_in_pty(argv)
+    assert code == 0, out
+    assert "quiet s" not in out  # no live table: two at once would garble the terminal
+    assert "elastic-run: sweep of 2 point(s): 2 succeeded, 0 failed." in out
