@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "elastic_run_exe",
     "free_port",
     "processes_of_runs",
+    "wait_for",
 ]
 
 
@@ -126,3 +128,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``predicate`` every 20 ms until it is true; fail the test after ``timeout`` s.
+    For conditions outside this process (a file a worker writes, a port that opens)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s: {what or predicate}"
+        time.sleep(0.02)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import psutil
+
 from elastic_runner.config import ConfigError, TimerConfig
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
@@ -216,7 +218,7 @@ class FileTimerServer:
                 continue
             del self._timers[key]
             pid, scope = key
-            if not _alive(pid):  # it exited without releasing: nothing to stop
+            if not psutil.pid_exists(pid):  # it exited without releasing: nothing to stop
                 continue
             expiry = TimerExpiry(pid, scope, timer.after, timer.signal)
             log.debug("timer for scope %s of pid %d expired after %.1f s", scope, pid, expiry.after)
@@ -225,16 +227,6 @@ class FileTimerServer:
                 del self._timers[other]
             if self._listener is not None:
                 self._listener(expiry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _file_server(config: FileTimerConfig, context: RunContext) -> FileTimerServer:

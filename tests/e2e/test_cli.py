@@ -261,6 +261,15 @@ def test_worker_ignoring_sigterm_is_killed_after_stop_timeout(
 
 
 BAD_INPUTS = [
+    (["+job=hello", "watchdog.stacks=gdb"], "watchdog.stacks=gdb: allowed: auto, py-spy, "),
+    (["+job=hello", "watchdog.no_output_timeout=-1"], "no_output_timeout=-1.0: expected seconds"),
+    (["+job=hello", "logs.live=maybe"], "logs.live=maybe: allowed: auto, true, false"),
+    (["+job=hello", "health.port=70000"], "health.port=70000: expected 0 (off) to 65535"),
+    (["+job=hello", "health.restart_loop=0"], "health.restart_loop=0: expected an integer >= 1"),
+    (
+        ["+job=hello", "timer=file", "timer.path=/etc/passwd"],
+        "timer.path=/etc/passwd: exists and is not a FIFO",
+    ),
     ([], "job.entrypoint=(unset): required"),
     (["job.entrypoint=does/not/exist.py"], "job.entrypoint=does/not/exist.py: no such file"),
     (["job.entrypoint=no-such-program-x"], "job.entrypoint=no-such-program-x: not a .py"),

@@ -10,8 +10,9 @@ import pytest
 from elastic_runner.rendezvous.dynamic import parse_endpoints
 from elastic_runner.rendezvous.etcd_store import EtcdStore
 from elastic_runner.testing.etcd import EtcdServer
+from elastic_runner.testing.runner import wait_for
 from tests.conftest import ElasticRunner, free_port, probe_records
-from tests.e2e.test_multinode import Job, _wait_for
+from tests.e2e.test_multinode import Job
 
 ETCD_FAST = [
     "rdzv.heartbeat_interval=0.5",
@@ -59,7 +60,7 @@ def test_scale_up_and_down_over_etcd(
 ) -> None:
     job = _job(elastic_run, tmp_path, etcd_server, "1:2")
     job.start(nproc=1, probe=("--until-world", "2"))
-    _wait_for(lambda: list(job.out.glob("*_w1.json")))
+    wait_for(lambda: list(job.out.glob("*_w1.json")))
     job.start(nproc=1, probe=("--until-world", "2"))  # scale up 1 -> 2
     results = job.finish()
     assert [code for code, _ in results] == [0, 0], results
@@ -67,7 +68,7 @@ def test_scale_up_and_down_over_etcd(
 
     job = _job(elastic_run, tmp_path / "down", etcd_server, "1:2")
     agents = [job.start(nproc=1, probe=("--until-world", "1")) for _ in range(2)]
-    _wait_for(lambda: len(list(job.out.glob("*_w2.json"))) == 2)
+    wait_for(lambda: len(list(job.out.glob("*_w2.json"))) == 2)
     t0 = time.monotonic()
     agents[0].kill()  # scale down 2 -> 1: its lease expires
     _, err = agents[1].communicate(timeout=30)
@@ -83,7 +84,7 @@ def test_etcd_restart_does_not_restart_workers(
     job = _job(elastic_run, tmp_path, etcd_server, "2")
     for _ in range(2):
         job.start(nproc=1, probe=("--sleep", "4"))
-    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    wait_for(lambda: len(probe_records(job.out)) == 2)
     etcd_server.kill()
     time.sleep(1)  # etcd down for a second, less than the heartbeat timeout
     etcd_server.start()
@@ -98,11 +99,11 @@ def test_etcd_gone_longer_than_the_lease_regroups_when_back(
     job = _job(elastic_run, tmp_path, etcd_server, "2")
     for _ in range(2):  # workers outlive the detection (a watch wait plus the retry window)
         job.start(nproc=1, probe=("--sleep", "12"))
-    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    wait_for(lambda: len(probe_records(job.out)) == 2)
     etcd_server.kill()
     # Longer than a watch wait (5 s) plus rdzv.heartbeat_timeout (3 s): the agents notice,
     # stop their workers and wait (up to rdzv.join_timeout) for etcd to come back.
-    _wait_for(
+    wait_for(
         lambda: "unreachable" in "".join((d / "elastic-run.log").read_text() for d in job.run_dirs),
         timeout=30,
     )

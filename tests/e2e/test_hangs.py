@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from elastic_runner.testing.runner import wait_for
 from tests.conftest import TESTS, ElasticRunner, free_port
 
 HANG = TESTS / "workers" / "hang.py"
@@ -88,9 +89,7 @@ def test_an_expired_timer_stops_only_that_workers_tree(
 ) -> None:
     proc, run_dir, _ = elastic_run.popen(*hang_job(tmp_path, "timer", ranks="1"), "timer=file")
     pids_file = tmp_path / "pids_r1.txt"
-    deadline = time.monotonic() + 30
-    while not pids_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(pids_file.exists, what="rank 1 armed its timer")
     worker, child = map(int, pids_file.read_text().split())
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -138,6 +137,7 @@ def test_healthz_follows_a_failure_and_a_restart(
         if code is not None and (not seen or seen[-1] != code):
             seen.append(code)
         if seen[-3:] == [200, 503, 200]:
+            ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status
             status = json.loads(
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2).read()
             )
@@ -146,6 +146,7 @@ def test_healthz_follows_a_failure_and_a_restart(
     (out / "release").touch()
     _, err = proc.communicate(timeout=30)
     assert seen[-3:] == [200, 503, 200], (seen, err)
+    assert ready == 200  # the restarted workers run: ready again
     assert status["restart_count"] == 1 and status["state"] == "HEALTHY"
     assert status["world_size"] == 2 and status["group_rank"] == 0
     assert [w["rank"] for w in status["workers"]] == [0, 1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from elastic_runner.testing.runner import wait_for
 from tests.conftest import ElasticRunner, free_port, probe_job, probe_records
 
 FAST = [
@@ -68,13 +69,6 @@ class Job:
             _, err = proc.communicate(timeout=timeout)
             results.append((proc.returncode, err))
         return results
-
-
-def _wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("agents", [2, 4])
@@ -135,7 +129,7 @@ def test_scale_up_regroups_without_spending_a_restart(
 ) -> None:
     job = Job(elastic_run, tmp_path, "1:2")
     first = job.start(nproc=1, probe=("--until-world", "2"))
-    _wait_for(lambda: list(job.out.glob("a0_r0_g0_w1.json")))  # running alone
+    wait_for(lambda: list(job.out.glob("a0_r0_g0_w1.json")))  # running alone
     job.start(nproc=1, probe=("--until-world", "2"))
     results = job.finish()
     assert [code for code, _ in results] == [0, 0], results
@@ -155,11 +149,11 @@ def test_scale_down_survivors_reform_and_finish(elastic_run: ElasticRunner, tmp_
     job = Job(elastic_run, tmp_path, "2:3")
     # the victim must not be the agent hosting the store (that case fails by design)
     agents = [job.start("rdzv.is_host=true", nproc=1, probe=("--until-world", "2"))]
-    _wait_for(lambda: _listening(job.port))
+    wait_for(lambda: _listening(job.port))
     agents += [
         job.start("rdzv.is_host=false", nproc=1, probe=("--until-world", "2")) for _ in range(2)
     ]
-    _wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3)
+    wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3)
     victim = agents[1]
     t0 = time.monotonic()
     victim.kill()
@@ -211,7 +205,7 @@ def test_missing_node_times_out_with_counts(elastic_run: ElasticRunner, tmp_path
 def test_wrong_token_is_rejected(elastic_run: ElasticRunner, tmp_path: Path) -> None:
     job = Job(elastic_run, tmp_path, "2")
     host = job.start("rdzv.token=right", "rdzv.is_host=true", "rdzv.join_timeout=5", nproc=1)
-    _wait_for(lambda: _listening(job.port))
+    wait_for(lambda: _listening(job.port))
     intruder = job.start("rdzv.token=wrong", "rdzv.is_host=false", nproc=1)
     _, err = intruder.communicate(timeout=30)
     assert intruder.returncode == 1
@@ -226,9 +220,9 @@ def test_store_host_death_fails_the_others_clearly(
 ) -> None:
     job = Job(elastic_run, tmp_path, "2")
     host = job.start("rdzv.is_host=true", nproc=1, probe=("--sleep", "60"))
-    _wait_for(lambda: _listening(job.port))
+    wait_for(lambda: _listening(job.port))
     other = job.start("rdzv.is_host=false", nproc=1, probe=("--sleep", "60"))
-    _wait_for(lambda: len(probe_records(job.out)) == 2)
+    wait_for(lambda: len(probe_records(job.out)) == 2)
     host.kill()
     t0 = time.monotonic()
     _, err = other.communicate(timeout=30)

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 from pathlib import Path
 
 from elastic_runner_prometheus.scrape import scrape
 
-from elastic_runner.testing.runner import ElasticRunner, free_port
+from elastic_runner.testing.runner import ElasticRunner, free_port, wait_for
 
 HOLD = Path(__file__).parent / "workers" / "hold.py"
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_scrape_a_job_after_a_failure_and_restart(

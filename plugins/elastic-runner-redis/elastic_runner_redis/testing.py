@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from elastic_runner.testing.runner import free_port
+
 __all__ = ["RedisServer", "redis_server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -30,7 +26,7 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.port = _free_port()
+        self.port = free_port()
         self.password = password
         argv = [
             exe,
