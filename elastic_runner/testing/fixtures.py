@@ -25,7 +25,11 @@ def elastic_run(tmp_path: Path) -> Iterator[ElasticRunner]:
     teardown, fails the test if any process of those runs survived."""
     runner = ElasticRunner(tmp_path)
     yield runner
-    assert_nothing_survives(runner.run_ids)
+    try:
+        assert_nothing_survives(runner.run_ids)
+    finally:
+        left = runner.kill_agents()
+    assert not left, f"elastic-run agents still running at the end of the test: {left}"
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ those runs survived. Used by elastic_runner's own tests and by plugin packages' 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ __all__ = [
     "ElasticRunner",
     "Run",
     "assert_nothing_survives",
+    "describe_process",
     "elastic_run_exe",
     "free_port",
     "processes_of_runs",
@@ -76,6 +78,7 @@ class ElasticRunner:
         self.tmp_path = tmp_path
         self.run_ids: set[str] = set()
         self._count = 0
+        self._agents: list[subprocess.Popen[str]] = []
 
     def command(self, *overrides: str, run_id: str | None = None) -> tuple[list[str], Path, str]:
         self._count += 1
@@ -97,7 +100,19 @@ class ElasticRunner:
             stdin=subprocess.DEVNULL,
             **kwargs,  # type: ignore[call-overload]
         )
+        self._agents.append(proc)
         return proc, run_dir, run_id
+
+    def kill_agents(self) -> list[int]:
+        """SIGKILL the agents started with :meth:`popen` that are still running (a test
+        that failed before waiting for one); returns their pids."""
+        killed = []
+        for proc in self._agents:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+                killed.append(proc.pid)
+        return killed
 
     def __call__(self, *overrides: str, timeout: float = 60, cwd: Path | None = None) -> Run:
         argv, run_dir, run_id = self.command(*overrides)
@@ -116,12 +131,35 @@ class ElasticRunner:
 
 
 def assert_nothing_survives(run_ids: set[str], within: float = 5.0) -> None:
+    """Fail if a process of ``run_ids`` is still alive ``within`` s from now (then kill it).
+    The message describes each survivor: its command, state and signal masks say why it
+    did not exit (stopped, traced, blocking or ignoring the stop signal)."""
     deadline = time.monotonic() + within
     while (left := processes_of_runs(run_ids)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    described = [describe_process(proc) for proc in left]
     for proc in left:
-        proc.kill()
-    assert not left, f"processes survived the test: {[p.pid for p in left]}"
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    assert not left, "processes survived the test:\n" + "\n".join(described)
+
+
+def describe_process(proc: psutil.Process) -> str:
+    """One line on ``proc`` for a failure message: pid, command, state, tracer and the
+    signal fields of ``/proc/<pid>/status``."""
+    try:
+        command = " ".join(proc.cmdline())[:200]
+        fields = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            if ":\t" in line
+        )
+    except (psutil.Error, OSError) as exc:
+        return f"pid {proc.pid}: {exc!r}"
+    keys = ("State", "TracerPid", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+    return f"pid {proc.pid} ({command}): " + ", ".join(
+        f"{key} {fields.get(key, '?').strip()}" for key in keys
+    )
 
 
 def free_port() -> int:
