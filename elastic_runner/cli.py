@@ -405,7 +405,7 @@ def _to_yaml(data: dict[Any, Any]) -> str:
 
     try:
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-        return yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)
+        return str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True))
     except yaml.YAMLError:  # a value safe YAML cannot represent: OmegaConf can
         return OmegaConf.to_yaml(data)
 
