@@ -22,7 +22,8 @@ __all__ = ["elastic_run", "etcd_server", "plugin_manager"]
 @pytest.fixture
 def elastic_run(tmp_path: Path) -> Iterator[ElasticRunner]:
     """Runs ``elastic-run`` for real (``elastic_run("+job=hello", "nnodes=1")``) and, at
-    teardown, fails the test if any process of those runs survived."""
+    teardown, fails the test if any process of those runs survived, or if an agent started
+    with ``popen`` was still running (it is killed either way)."""
     runner = ElasticRunner(tmp_path)
     yield runner
     try:
