@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable
@@ -137,18 +138,38 @@ def assert_nothing_survives(run_ids: set[str], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while (left := processes_of_runs(run_ids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    described = [describe_process(proc) for proc in left]
+    described = [describe_process(proc) + _python_stack(proc) for proc in left]
     for proc in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     assert not left, "processes survived the test:\n" + "\n".join(described)
 
 
+def _python_stack(proc: psutil.Process) -> str:
+    """Where a surviving Python process is, from ``py-spy dump`` when installed."""
+    from elastic_runner.workers.stacks import find_py_spy
+
+    py_spy = find_py_spy()
+    if py_spy is None:
+        return ""
+    try:
+        done = subprocess.run(
+            [py_spy, "dump", "--pid", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return "\n  (py-spy dump timed out)"
+    return "\n" + textwrap.indent((done.stdout or done.stderr).strip(), "  ")
+
+
 def describe_process(proc: psutil.Process) -> str:
     """One line on ``proc`` for a failure message: pid, command, state, tracer and the
     signal fields of ``/proc/<pid>/status``."""
     try:
-        command = " ".join(proc.cmdline())[:200]
+        command = " ".join(" ".join(proc.cmdline()).split())[:200]
         fields = dict(
             line.split(":\t", 1)
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()

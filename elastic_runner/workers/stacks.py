@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import psutil
 
-__all__ = ["STACK_MODES", "StackDump", "StackDumper"]
+__all__ = ["STACK_MODES", "StackDump", "StackDumper", "find_py_spy"]
 
 K = TypeVar("K")
 
@@ -73,7 +73,7 @@ class StackDumper:
     """Dumps the stacks of a worker's process tree into a file of the run directory."""
 
     def __init__(self, mode: str = "auto") -> None:
-        self.py_spy = _find_py_spy() if mode in ("auto", "py-spy") else None
+        self.py_spy = find_py_spy() if mode in ("auto", "py-spy") else None
         if mode == "auto":
             mode = "py-spy" if self.py_spy else "faulthandler"
         self.mode = mode
@@ -177,6 +177,7 @@ class StackDumper:
         return {key: "\n".join(texts) for key, texts in parts.items()}
 
 
-def _find_py_spy() -> str | None:
+def find_py_spy() -> str | None:
+    """The ``py-spy`` beside this interpreter, else on PATH, else ``None``."""
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
