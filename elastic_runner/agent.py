@@ -325,6 +325,9 @@ class ElasticAgent:
 
     def _record_exit(self, exit_: WorkerExit) -> None:
         self._exits[exit_.local_rank] = exit_
+        if exit_.max_rss:
+            peak = self._peak_rss.get(exit_.global_rank, 0)
+            self._peak_rss[exit_.global_rank] = max(peak, exit_.max_rss)
         self.group.workers[exit_.local_rank].pid = None
         paths = self._paths(exit_.local_rank)
         if exit_.stopped_by_agent:

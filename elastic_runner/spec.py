@@ -91,7 +91,8 @@ class Worker:
 @dataclass(frozen=True)
 class WorkerExit:
     """How one worker process ended. ``returncode`` is negative for a signal (Popen style);
-    ``timestamp`` is wall-clock seconds when the agent saw the exit."""
+    ``timestamp`` is wall-clock seconds when the agent saw the exit; ``max_rss`` is the
+    worker process's own peak RSS in bytes, the kernel's high-water mark (0 if unknown)."""
 
     local_rank: int
     global_rank: int
@@ -99,6 +100,7 @@ class WorkerExit:
     returncode: int
     timestamp: float
     stopped_by_agent: bool = False
+    max_rss: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -212,7 +214,8 @@ class RunResult:
     """How the run ended. ``exits`` holds every exit of the final attempt; ``failures``
     the workers of that attempt that failed on their own (not those the agent stopped),
     root cause first; ``signal`` is set when the agent itself was stopped by a signal;
-    ``peak_rss`` maps global rank to the largest RSS sampled for its process tree."""
+    ``peak_rss`` maps global rank to the largest RSS sampled for its process tree, or to its
+    process's own high-water mark when that is larger (a short spike, a short-lived worker)."""
 
     state: WorkerState
     attempts: int

@@ -80,6 +80,24 @@ def test_exit_is_seen_at_once_without_polling(
     assert sorted(latencies)[1] < 0.1, latencies
 
 
+def test_exit_carries_the_workers_own_peak_rss(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
+    # 200 MiB touched for an instant: no sampler would see it, the kernel's mark does
+    supervisor.start(
+        [
+            _launch(tmp_path / "big", 0, "b = bytearray(200 * 2**20)"),
+            _launch(tmp_path / "small", 1, "pass"),
+        ]
+    )
+    exits = {}
+    while len(exits) < 2:
+        exits.update((e.local_rank, e) for e in supervisor.wait(timeout=30))
+    assert 200 * 2**20 < exits[0].max_rss < 400 * 2**20
+    assert 0 < exits[1].max_rss < 100 * 2**20
+    assert exits[0].returncode == exits[1].returncode == 0
+
+
 def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor, tmp_path: Path) -> None:
     supervisor.start([_launch(tmp_path, 0, "import time; time.sleep(30)")])
     t0 = time.monotonic()

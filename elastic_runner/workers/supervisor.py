@@ -88,6 +88,17 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
     return setup
 
 
+def _wait_exited(popen: subprocess.Popen[bytes]) -> tuple[int, int]:
+    """Reap an exited child: its Popen-style return code and its peak RSS in bytes (the
+    kernel's ``ru_maxrss``, from ``wait4``; 0 if someone else reaped it)."""
+    try:
+        _, status, usage = os.wait4(popen.pid, 0)
+    except ChildProcessError:
+        return popen.wait(), 0
+    popen.returncode = os.waitstatus_to_exitcode(status)
+    return popen.returncode, usage.ru_maxrss * 1024  # KiB on Linux
+
+
 class ProcessSupervisor:
     """Starts a group's processes, waits for them and stops them (honcho's manager, with an
     injectable clock).
@@ -322,7 +333,7 @@ class ProcessSupervisor:
 
     def _reap(self, proc: _Proc) -> WorkerExit:
         timestamp = self._wall_clock()
-        returncode = proc.popen.wait()  # the pidfd is readable: it has exited
+        returncode, max_rss = _wait_exited(proc.popen)  # the pidfd is readable: it has exited
         # Output written before the exit comes before the exit in every report.
         for fd in list(proc.streams):
             self._read(proc, fd)
@@ -335,6 +346,7 @@ class ProcessSupervisor:
             returncode=returncode,
             timestamp=timestamp,
             stopped_by_agent=proc.stopping,
+            max_rss=max_rss,
         )
 
     def _forget(self, proc: _Proc) -> None:

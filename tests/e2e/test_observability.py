@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tests.conftest import TESTS, ElasticRunner
@@ -94,3 +95,14 @@ def test_console_metrics(elastic_run: ElasticRunner, tmp_path: Path) -> None:
     run = elastic_run(*fail_once(tmp_path), "metrics=console")
     assert run.returncode == 0, run.stderr
     assert "[metric] workers.failures{kind=EXIT_CODE} 1" in run.stderr.splitlines()
+
+
+def test_peak_rss_of_a_short_lived_spike(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    """150 MiB for an instant, gone before any sample: the summary still shows the peak."""
+    script = tmp_path / "spike.py"
+    script.write_text("b = bytearray(150 * 2**20)\n")
+    run = elastic_run(f"job.entrypoint={script}", "job.nproc_per_node=2")
+    assert run.returncode == 0, run.stderr
+    rows = re.findall(r"^\s+(\d+)\s+ok\s+[\d.]+ s\s+([\d.]+) MiB\s+0$", run.stderr, re.MULTILINE)
+    assert sorted(rank for rank, _ in rows) == ["0", "1"], run.stderr
+    assert all(150 < float(mib) < 300 for _, mib in rows), rows
