@@ -363,6 +363,7 @@ class ElasticAgent:
             exit_code=exit_.returncode,
             signal=exit_.signal_name,
             detected_at=exit_.timestamp,
+            max_rss=exit_.max_rss or None,
             failure=failure.kind.name if failure else None,
             error=failure.message if failure else None,
         )

@@ -106,3 +106,10 @@ def test_peak_rss_of_a_short_lived_spike(elastic_run: ElasticRunner, tmp_path: P
     rows = re.findall(r"^\s+(\d+)\s+ok\s+[\d.]+ s\s+([\d.]+) MiB\s+0$", run.stderr, re.MULTILINE)
     assert sorted(rank for rank, _ in rows) == ["0", "1"], run.stderr
     assert all(150 < float(mib) < 300 for _, mib in rows), rows
+    exits = [
+        e
+        for e in run.events()
+        if e["name"] == "torchelastic.worker.status.SUCCEEDED" and e["source"] == "WORKER"
+    ]
+    assert len(exits) == 2
+    assert all(150 * 2**20 < e["metadata"]["max_rss"] < 300 * 2**20 for e in exits), exits
