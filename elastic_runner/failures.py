@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from elastic_runner.spec import Failure, FailureKind, WorkerExit
+from elastic_runner.workers.resources import format_bytes
 
 __all__ = ["diagnose", "last_traceback", "oom_kill_count", "read_error_file"]
 
@@ -98,13 +99,19 @@ def diagnose(
     elif killed and _oom_killed_since(oom_kills_before):
         kind = FailureKind.OOM_KILL
         detail = "the kernel's OOM-kill count rose during this attempt (see dmesg)"
+        detail += _peak(exit_)
     elif exit_.returncode < 0:
         kind = FailureKind.SIGNAL
         if killed:
             detail = "not sent by elastic-run; if nobody else did, suspect the OOM killer"
+            detail += _peak(exit_)
     else:
         kind = FailureKind.EXIT_CODE
     return Failure(exit_, kind, timestamp, message, traceback, source, detail)
+
+
+def _peak(exit_: WorkerExit) -> str:
+    return f"; its peak RSS was {format_bytes(exit_.max_rss)}" if exit_.max_rss else ""
 
 
 def _oom_killed_since(before: int | None) -> bool:

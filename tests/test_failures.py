@@ -86,9 +86,9 @@ def test_last_traceback_is_extracted_from_stderr(tmp_path: Path) -> None:
     assert last_traceback(tmp_path / "none") is None
 
 
-def _diagnose(tmp_path: Path, code: int, **kw: object):  # type: ignore[no-untyped-def]
+def _diagnose(tmp_path: Path, code: int, max_rss: int = 0, **kw: object):  # type: ignore[no-untyped-def]
     return diagnose(
-        WorkerExit(0, 0, 1, code, 100.5),
+        WorkerExit(0, 0, 1, code, 100.5, max_rss=max_rss),
         error_file=tmp_path / "e.json",
         stderr=tmp_path / "err",
         **kw,
@@ -105,6 +105,11 @@ def test_classification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     oom = _diagnose(tmp_path, -signal.SIGKILL, oom_kills_before=6)
     assert oom.kind == FailureKind.OOM_KILL and "(probable OOM kill)" in oom.describe()
     assert _diagnose(tmp_path, 137, oom_kills_before=6).kind == FailureKind.OOM_KILL
+    assert "peak RSS" not in oom.detail  # unknown: not said
+    big = _diagnose(tmp_path, -signal.SIGKILL, max_rss=3 * 2**30, oom_kills_before=6)
+    assert big.detail.endswith("(see dmesg); its peak RSS was 3.0 GiB")
+    big = _diagnose(tmp_path, -signal.SIGKILL, max_rss=3 * 2**30, oom_kills_before=7)
+    assert big.detail.endswith("suspect the OOM killer; its peak RSS was 3.0 GiB")
     limit = _diagnose(
         tmp_path, -signal.SIGKILL, kill_reason=(FailureKind.MEMORY_LIMIT, "RSS 3 GiB > 2 GiB")
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,15 @@ def test_failures_are_classified(
     assert expected in _report(run.stderr)[1]
     failed = [e for e in run.events() if e["state"] == "FAILED"]
     assert failed[0]["metadata"]["failure"] == kind
+
+
+def test_a_sigkilled_worker_is_reported_with_its_peak_rss(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    run = elastic_run(*_failer(tmp_path, "0=big-selfkill", nproc=1))
+    assert run.returncode == 1
+    m = re.search(r"suspect the OOM killer; its peak RSS was ([\d.]+) MiB", _report(run.stderr)[1])
+    assert m and 120 < float(m.group(1)) < 250, run.stderr
 
 
 def test_memory_limit_kills_and_reports_the_worker(

@@ -2,8 +2,9 @@
 
 Modes: ok | sleep | record (raise through elastic_runner.error_file) | record-then-hang (write
 the error file, then hang like a rank stuck in cleanup) | traceback (raise, no error file)
-| segv | selfkill | grow (allocate memory until killed) | fail (exit 1) | late-record (wait
-0.3 s, then raise through record). Every rank writes OUT/started_r<RANK> first.
+| segv | selfkill | big-selfkill (120 MiB, then SIGKILL) | grow (allocate memory until
+killed) | fail (exit 1) | late-record (wait 0.3 s, then raise through record). Every rank
+writes OUT/started_r<RANK> first.
 """
 
 import os
@@ -51,6 +52,9 @@ elif mode == "traceback":
 elif mode == "segv":
     os.kill(os.getpid(), signal.SIGSEGV)
 elif mode == "selfkill":
+    os.kill(os.getpid(), signal.SIGKILL)
+elif mode == "big-selfkill":  # as if the OOM killer took it at 120 MiB
+    hog = b"\x01" * (120 << 20)
     os.kill(os.getpid(), signal.SIGKILL)
 elif mode == "grow":
     hog = []
