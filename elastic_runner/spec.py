@@ -92,7 +92,8 @@ class Worker:
 class WorkerExit:
     """How one worker process ended. ``returncode`` is negative for a signal (Popen style);
     ``timestamp`` is wall-clock seconds when the agent saw the exit; ``max_rss`` is the
-    worker process's own peak RSS in bytes, the kernel's high-water mark (0 if unknown)."""
+    worker process's own peak RSS in bytes, the kernel's high-water mark (0 if unknown; a
+    child it waited for counts when that child's peak was larger)."""
 
     local_rank: int
     global_rank: int
