@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from elastic_runner.errors import ConfigError
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 
 __all__ = [
@@ -36,20 +37,6 @@ __all__ = [
     "register_configs",
     "validate",
 ]
-
-
-class ConfigError(ValueError):
-    """Bad configuration: one line naming the key, the value and what is allowed."""
-
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={_show(value)}: {allowed}")
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "(unset)"
-    return str(value)
 
 
 @dataclass

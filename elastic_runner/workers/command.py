@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from elastic_runner.config import ConfigError
+from elastic_runner.errors import ConfigError
 
 __all__ = ["resolve_command"]
 
