@@ -10,7 +10,9 @@
 
 Everything around the loop comes in through small interfaces: the rendezvous handler,
 the worker launcher (process spawning), the resource monitor, the event sink and metric
-handler, and a clock.
+handler, the lifecycle hooks, the hang detector and timer server, and a clock. It imports
+no backend, no built-in plugin and neither Hydra nor OmegaConf (an import contract checks
+this); :mod:`elastic_runner.run` assembles it.
 """
 
 from __future__ import annotations
@@ -18,56 +20,39 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from elastic_runner.events import Event, EventSink
-from elastic_runner.failures import diagnose, oom_kill_count
+from elastic_runner.attempt import Attempt
+from elastic_runner.events import EventEmitter, EventSink, names
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
 from elastic_runner.rendezvous.ranks import assign_ranks
 from elastic_runner.spec import (
-    Failure,
     FailureKind,
     RestartPolicy,
     RunContext,
     RunResult,
-    WorkerActivity,
+    Worker,
     WorkerExit,
     WorkerGroup,
     WorkerSpec,
     WorkerState,
+    WorkerStatus,
 )
 from elastic_runner.workers.environment import worker_environment
+from elastic_runner.workers.launcher import WorkerLaunch, WorkerLauncher
 from elastic_runner.workers.logs import WorkerLogPaths
 from elastic_runner.workers.resources import ResourceMonitor, Usage, format_bytes
-from elastic_runner.workers.supervisor import WorkerLaunch
 
 if TYPE_CHECKING:
-    from elastic_runner.timer.server import TimerExpiry, TimerServer
+    from elastic_runner.timer.api import TimerExpiry, TimerServer
     from elastic_runner.watchdog import HangDetector
 
 __all__ = ["ElasticAgent", "WorkerLauncher"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerLauncher(Protocol):
-    """Process spawning as the agent sees it (:class:`ProcessSupervisor` in production,
-    a fake in unit tests)."""
-
-    def start(self, launches: Sequence[WorkerLaunch]) -> dict[int, int]: ...
-
-    def wait(self, timeout: float | None = None) -> list[WorkerExit]: ...
-
-    def kill(self, local_rank: int, sig: int = signal.SIGKILL) -> None: ...
-
-    def stop(self, sig: int, timeout: float) -> list[WorkerExit]: ...
-
-    def wake(self) -> None: ...
-
-    def activity(self) -> dict[int, WorkerActivity]: ...
 
 
 class _Refused(Exception):
@@ -110,7 +95,7 @@ class ElasticAgent:
         self._rdzv = rendezvous
         self._launcher = launcher
         self._context = context
-        self._events = events
+        self._events = EventEmitter(events, context.run_id, context.node, self.group)
         self._metrics = metrics
         self._base_env = dict(base_env)
         self._log_prefix = log_prefix
@@ -124,15 +109,9 @@ class ElasticAgent:
         self._clock = clock
         self._stop_signal: int | None = None
         self._membership_changed = False
-        # State of the current attempt.
-        self._exits: dict[int, WorkerExit] = {}
-        self._failures: list[Failure] = []
-        self._kill_reasons: dict[int, tuple[FailureKind, str]] = {}
-        self._attempt_started = 0.0
-        self._attempt_started_wall = 0.0
+        self._attempt = Attempt(spec.local_world_size, self._paths)
         #: When the last failed attempt's first failure was seen (for recovery time).
         self._failed_at: float | None = None
-        self._oom_kills_at_start: int | None = None
         #: Latest resource sample per local rank (for status displays).
         self.usage: dict[int, Usage] = {}
         self._peak_rss: dict[int, int] = {}
@@ -165,8 +144,8 @@ class ElasticAgent:
             return self._loop()
         except _Refused as refused:
             log.error("%s: leaving the job", refused.refusal.describe())
-            self._emit_agent(
-                "elastic_runner.health_check.refused",
+            self._events.agent(
+                names.HEALTH_CHECK_REFUSED,
                 plugin=refused.refusal.plugin,
                 reason=refused.refusal.reason,
             )
@@ -175,7 +154,7 @@ class ElasticAgent:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
             self._rdzv.shutdown()
-            self._emit_agent("elastic_runner.shutdown")
+            self._events.agent(names.SHUTDOWN)
 
     def _loop(self) -> RunResult:
         self._start_attempt()
@@ -188,33 +167,37 @@ class ElasticAgent:
                 self._sample_resources()
             if self._hangs is not None and self._has_running_workers():
                 self._act_on_hangs()
-            state = self._group_state()
+            state = self._attempt.state
             if state == WorkerState.SUCCEEDED:
                 if self._rdzv.exit_barrier():
                     return self._finish(WorkerState.SUCCEEDED)
                 # the job re-forms (another node failed or left): run again with it
-                self._emit_agent("elastic_runner.membership.changed", during="exit barrier")
-                self._emit_agent("elastic_runner.restart", reason="membership_change")
+                self._events.agent(names.MEMBERSHIP_CHANGED, during="exit barrier")
+                self._events.agent(names.RESTART, reason="membership_change")
                 self._start_attempt()
             if state == WorkerState.FAILED:
                 self._stop_workers(signal.SIGTERM)
-                reason = self._why_not_restart()
+                reason = self._policy.why_not_restart(
+                    self._clock() - self._attempt.started,
+                    self.group.restart_count,
+                    self.spec.max_restarts,
+                )
                 self._lifecycle.worker_failure(
                     self.group,
-                    sorted(self._failures, key=lambda f: f.timestamp),
+                    self._attempt.failures,
                     will_restart=reason is None,
                 )
                 if reason:
                     self._rdzv.fail_job(reason)
                     return self._finish(WorkerState.FAILED, reason)
-                self._emit_agent("elastic_runner.restart", reason="failure")
+                self._events.agent(names.RESTART, reason="failure")
                 if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
                     return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
                 self._start_attempt(failed=True)
             elif self._membership_changed:
-                self._emit_agent("elastic_runner.membership.changed", during="run")
+                self._events.agent(names.MEMBERSHIP_CHANGED, during="run")
                 self._stop_workers(signal.SIGTERM)
-                self._emit_agent("elastic_runner.restart", reason="membership_change")
+                self._events.agent(names.RESTART, reason="membership_change")
                 self._start_attempt()
 
     # -- steps --------------------------------------------------------------------------
@@ -222,9 +205,7 @@ class ElasticAgent:
     def _start_attempt(self, failed: bool = False) -> None:
         """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY.
         ``failed``: the previous attempt failed (one restart of the job's budget)."""
-        self._exits.clear()
-        self._failures.clear()
-        self._kill_reasons.clear()
+        self._attempt = Attempt(self.spec.local_world_size, self._paths)
         self.usage.clear()
         group, spec = self.group, self.spec
         group.state = WorkerState.INIT
@@ -234,7 +215,7 @@ class ElasticAgent:
         refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
         if refusal is not None:
             raise _Refused(refusal)
-        self._emit_agent("elastic_runner.rendezvous.join", next_attempt=group.attempt + 1)
+        self._events.agent(names.RENDEZVOUS_JOIN, next_attempt=group.attempt + 1)
         t0 = self._clock()
         info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
         # Only now: a notification about the round we left is stale; what concerns the new
@@ -248,66 +229,39 @@ class ElasticAgent:
         group.master_addr, group.master_port = info.master_addr, info.master_port
         group.attempt += 1
         self._metrics.put("rendezvous.duration_s", rdzv_s)
-        self._emit_agent(
-            "torchelastic.worker.status.RENDEZVOUS",
+        self._events.agent(
+            names.RENDEZVOUS_COMPLETE,
             round=info.round,
             group_rank=info.group_rank,
             group_world_size=info.group_world_size,
             duration_ms=round(rdzv_s * 1000, 3),
         )
-        launches = []
         for w in group.workers:
             w.global_rank = ranks.base_global_rank + w.local_rank
             w.role_rank = ranks.base_role_rank + w.local_rank
             w.world_size, w.role_world_size = ranks.world_size, ranks.role_world_size
-            paths = self._paths(w.local_rank)
-            env = worker_environment(
-                group,
-                w,
-                run_id=self._context.run_id,
-                base_env=self._base_env,
-                error_file=str(paths.error_file),
-            )
-            if self._hangs is not None:
-                env.update(self._hangs.worker_env(paths, env))
-            prefix = self._log_prefix.format(
-                role=spec.role,
-                rank=w.global_rank,
-                local_rank=w.local_rank,
-                node=self._context.node,
-            )
-            launches.append(
-                WorkerLaunch(
-                    w.local_rank,
-                    w.global_rank,
-                    spec.argv_for(w.local_rank),
-                    env,
-                    paths,
-                    prefix + " " if prefix else "",
-                    heartbeat=self._hangs is not None and self._hangs.wants_heartbeat,
-                )
-            )
-        self._emit_agent(
-            "elastic_runner.ranks.assigned",
+        self._events.agent(
+            names.RANKS_ASSIGNED,
             ranks=[w.global_rank for w in group.workers],
             role_ranks=[w.role_rank for w in group.workers],
             world_size=ranks.world_size,
             master=f"{group.master_addr}:{group.master_port}",
         )
-        self._oom_kills_at_start = oom_kill_count()
+        self._attempt.starting()
         t_start = self._clock()
-        pids = self._launcher.start(launches)
-        self._attempt_started = self._clock()
-        self._attempt_started_wall = time.time()
+        pids = self._launcher.start([self._launch(w) for w in group.workers])
+        self._attempt.started_at(self._clock())
         group.state = WorkerState.HEALTHY
-        self._metrics.put("workers.start_latency_s", self._attempt_started - t_start)
+        self._metrics.put("workers.start_latency_s", self._attempt.started - t_start)
         if self._failed_at is not None:
-            self._metrics.put("recovery.duration_s", self._attempt_started - self._failed_at)
+            self._metrics.put("recovery.duration_s", self._attempt.started - self._failed_at)
             self._failed_at = None
         self._put_state()
         for w in group.workers:
             w.pid = pids[w.local_rank]
-            self._emit_worker("START", w.global_rank, pid=w.pid, local_rank=w.local_rank)
+            self._events.worker(
+                WorkerStatus.START, w.global_rank, pid=w.pid, local_rank=w.local_rank
+            )
         self._lifecycle.workers_started(group)
         log.info(
             "attempt %d: started %d worker(s) (ranks %d-%d of %d, restart %d/%d)",
@@ -320,32 +274,41 @@ class ElasticAgent:
             spec.max_restarts,
         )
 
+    def _launch(self, w: Worker) -> WorkerLaunch:
+        """How to start worker ``w`` of the current attempt (its ranks are assigned)."""
+        spec, paths = self.spec, self._paths(w.local_rank)
+        env = worker_environment(
+            self.group,
+            w,
+            run_id=self._context.run_id,
+            base_env=self._base_env,
+            error_file=str(paths.error_file),
+        )
+        if self._hangs is not None:
+            env.update(self._hangs.worker_env(paths, env))
+        prefix = self._log_prefix.format(
+            role=spec.role, rank=w.global_rank, local_rank=w.local_rank, node=self._context.node
+        )
+        return WorkerLaunch(
+            w.local_rank,
+            w.global_rank,
+            spec.argv_for(w.local_rank),
+            env,
+            paths,
+            prefix + " " if prefix else "",
+            heartbeat=self._hangs is not None and self._hangs.wants_heartbeat,
+        )
+
     def _paths(self, local_rank: int) -> WorkerLogPaths:
         return WorkerLogPaths.of(self._context.run_dir, self.group.attempt, local_rank)
 
     def _record_exit(self, exit_: WorkerExit) -> None:
-        self._exits[exit_.local_rank] = exit_
         if exit_.max_rss:
             peak = self._peak_rss.get(exit_.global_rank, 0)
             self._peak_rss[exit_.global_rank] = max(peak, exit_.max_rss)
         self.group.workers[exit_.local_rank].pid = None
-        paths = self._paths(exit_.local_rank)
-        if exit_.stopped_by_agent:
-            # A rank that recorded its own error before we stopped it failed on its own
-            # (it may even be the root cause, still busy dying when another rank exited).
-            state = "FAILED" if paths.error_file.exists() else "TERMINATED"
-        else:
-            state = "SUCCEEDED" if exit_.succeeded else "FAILED"
-        failure = None
-        if state == "FAILED":
-            failure = diagnose(
-                exit_,
-                error_file=paths.error_file,
-                stderr=paths.stderr,
-                kill_reason=self._kill_reasons.get(exit_.local_rank),
-                oom_kills_before=self._oom_kills_at_start,
-            )
-            self._failures.append(failure)
+        status, failure = self._attempt.record(exit_)
+        if failure is not None:
             self._metrics.put("workers.failures", 1, {"kind": failure.kind.name})
             if self._failed_at is None:
                 self._failed_at = self._clock()
@@ -355,8 +318,8 @@ class ElasticAgent:
                 exit_.pid,
                 failure.describe(),
             )
-        self._emit_worker(
-            state,
+        self._events.worker(
+            status,
             exit_.global_rank,
             pid=exit_.pid,
             local_rank=exit_.local_rank,
@@ -367,13 +330,6 @@ class ElasticAgent:
             failure=failure.kind.name if failure else None,
             error=failure.message if failure else None,
         )
-
-    def _group_state(self) -> WorkerState:
-        if self._failures:
-            return WorkerState.FAILED
-        if len(self._exits) == self.spec.local_world_size:
-            return WorkerState.SUCCEEDED
-        return WorkerState.HEALTHY
 
     def _wait_timeout(self) -> float | None:
         if not self._has_running_workers():
@@ -395,9 +351,10 @@ class ElasticAgent:
         for order in self._hangs.orders(activity, self._clock(), pids, self._paths):
             rank = self.group.workers[order.local_rank].global_rank
             log.error("worker rank %d: %s", rank, order.detail)
-            self._emit_agent(order.event, rank=rank, detail=order.detail, **order.metadata)
-            if order.signal > 0 and order.local_rank not in self._kill_reasons:
-                self._kill_reasons[order.local_rank] = (order.kind, order.detail)
+            self._events.agent(order.event, rank=rank, detail=order.detail, **order.metadata)
+            if order.signal > 0 and self._attempt.killing(
+                order.local_rank, order.kind, order.detail
+            ):
                 self._launcher.kill(order.local_rank, order.signal)
 
     def _sample_resources(self) -> None:
@@ -410,29 +367,12 @@ class ElasticAgent:
             self._metrics.put("worker.rss_bytes", usage.rss, labels)
             self._metrics.put("worker.cpu_percent", usage.cpu_percent, labels)
             limit = self._memory_limit
-            if limit and usage.rss > limit and local_rank not in self._kill_reasons:
-                self._kill_reasons[local_rank] = (
-                    FailureKind.MEMORY_LIMIT,
-                    f"RSS {format_bytes(usage.rss)} > job.limits.memory {format_bytes(limit)}",
-                )
-                log.warning(
-                    "worker rank %d is over its memory limit (%s): killing it",
-                    rank,
-                    self._kill_reasons[local_rank][1],
-                )
+            if not limit or usage.rss <= limit:
+                continue
+            why = f"RSS {format_bytes(usage.rss)} > job.limits.memory {format_bytes(limit)}"
+            if self._attempt.killing(local_rank, FailureKind.MEMORY_LIMIT, why):
+                log.warning("worker rank %d is over its memory limit (%s): killing it", rank, why)
                 self._launcher.kill(local_rank)
-
-    def _why_not_restart(self) -> str | None:
-        """Why the failed attempt must not be restarted, or ``None`` to restart it."""
-        uptime = self._clock() - self._attempt_started
-        if uptime < self._policy.min_uptime and not self._policy.on_startup_failure:
-            return (
-                f"startup failure after {uptime:.1f} s (< restart.min_uptime="
-                f"{self._policy.min_uptime:g} s) and restart.on_startup_failure=false"
-            )
-        if self.group.restart_count >= self.spec.max_restarts:
-            return f"restarts used up (max_restarts={self.spec.max_restarts})"
-        return None
 
     def _backoff(self, delay: float) -> bool:
         """Wait ``delay`` seconds before a restart; False if a stop signal came first."""
@@ -466,7 +406,7 @@ class ElasticAgent:
             signal.Signals(sent).name,
             self.spec.stop_timeout,
         )
-        self._emit_agent("elastic_runner.signal", signal=name, sent=signal.Signals(sent).name)
+        self._events.agent(names.SIGNAL, signal=name, sent=signal.Signals(sent).name)
         self._stop_workers(sent)
         result = self._finish(WorkerState.FAILED, f"stopped by {name}")
         result.signal = signum
@@ -478,44 +418,14 @@ class ElasticAgent:
         self.group.state = state
         self._put_state()
         self._metrics.put("workers.restarts", self.group.restart_count)
-        self._emit_agent(f"torchelastic.worker.status.{state.value}", reason=reason)
+        self._events.agent(names.status(state), reason=reason)
         return RunResult(
             state=state,
             attempts=self.group.attempt,
             restart_count=self.group.restart_count,
-            exits=sorted(self._exits.values(), key=lambda e: e.local_rank),
-            failures=sorted(self._failures, key=lambda f: f.timestamp),
+            exits=sorted(self._attempt.exits.values(), key=lambda e: e.local_rank),
+            failures=self._attempt.failures,
             peak_rss=dict(self._peak_rss),
             ended_because=reason,
-            started_at=self._attempt_started_wall,
-        )
-
-    # -- events -------------------------------------------------------------------------
-
-    def _emit_agent(self, name: str, **metadata: object) -> None:
-        self._emit(name, "AGENT", None, self.group.state.value, metadata)
-
-    def _emit_worker(self, state: str, rank: int, **metadata: object) -> None:
-        self._emit(f"torchelastic.worker.status.{state}", "WORKER", rank, state, metadata)
-
-    def _emit(
-        self,
-        name: str,
-        source: str,
-        rank: int | None,
-        state: str | None,
-        metadata: dict[str, object],
-    ) -> None:
-        metadata.setdefault("attempt", self.group.attempt)
-        metadata.setdefault("restart_count", self.group.restart_count)
-        self._events.emit(
-            Event(
-                name=name,
-                source=source,
-                run_id=self._context.run_id,
-                node=self._context.node,
-                rank=rank,
-                state=state,
-                metadata=dict(metadata),
-            )
+            started_at=self._attempt.started_wall,
         )

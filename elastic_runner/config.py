@@ -1,5 +1,6 @@
 """Configuration schemas (dataclasses registered in Hydra's ConfigStore) and their
-validation.
+validation, which parses every value once and hands the parsed values on
+(:class:`ValidConfig`).
 
 The keys here are a user-facing contract, documented in the README's config reference.
 Group options of pluggable kinds (``rdzv``, ``events``, ``metrics``, ``timer``) are
@@ -18,6 +19,7 @@ from omegaconf import MISSING
 
 from elastic_runner.errors import ConfigError
 from elastic_runner.registry import ComponentKind, PluginError, Registry
+from elastic_runner.spec import RestartPolicy
 
 __all__ = [
     "ConfigError",
@@ -29,6 +31,7 @@ __all__ = [
     "MetricsConfig",
     "RendezvousConfig",
     "TimerConfig",
+    "ValidConfig",
     "WatchdogConfig",
     "parse_memory",
     "parse_nnodes",
@@ -316,12 +319,31 @@ def parse_signals(key: str, names: list[str]) -> frozenset[int]:
     return frozenset(out)
 
 
-def validate(cfg: ElasticRunConfig) -> None:
-    """Checks that need no filesystem: ranges and combinations of keys."""
-    parse_nnodes(cfg.nnodes)
-    parse_nproc_per_node(cfg.job.nproc_per_node)
-    parse_memory("job.limits.memory", cfg.job.limits.memory)
-    parse_signals("signals.forward", cfg.signals.forward)
+@dataclass(frozen=True)
+class ValidConfig:
+    """A run configuration that passed :func:`validate`, with the values that needed
+    parsing parsed (once: the assembly step uses these, never the raw strings)."""
+
+    config: ElasticRunConfig
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    #: ``job.limits.memory`` in bytes.
+    memory_limit: int | None
+    #: ``signals.forward`` as signal numbers.
+    forward_signals: frozenset[int]
+    restart_policy: RestartPolicy
+    #: ``logs.live``: ``auto``, ``true`` or ``false``.
+    live: str
+
+
+def validate(cfg: ElasticRunConfig) -> ValidConfig:
+    """Checks that need no filesystem (ranges and combinations of keys); the first bad
+    value raises :class:`ConfigError`."""
+    min_nodes, max_nodes = parse_nnodes(cfg.nnodes)
+    nproc = parse_nproc_per_node(cfg.job.nproc_per_node)
+    memory_limit = parse_memory("job.limits.memory", cfg.job.limits.memory)
+    forward = parse_signals("signals.forward", cfg.signals.forward)
     for key, value in (
         ("restart.backoff.initial", cfg.restart.backoff.initial),
         ("restart.backoff.max", cfg.restart.backoff.max),
@@ -342,7 +364,8 @@ def validate(cfg: ElasticRunConfig) -> None:
         raise ConfigError(
             "resources.interval", 0, "job.limits.memory needs sampling: expected seconds > 0"
         )
-    if str(cfg.logs.live).lower() not in ("auto", "true", "false"):
+    live = str(cfg.logs.live).lower()
+    if live not in ("auto", "true", "false"):
         raise ConfigError("logs.live", cfg.logs.live, "allowed: auto, true, false")
     stack_modes = ("auto", "py-spy", "faulthandler", "none")
     if cfg.watchdog.stacks not in stack_modes:
@@ -372,3 +395,20 @@ def validate(cfg: ElasticRunConfig) -> None:
             "required: a .py file or an executable on PATH (or job.module=<module>), "
             "e.g. job.entrypoint=train.py, or a preset: +job=hello",
         )
+    restart = cfg.restart
+    return ValidConfig(
+        config=cfg,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc,
+        memory_limit=memory_limit,
+        forward_signals=forward,
+        restart_policy=RestartPolicy(
+            backoff_initial=restart.backoff.initial,
+            backoff_factor=restart.backoff.factor,
+            backoff_max=restart.backoff.max,
+            min_uptime=restart.min_uptime,
+            on_startup_failure=restart.on_startup_failure,
+        ),
+        live=live,
+    )

@@ -4,38 +4,17 @@ killed it (an exit code, a signal, probably the OOM killer, a limit the agent en
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 from pathlib import Path
 
+from elastic_runner.error_file import read_error_file
 from elastic_runner.spec import Failure, FailureKind, WorkerExit
 from elastic_runner.workers.resources import format_bytes
 
-__all__ = ["diagnose", "last_traceback", "oom_kill_count", "read_error_file"]
+__all__ = ["diagnose", "last_traceback", "oom_kill_count"]
 
 _TRACEBACK_START = "Traceback (most recent call last):"
-
-
-def read_error_file(path: Path) -> tuple[str | None, str | None, float | None] | None:
-    """(message, traceback, timestamp) from an error file in torch's format (written by
-    ``elastic_runner.error_file`` or torch's ``@record``); ``None`` when there is none."""
-    try:
-        data = json.loads(path.read_text())
-        body = data["message"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if isinstance(body, str):  # torch also accepts a plain string message
-        return body, None, None
-    extra = body.get("extraInfo", {}) if isinstance(body, dict) else {}
-    timestamp = None
-    for key in ("timestamp_precise", "timestamp"):
-        try:
-            timestamp = float(extra[key])
-            break
-        except (KeyError, TypeError, ValueError):
-            continue
-    return body.get("message"), extra.get("py_callstack"), timestamp
 
 
 def last_traceback(stderr: Path, limit: int = 262144) -> str | None:

@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from elastic_runner.events import Event
-from elastic_runner.spec import WorkerActivity
+from elastic_runner.events import Event, names
+from elastic_runner.spec import WorkerActivity, WorkerState, WorkerStatus
 from elastic_runner.workers.resources import Usage
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class RunStatus:
         self._clock = clock
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {
-            "state": "INIT",
+            "state": WorkerState.INIT.value,
             "phase": "starting",
             "round": None,
             "group_rank": None,
@@ -78,52 +78,49 @@ class RunStatus:
             f["restart_count"] = m.get("restart_count", f["restart_count"])
             if event.source == "AGENT" and event.state:
                 f["state"] = event.state
-            if name == "elastic_runner.rendezvous.join":
+            if name == names.RENDEZVOUS_JOIN:
                 f["phase"] = "rendezvous"
-            elif name == "torchelastic.worker.status.RENDEZVOUS":
+            elif name == names.RENDEZVOUS_COMPLETE:
                 f.update(
                     round=m.get("round"),
                     group_rank=m.get("group_rank"),
                     group_world_size=m.get("group_world_size"),
                 )
-            elif name == "elastic_runner.ranks.assigned":
+            elif name == names.RANKS_ASSIGNED:
                 f["world_size"] = m.get("world_size")
                 self._workers = {}
             elif event.source == "WORKER":
                 self._worker_event(event)
-            elif name == "elastic_runner.restart":
+            elif name == names.RESTART:
                 f["phase"] = "restarting"
                 if m.get("reason") == "failure":
                     self._restarts.append(self._clock())
-            elif name in ("elastic_runner.watchdog.fired", "elastic_runner.timer.expired"):
+            elif name in (names.WATCHDOG_FIRED, names.TIMER_EXPIRED):
                 self._problem = f"rank {m.get('rank')}: {m.get('detail')}"
-            elif name == "elastic_runner.health_check.refused":
+            elif name == names.HEALTH_CHECK_REFUSED:
                 self._problem = f"health check of {m.get('plugin')!r} refused: {m.get('reason')}"
-            elif name in (
-                "torchelastic.worker.status.SUCCEEDED",
-                "torchelastic.worker.status.FAILED",
-            ):
+            elif name in (names.status(WorkerState.SUCCEEDED), names.status(WorkerState.FAILED)):
                 f["phase"] = "finished"
-                if event.state == "SUCCEEDED":
+                if event.state == WorkerState.SUCCEEDED:
                     self._problem = None
                 elif m.get("reason"):
                     self._problem = self._problem or str(m["reason"])
 
     def _worker_event(self, event: Event) -> None:
         m, local_rank = event.metadata, int(event.metadata.get("local_rank", -1))
-        if event.state == "START":
+        if event.state == WorkerStatus.START:
             self._workers[local_rank] = {
                 "rank": event.rank,
                 "pid": m.get("pid"),
-                "state": "HEALTHY",
+                "state": WorkerState.HEALTHY.value,
             }
-            self._fields.update(phase="running", state="HEALTHY")
+            self._fields.update(phase="running", state=WorkerState.HEALTHY.value)
             self._problem = None  # a new attempt runs
             return
         self._workers.setdefault(local_rank, {"rank": event.rank}).update(
             state=event.state, pid=None, exit_code=m.get("exit_code")
         )
-        if event.state == "FAILED" and self._problem is None:
+        if event.state == WorkerStatus.FAILED and self._problem is None:
             how = m.get("signal") or f"exit code {m.get('exit_code')}"
             error = f": {m['error']}" if m.get("error") else ""
             self._problem = f"worker rank {event.rank} failed ({how}){error}"
@@ -152,7 +149,7 @@ class RunStatus:
             recent = self._recent_restarts(self._clock())
             if self._problem:
                 return False, self._problem
-            if self._fields["state"] in ("FAILED", "UNHEALTHY"):
+            if self._fields["state"] in (WorkerState.FAILED, WorkerState.UNHEALTHY):
                 return False, f"worker group {self._fields['state']}"
             if recent >= self._restart_loop:
                 return False, (
@@ -164,7 +161,7 @@ class RunStatus:
     def ready(self) -> tuple[bool, str]:
         healthy, why = self.health()
         with self._lock:
-            running = self._fields["state"] == "HEALTHY"
+            running = self._fields["state"] == WorkerState.HEALTHY
         if healthy and not running:
             return False, why
         return healthy, why

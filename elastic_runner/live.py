@@ -20,17 +20,20 @@ from rich.table import Table
 from rich.text import Text
 
 from elastic_runner.health import RunStatus
+from elastic_runner.spec import WorkerState, WorkerStatus
 from elastic_runner.workers.resources import format_bytes
 
 __all__ = ["LiveView"]
 
-_STATE_STYLE = {
-    "HEALTHY": "green",
-    "SUCCEEDED": "green",
-    "FAILED": "bold red",
-    "TERMINATED": "yellow",
-    "STOPPED": "yellow",
-    "INIT": "cyan",
+#: Styles of group states and worker end states (both str enums: they match the strings in
+#: the status snapshot).
+_STATE_STYLE: dict[str, str] = {
+    WorkerState.HEALTHY: "green",
+    WorkerState.SUCCEEDED: "green",
+    WorkerState.FAILED: "bold red",
+    WorkerStatus.TERMINATED: "yellow",
+    WorkerState.STOPPED: "yellow",
+    WorkerState.INIT: "cyan",
 }
 
 

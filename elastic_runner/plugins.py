@@ -40,8 +40,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "elastic_runner.rendezvous.local",
     "elastic_runner.rendezvous.tcp",
     "elastic_runner.rendezvous.etcd",
-    "elastic_runner.events",
-    "elastic_runner.metrics",
+    "elastic_runner.events.builtin",
+    "elastic_runner.metrics.builtin",
     "elastic_runner.timer.server",
 )
 

@@ -4,12 +4,11 @@ error and traceback, then the other failures, then the ranks the agent stopped."
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from elastic_runner.error_file import write_error
 from elastic_runner.spec import Failure, RunResult, WorkerExit, WorkerSpec
 from elastic_runner.workers.resources import format_bytes
 
@@ -151,18 +150,10 @@ def write_nested_error_file(result: RunResult, path: str) -> None:
     root = result.root_cause
     if root is None:
         return
-    data = {
-        "message": {
-            "message": root.message or f"rank {root.exit.global_rank}: {root.describe()}",
-            "extraInfo": {
-                "py_callstack": root.traceback or "",
-                "timestamp": str(int(root.timestamp)),
-                "timestamp_precise": repr(root.timestamp),
-            },
-        },
-        "errorCode": root.exit.returncode,
-    }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_error(
+        path,
+        root.message or root.summary(),
+        root.traceback or "",
+        root.timestamp,
+        error_code=root.exit.returncode,
+    )

@@ -26,6 +26,7 @@ __all__ = [
     "WorkerGroup",
     "WorkerSpec",
     "WorkerState",
+    "WorkerStatus",
 ]
 
 #: Strings in ``WorkerSpec.args`` replaced by each worker's local rank. ``%local_rank%`` is
@@ -49,6 +50,20 @@ class WorkerState(str, enum.Enum):
     @property
     def is_running(self) -> bool:
         return self in (WorkerState.HEALTHY, WorkerState.UNHEALTHY)
+
+
+class WorkerStatus(str, enum.Enum):
+    """What happened to one worker process: it started, then ended in one of the other
+    three states. The ``state`` of a worker's events and of its row in status displays."""
+
+    START = "START"
+    #: Exited 0.
+    SUCCEEDED = "SUCCEEDED"
+    #: Failed on its own: a non-zero exit, a signal nobody in elastic-run sent, a limit,
+    #: a hang; or it recorded its own error before the agent stopped it.
+    FAILED = "FAILED"
+    #: Stopped by the agent (another rank failed, the membership changed, a stop signal).
+    TERMINATED = "TERMINATED"
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,13 @@ class Failure:
             text += f" ({self.kind.value})"
         return f"{text}; {self.detail}" if self.detail else text
 
+    def summary(self) -> str:
+        """The failure in one line: ``rank 1: exit code 3: ValueError: bad batch`` (the
+        root cause as ``result.json``, a nested error file and the health endpoint give
+        it)."""
+        text = f"rank {self.exit.global_rank}: {self.describe()}"
+        return f"{text}: {self.message}" if self.message else text
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -187,6 +209,18 @@ class RestartPolicy:
     def delay(self, restart: int) -> float:
         """Seconds to wait before restart number ``restart`` (1, 2, ...)."""
         return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (restart - 1))
+
+    def why_not_restart(self, uptime: float, restart_count: int, max_restarts: int) -> str | None:
+        """Why a group that failed ``uptime`` seconds after it started, having spent
+        ``restart_count`` of ``max_restarts``, must not be restarted; ``None`` to restart."""
+        if uptime < self.min_uptime and not self.on_startup_failure:
+            return (
+                f"startup failure after {uptime:.1f} s (< restart.min_uptime="
+                f"{self.min_uptime:g} s) and restart.on_startup_failure=false"
+            )
+        if restart_count >= max_restarts:
+            return f"restarts used up (max_restarts={max_restarts})"
+        return None
 
 
 @dataclass
@@ -229,6 +263,9 @@ class RunResult:
     ended_because: str = ""
     #: Wall-clock time the last attempt's workers started (0: none started).
     started_at: float = 0.0
+    #: The job's id (``TORCHELASTIC_RUN_ID``) and this node's run directory.
+    run_id: str = ""
+    run_dir: Path | None = None
 
     @property
     def root_cause(self) -> Failure | None:

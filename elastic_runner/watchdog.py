@@ -16,9 +16,10 @@ from typing import Any
 
 import psutil
 
+from elastic_runner.events import names
 from elastic_runner.progress import HEARTBEAT_INTERVAL_ENV
 from elastic_runner.spec import FailureKind, WorkerActivity
-from elastic_runner.timer.server import TimerExpiry
+from elastic_runner.timer.api import TimerExpiry
 from elastic_runner.workers.logs import WorkerLogPaths
 from elastic_runner.workers.stacks import StackDump, StackDumper
 
@@ -147,7 +148,7 @@ class HangDetector:
                     max(expiry.signal, 0),
                     FailureKind.TIMER,
                     detail + _where(dump),
-                    "elastic_runner.timer.expired",
+                    names.TIMER_EXPIRED,
                     {
                         "scope": expiry.scope,
                         "after": expiry.after,
@@ -169,7 +170,7 @@ class HangDetector:
                         signal.SIGKILL,
                         FailureKind.WATCHDOG,
                         f"hung: {why}" + _where(dump),
-                        "elastic_runner.watchdog.fired",
+                        names.WATCHDOG_FIRED,
                         {
                             "reason": why,
                             "function": dump.function() if dump else None,

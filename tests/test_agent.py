@@ -13,7 +13,7 @@ from elastic_runner.events import Event
 from elastic_runner.metrics import NoMetrics
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
 from elastic_runner.spec import RunContext, WorkerExit, WorkerSpec, WorkerState
-from elastic_runner.workers.supervisor import WorkerLaunch
+from elastic_runner.workers.launcher import WorkerLaunch
 
 
 class FakeLauncher:

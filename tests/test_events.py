@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from elastic_runner.events import ConsoleEventSink, EventSink, JsonlEventSink, NullEventSink
+from elastic_runner.events import EventSink
+from elastic_runner.events.builtin import ConsoleEventSink, JsonlEventSink, NullEventSink
 from elastic_runner.testing.event_sink_suite import EventSinkSuite
 
 

@@ -11,14 +11,8 @@ from typing import Any
 
 import pytest
 
-from elastic_runner.metrics import (
-    METRICS,
-    ConsoleMetrics,
-    JsonlMetrics,
-    MetricHandler,
-    MetricKind,
-    NoMetrics,
-)
+from elastic_runner.metrics import METRICS, MetricHandler, MetricKind, NoMetrics
+from elastic_runner.metrics.builtin import ConsoleMetrics, JsonlMetrics
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
 
 

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from elastic_runner.workers.logs import Console, WorkerLogPaths
-from elastic_runner.workers.supervisor import ProcessSupervisor, WorkerLaunch
+from elastic_runner.workers.launcher import WorkerLaunch
+from elastic_runner.workers.supervisor import ProcessSupervisor
 
 
 def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLaunch:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from elastic_runner.timer import TIMER_FILE_ENV, TimerRequest, expires
-from elastic_runner.timer.server import FileTimerServer, TimerExpiry
+from elastic_runner.timer.api import TimerExpiry
+from elastic_runner.timer.server import FileTimerServer
 
 
 @pytest.fixture

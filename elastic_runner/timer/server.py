@@ -1,4 +1,5 @@
-"""Worker timer servers, agent side. Built-in: ``none`` and ``file``.
+"""The built-in worker timer servers, agent side (a plugin registered through the same hook
+as third-party ones): ``none`` and ``file``. The interface is :mod:`elastic_runner.timer.api`.
 
 ``timer=file`` serves torch's FileTimerServer protocol: a FIFO at
 ``TORCHELASTIC_TIMER_FILE`` on which workers write one JSON line per request
@@ -25,54 +26,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import psutil
 
-from elastic_runner.config import ConfigError, TimerConfig
+from elastic_runner.config import TimerConfig
+from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.spec import RunContext
 from elastic_runner.timer import TIMER_FILE_ENV
+from elastic_runner.timer.api import ExpiryListener, TimerExpiry
 
-__all__ = [
-    "FileTimerConfig",
-    "FileTimerServer",
-    "NoTimerConfig",
-    "NoTimerServer",
-    "TimerExpiry",
-    "TimerServer",
-]
+__all__ = ["FileTimerConfig", "FileTimerServer", "NoTimerConfig", "NoTimerServer"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TimerExpiry:
-    """A worker's timer ran out: ``pid`` (the process that armed it), ``scope``, the
-    seconds it was armed for, and the signal the client asked for (<= 0: do not kill)."""
-
-    pid: int
-    scope: str
-    after: float
-    signal: int
-
-
-ExpiryListener = Callable[[TimerExpiry], None]
-
-
-class TimerServer(Protocol):
-    """Started before the workers; ``worker_env`` is added to every worker's environment
-    (for example TORCHELASTIC_TIMER_FILE); expiries go to the listener the agent sets with
-    ``on_expired`` (called from the server's own thread)."""
-
-    def start(self) -> None: ...
-
-    def worker_env(self) -> Mapping[str, str]: ...
-
-    def on_expired(self, listener: ExpiryListener) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 @dataclass

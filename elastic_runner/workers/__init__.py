@@ -1,7 +1,4 @@
-"""Worker processes: the environment contract, spawning and supervision, logs."""
-
-from elastic_runner.workers.environment import worker_environment
-from elastic_runner.workers.logs import WorkerLogPaths
-from elastic_runner.workers.supervisor import ProcessSupervisor, WorkerLaunch
-
-__all__ = ["ProcessSupervisor", "WorkerLaunch", "WorkerLogPaths", "worker_environment"]
+"""Worker processes: the launcher interface (:mod:`~elastic_runner.workers.launcher`),
+the environment contract, spawning and supervision, containment, logs. Import the
+submodules themselves: this package imports nothing, so the agent loop loads only the
+interfaces it uses."""

@@ -25,7 +25,8 @@ from typing import IO
 
 from elastic_runner.progress import HEARTBEAT_FD_ENV
 from elastic_runner.spec import WorkerActivity, WorkerExit
-from elastic_runner.workers.logs import Console, LineTee, WorkerLogPaths
+from elastic_runner.workers.launcher import WorkerLaunch
+from elastic_runner.workers.logs import Console, LineTee
 from elastic_runner.workers.tree import (
     MARKER_ENV,
     become_subreaper,
@@ -34,7 +35,7 @@ from elastic_runner.workers.tree import (
     reap_orphans,
 )
 
-__all__ = ["ProcessSupervisor", "WorkerLaunch"]
+__all__ = ["ProcessSupervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +44,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 #: How long to wait after SIGKILL before giving up on a process (stuck in the kernel).
 _KILL_WAIT = 5.0
-
-
-@dataclass(frozen=True)
-class WorkerLaunch:
-    """Everything needed to start one worker."""
-
-    local_rank: int
-    global_rank: int
-    argv: Sequence[str]
-    env: dict[str, str]
-    logs: WorkerLogPaths
-    #: Console line prefix for this worker's output.
-    prefix: str = ""
-    #: Give the worker a heartbeat pipe (ELASTIC_RUNNER_HEARTBEAT_FD).
-    heartbeat: bool = False
 
 
 @dataclass

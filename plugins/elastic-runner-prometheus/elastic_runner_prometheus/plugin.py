@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from elastic_runner import hookimpl
-from elastic_runner.config import ConfigError
+from elastic_runner.errors import ConfigError
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.spec import RunContext
 from elastic_runner_prometheus.config import PrometheusMetricsConfig

@@ -73,7 +73,7 @@ def test_a_busy_port_is_a_clear_config_error(tmp_path) -> None:  # type: ignore[
     from elastic_runner_prometheus.config import PrometheusMetricsConfig
     from elastic_runner_prometheus.plugin import make_handler
 
-    from elastic_runner.config import ConfigError
+    from elastic_runner.errors import ConfigError
     from elastic_runner.spec import RunContext
 
     with socket.socket() as busy:

@@ -1,63 +1,28 @@
-"""Typed events of a run and the built-in event sinks (``jsonl``, ``console``, ``null``).
-
-The agent emits an :class:`Event` at every step; sinks are components selected with
-``events=<name>``. Names follow torch where torch has one
-(``torchelastic.worker.status.<STATE>``).
-"""
+"""The built-in event sinks, a plugin registered through the same hook as third-party
+ones: ``jsonl`` (the default), ``console`` and ``null``."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Protocol
+from dataclasses import dataclass
+from typing import IO
 
 from elastic_runner.config import EventsConfig
+from elastic_runner.events.api import Event
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.spec import RunContext
 
 __all__ = [
+    "ConsoleEventSink",
     "ConsoleEventsConfig",
-    "Event",
-    "EventSink",
-    "FanOutSink",
     "JsonlEventSink",
     "JsonlEventsConfig",
+    "NullEventSink",
     "NullEventsConfig",
 ]
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One thing that happened. ``source`` is ``AGENT`` or ``WORKER``; ``timestamp`` is
-    wall-clock seconds (``time.time()``)."""
-
-    name: str
-    source: str
-    run_id: str
-    node: str
-    timestamp: float = field(default_factory=time.time)
-    rank: int | None = None
-    state: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), default=str, separators=(",", ":"))
-
-
-class EventSink(Protocol):
-    """Receives every event of the run, in order, from the agent's thread."""
-
-    def emit(self, event: Event) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -75,21 +40,6 @@ class ConsoleEventsConfig(EventsConfig):
 @dataclass
 class NullEventsConfig(EventsConfig):
     sink: str = "null"
-
-
-class FanOutSink:
-    """Gives each event to several sinks in turn (the selected sink, the live status)."""
-
-    def __init__(self, sinks: Sequence[EventSink]) -> None:
-        self.sinks = list(sinks)
-
-    def emit(self, event: Event) -> None:
-        for sink in self.sinks:
-            sink.emit(event)
-
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
 
 
 class JsonlEventSink:

@@ -1,0 +1,288 @@
+"""The assembly step: from a validated run configuration to a finished
+:class:`~elastic_runner.spec.RunResult`, with nothing leaked.
+
+Every front door ends here: ``elastic-run``'s Hydra shell (:mod:`elastic_runner.cli`)
+composes and validates, then calls :func:`run`. Each component of the run (timer server,
+event sink, metric handler, health endpoint, rendezvous, worker supervisor, guardian, live
+view, signal handlers) is built inside one :class:`~contextlib.ExitStack` and closed in
+reverse order whatever fails, so a build that fails half-way (a busy port, a bad timer
+path, a rendezvous that cannot start) leaves no thread, socket, FIFO or process behind,
+and the next point of a sweep finds its ports free.
+
+Components are built in the order that lets a configuration error surface before anything
+reaches the network: the rendezvous (which may host a store and contacts the others) comes
+last, right before the agent loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elastic_runner.agent import ElasticAgent
+from elastic_runner.config import HANDLED_SIGNALS, LogsConfig, ValidConfig, parse_signals
+from elastic_runner.errors import ConfigError
+from elastic_runner.events import FanOutSink
+from elastic_runner.health import HealthServer, RunStatus
+from elastic_runner.lifecycle import Lifecycle
+from elastic_runner.plugins import LoadedPlugins
+from elastic_runner.registry import ComponentKind, Registry
+from elastic_runner.rendezvous.api import RendezvousError, RendezvousHandler
+from elastic_runner.report import format_report, write_nested_error_file
+from elastic_runner.signals import handle_signals
+from elastic_runner.spec import RunContext, RunResult, WorkerExit, WorkerSpec, WorkerState
+from elastic_runner.timer.api import TimerServer
+from elastic_runner.workers.command import resolve_command
+from elastic_runner.workers.guardian import Guardian
+from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
+from elastic_runner.workers.resources import ResourceMonitor
+from elastic_runner.workers.supervisor import ProcessSupervisor
+
+if TYPE_CHECKING:
+    from elastic_runner.live import LiveView
+    from elastic_runner.watchdog import HangDetector
+
+__all__ = ["CONFIG_FILE", "run"]
+
+log = logging.getLogger("elastic_runner")
+
+#: The resolved configuration, in the run directory (with the run id filled in).
+CONFIG_FILE = "config.yaml"
+
+
+def run(
+    valid: ValidConfig,
+    plugins: LoadedPlugins,
+    *,
+    run_dir: Path,
+    base_env: Mapping[str, str],
+    shared_terminal: bool = False,
+) -> RunResult:
+    """Run the job on this node until it succeeds, fails for good or is stopped, then
+    print its report on stderr and call the ``run_end`` hooks.
+
+    ``base_env`` is the environment workers inherit; ``shared_terminal`` says other runs
+    print to the same terminal (points of a parallel sweep): no live table then. A bad
+    value found while building raises :class:`~elastic_runner.errors.ConfigError` after
+    everything built so far is closed; a rendezvous that cannot complete ends the run as
+    failed (``ended_because`` says why)."""
+    conf = valid.config
+    command = resolve_command(conf.job.entrypoint, conf.job.module, conf.job.args, env=base_env)
+    run_id = conf.rdzv.id or uuid.uuid4().hex
+    context = RunContext(run_id, run_dir, socket.gethostname(), valid.min_nodes, valid.max_nodes)
+    lifecycle = Lifecycle(plugins.pm, context)
+    assembly = _Assembly(valid, plugins.registry, context, lifecycle, base_env, shared_terminal)
+    try:
+        with contextlib.ExitStack() as stack:
+            spec, result = assembly.run(stack, command)
+    except RendezvousError as exc:  # from the backend's factory, or a round that failed
+        result = _rendezvous_failed(exc, context, assembly.agent)
+        lifecycle.run_end(result)
+        return result
+    # Everything is closed (workers reaped, ports released): now the report.
+    result.run_id, result.run_dir = run_id, run_dir
+
+    def stderr_of(exit_: WorkerExit) -> Path:
+        return WorkerLogPaths.of(run_dir, result.attempts, exit_.local_rank).stderr
+
+    print(format_report(result, spec, run_dir, stderr_of), file=sys.stderr, flush=True)
+    lifecycle.run_end(result)
+    if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
+        write_nested_error_file(result, nested)
+    return result
+
+
+@dataclasses.dataclass
+class _Assembly:
+    """Builds one run's components on an ExitStack, then runs the agent loop."""
+
+    valid: ValidConfig
+    registry: Registry
+    context: RunContext
+    lifecycle: Lifecycle
+    base_env: Mapping[str, str]
+    shared_terminal: bool
+    #: Set once the agent exists (a failed rendezvous reports its attempts).
+    agent: ElasticAgent | None = None
+
+    def run(
+        self, stack: contextlib.ExitStack, command: tuple[str, ...]
+    ) -> tuple[WorkerSpec, RunResult]:
+        conf, context = self.valid.config, self.context
+        timer: TimerServer = self._component(stack, ComponentKind.TIMER, conf.timer, "stop")
+        events = self._component(stack, ComponentKind.EVENTS, conf.events, "close")
+        metrics = self._component(stack, ComponentKind.METRICS, conf.metrics, "close")
+        health = conf.health
+        status = RunStatus(
+            context.run_id,
+            context.node,
+            restart_loop=health.restart_loop,
+            restart_window=health.restart_window,
+        )
+        if health.port:
+            stack.callback(_health_server(status, health.host, health.port).close)
+        spec = WorkerSpec(
+            role=conf.job.role,
+            local_world_size=self.valid.nproc_per_node,
+            command=command,
+            env={**conf.job.env, **timer.worker_env()},
+            max_restarts=conf.max_restarts,
+            stop_timeout=conf.stop_timeout,
+        )
+        _write_config(context.run_dir / CONFIG_FILE, conf, context.run_id)
+        # Last: it may host a store and reach the other nodes. The agent leaves the job
+        # when its loop ends; the shutdown here covers a failure before that.
+        rdzv: RendezvousHandler = self._component(
+            stack, ComponentKind.RENDEZVOUS, conf.rdzv, "shutdown"
+        )
+        view = self._live_view(status, rdzv)
+        supervisor = _supervisor(conf.logs, view)
+        stack.callback(supervisor.close)
+        log.info(
+            "run %s: %d worker(s) of %s; run directory: %s",
+            context.run_id,
+            spec.local_world_size,
+            " ".join(command),
+            context.run_dir,
+        )
+        self.agent = agent = ElasticAgent(
+            spec,
+            rdzv,
+            supervisor,
+            context=context,
+            events=FanOutSink([events, status]),
+            metrics=metrics,
+            base_env=self.base_env,
+            log_prefix=conf.logs.prefix,
+            forward_signals=self.valid.forward_signals,
+            restart_policy=self.valid.restart_policy,
+            monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
+            memory_limit=self.valid.memory_limit,
+            lifecycle=self.lifecycle,
+            hangs=_hang_detector(self.valid, timer),
+            timers=timer,
+        )
+        status.watch(supervisor.activity, lambda: agent.usage)
+        timer.start()
+        stack.callback(Guardian(supervisor.marker, context.run_id).close)
+        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
+        stack.enter_context(handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored))
+        if view is not None:
+            view.start()
+            stack.callback(view.stop)
+        return spec, agent.run()
+
+    def _component(
+        self, stack: contextlib.ExitStack, kind: ComponentKind, config: Any, close: str
+    ) -> Any:
+        """The selected component of ``kind``, made by its plugin's factory; its
+        ``close`` method runs when the stack unwinds."""
+        name = getattr(config, kind.name_key)
+        try:
+            spec = self.registry.get(kind, name)
+        except KeyError:
+            allowed = ", ".join(self.registry.names(kind))
+            raise ConfigError(
+                f"{kind.group}.{kind.name_key}", name, f"allowed: {allowed}"
+            ) from None
+        component = spec.factory(config, self.context)
+        stack.callback(getattr(component, close))
+        return component
+
+    def _live_view(self, status: RunStatus, rdzv: RendezvousHandler) -> LiveView | None:
+        """``logs.live``: ``auto`` = only when stderr is a terminal (and TERM is not
+        dumb), and not for the points of a parallel sweep, which share one terminal (one
+        table each would garble it). rich is imported only when a table is shown."""
+        setting = self.valid.live
+        if setting == "false" or (
+            setting == "auto"
+            and (
+                self.shared_terminal
+                or not sys.stderr.isatty()
+                or os.environ.get("TERM", "dumb") == "dumb"
+            )
+        ):
+            return None
+        from elastic_runner.live import LiveView
+
+        return LiveView(status, waiting=getattr(rdzv, "progress", lambda: None))
+
+
+#: Every signal that stops a run (``signals.forward`` says which reach workers as such).
+_STOP_SIGNALS = parse_signals("signals", list(HANDLED_SIGNALS))
+
+
+def _health_server(status: RunStatus, host: str, port: int) -> HealthServer:
+    try:
+        server = HealthServer(status, host, port)
+    except OSError as exc:
+        raise ConfigError(
+            "health.port", port, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
+    log.info("health endpoint: %s/healthz, %s/status", server.url, server.url)
+    return server
+
+
+def _supervisor(logs: LogsConfig, view: LiveView | None) -> ProcessSupervisor:
+    """The process supervisor, its console teeing worker output (through the live view
+    when there is one)."""
+    console: Console | None = None
+    if logs.tee:
+        fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
+        sink = view.sink if view else None
+        console = (
+            CollapsingConsole(fds, logs.collapse_window, sink=sink)
+            if logs.collapse
+            else Console(fds, sink=sink)
+        )
+    return ProcessSupervisor(
+        marker=uuid.uuid4().hex, console=console, console_ranks=logs.console_ranks
+    )
+
+
+def _hang_detector(valid: ValidConfig, timer: TimerServer) -> HangDetector | None:
+    """Hang handling is set up only when asked for (a watchdog timeout, or a timer server
+    workers can reach): faulthandler stacks put a directory on the workers' PYTHONPATH."""
+    dog = valid.config.watchdog
+    if not (dog.no_output_timeout or dog.heartbeat_timeout or timer.worker_env()):
+        return None
+    from elastic_runner.watchdog import HangDetector, Watchdog
+    from elastic_runner.workers.stacks import StackDumper
+
+    watchdog = Watchdog(dog.no_output_timeout, dog.heartbeat_timeout)
+    return HangDetector(watchdog, None if dog.stacks == "none" else StackDumper(dog.stacks))
+
+
+def _rendezvous_failed(
+    exc: RendezvousError, context: RunContext, agent: ElasticAgent | None
+) -> RunResult:
+    print(f"elastic-run: rendezvous failed: {exc}", file=sys.stderr, flush=True)
+    group = agent.group if agent else None
+    return RunResult(
+        state=WorkerState.FAILED,
+        attempts=group.attempt if group else 0,
+        restart_count=group.restart_count if group else 0,
+        ended_because=f"rendezvous failed: {exc}",
+        run_id=context.run_id,
+        run_dir=context.run_dir,
+    )
+
+
+def _write_config(path: Path, config: Any, run_id: str) -> None:
+    """The resolved configuration as YAML, with the run id filled in. libyaml where PyYAML
+    has it: OmegaConf's pure-Python dumper cost about 6 ms of every start."""
+    import yaml
+
+    data = dataclasses.asdict(config)
+    data["rdzv"]["id"] = run_id
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    path.write_text(str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)))
