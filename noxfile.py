@@ -23,9 +23,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    """ruff, and the architecture's import contracts (pyproject.toml, [tool.importlinter])."""
+    session.install("ruff>=0.6", "import-linter>=2.3,<3", "-e", ".")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session

@@ -1,0 +1,59 @@
+"""A run that fails while it is being built leaves nothing behind: the next point of a
+sequential sweep gets the same fixed ports (health endpoint, rendezvous store)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ElasticRunner, assert_nothing_survives, free_port
+
+
+@pytest.mark.parametrize(
+    ("bad_endpoint", "error"),
+    [
+        # the backend's factory raises ConfigError (a second endpoint for rdzv=tcp)
+        ("'127.0.0.1:1,127.0.0.1:2'", "rdzv=tcp takes one host:port"),
+        # it raises RendezvousError: cannot host the store on an address of no interface
+        # here (bind fails at once; nothing is sent)
+        ("192.0.2.1:{store}", "cannot host the rendezvous store"),
+    ],
+)
+def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
+    elastic_run: ElasticRunner, tmp_path: Path, bad_endpoint: str, error: str
+) -> None:
+    argv, _, _ = elastic_run.command()
+    health, store = free_port(), free_port()
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [
+            argv[0],
+            "--multirun",
+            "+job=hello",
+            "job.nproc_per_node=1",
+            "rdzv=tcp",
+            "rdzv.id=assembly",
+            "rdzv.is_host=true",
+            f"rdzv.endpoint={bad_endpoint.format(store=store)},127.0.0.1:{store}",
+            f"health.port={health}",
+            "timer=file",
+            "metrics=jsonl",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    first, second = (json.loads((sweep / p / "result.json").read_text()) for p in "01")
+    assert error in first["error"], done.stderr
+    assert first["exit_code"] in (1, 2)
+    # the second point bound the same health port and hosted the store on the same port
+    assert second["exit_code"] == 0, done.stderr
+    assert "cannot listen" not in done.stderr
+    assert done.returncode == first["exit_code"]
+    assert not list(Path("/tmp").glob("elastic-runner-timer-assembly-*"))
+    assert_nothing_survives({"assembly"})
