@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +77,36 @@ def test_listed_by_python_m_elastic_runner_plugins() -> None:
     ).stdout
     assert "prometheus: elastic-runner-prometheus 0.1.0" in listing
     assert "metrics=prometheus" in listing
+
+
+def test_a_sweep_point_that_fails_building_its_rendezvous_frees_the_metrics_port(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    """The first point's rendezvous cannot be built (two endpoints for rdzv=tcp); the
+    second point serves /metrics and the health endpoint on the same fixed ports."""
+    argv, _, _ = elastic_run.command()
+    metrics, health, store = free_port(), free_port(), free_port()
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [
+            argv[0],
+            "--multirun",
+            "+job=hello",
+            "job.nproc_per_node=1",
+            "rdzv=tcp",
+            "rdzv.id=prometheus-sweep",
+            f"rdzv.endpoint='127.0.0.1:1,127.0.0.1:2',127.0.0.1:{store}",
+            "metrics=prometheus",
+            f"metrics.port={metrics}",
+            f"health.port={health}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    first, second = (json.loads((sweep / p / "result.json").read_text()) for p in "01")
+    assert "rdzv=tcp takes one host:port" in first["error"], done.stderr
+    assert second["exit_code"] == 0, done.stderr
+    assert "cannot listen" not in done.stderr and "in use" not in done.stderr
