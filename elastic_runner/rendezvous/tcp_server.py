@@ -1,6 +1,6 @@
 """The built-in TCP store's server: an asyncio loop in a daemon thread of the agent that
 hosts the store, serving a :class:`~elastic_runner.rendezvous.store.MemoryStore`
-(protocol: :mod:`elastic_runner.rendezvous.tcp_store`)."""
+(wire format: :mod:`elastic_runner.rendezvous.tcp_wire`)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import time
 from typing import Any
 
 from elastic_runner.rendezvous.store import MemoryStore, StoreError, StoreTimeoutError
-from elastic_runner.rendezvous.tcp_store import (
+from elastic_runner.rendezvous.tcp_wire import (
     HEADER,
     MAX_FRAME,
     PLAIN_OPS,
     BadFrame,
     decode,
-    encode,
+    encode,  # by name: bench/rendezvous.py swaps this module's encode to count bytes
 )
 
 __all__ = ["TCPStoreServer"]

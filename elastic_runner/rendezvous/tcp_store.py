@@ -1,20 +1,12 @@
-"""The built-in TCP store's wire protocol and client (the asyncio server, which only the
-hosting agent needs, is :mod:`elastic_runner.rendezvous.tcp_server`).
-
-Wire format: each frame is a 4-byte big-endian length, then that many bytes of UTF-8
-JSON. A request is ``{"id": n, "op": name, ...arguments}``; the answer is
-``{"id": n, "ok": true, "result": ...}`` or ``{"id": n, "ok": false, "error": text}``.
-The first request on a connection must be ``{"op": "hello", "token": ...}``. Nothing is
-pickled. A malformed frame closes that connection only; the server goes on.
+"""The built-in TCP store's client. The wire format is
+:mod:`elastic_runner.rendezvous.tcp_wire`; the asyncio server, which only the hosting
+agent needs (importing asyncio costs ~11 ms), is :mod:`elastic_runner.rendezvous.tcp_server`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -25,58 +17,14 @@ from elastic_runner.rendezvous.store import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from elastic_runner.rendezvous.tcp_wire import HEADER, MAX_FRAME, BadFrame, decode, encode
 
-__all__ = ["MAX_FRAME", "TCPStoreClient"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TCPStoreServer":  # lazily: asyncio costs every non-hosting agent ~11 ms
-        from elastic_runner.rendezvous.tcp_server import TCPStoreServer
-
-        return TCPStoreServer
-    raise AttributeError(name)
-
-
-log = logging.getLogger(__name__)
-
-#: Largest frame either side accepts (a rendezvous never needs more).
-MAX_FRAME = 16 << 20
-HEADER = struct.Struct(">I")
-PLAIN_OPS = {
-    "set",
-    "refresh",
-    "get",
-    "add",
-    "compare_set",
-    "delete",
-    "delete_prefix",
-    "multi_get",
-    "multi_set",
-    "scan",
-}
-
-
-class BadFrame(Exception):
-    pass
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return HEADER.pack(len(body)) + body
-
-
-def decode(body: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadFrame(f"not JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise BadFrame("a frame must hold a JSON object")
-    return message
+__all__ = ["TCPStoreClient"]
 
 
 class TCPStoreClient:
-    """A :class:`~elastic_runner.rendezvous.store.Store` on a :class:`TCPStoreServer`.
+    """A :class:`~elastic_runner.rendezvous.store.Store` on a
+    :class:`~elastic_runner.rendezvous.tcp_server.TCPStoreServer`.
 
     Thread-safe: each thread gets its own connection, so a watcher blocked in
     :meth:`wait_for_change` never holds up another thread's requests.
