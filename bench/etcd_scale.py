@@ -31,12 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from elastic_runner.rendezvous.api import NodeInfo
-from elastic_runner.rendezvous.dynamic import (
-    DynamicRendezvous,
-    RendezvousSettings,
-    parse_endpoints,
-)
+from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.kit import parse_endpoints
 from elastic_runner.testing.etcd import EtcdServer, etcd_binary
 
 COUNTS: collections.Counter[str] = collections.Counter()

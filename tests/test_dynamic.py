@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from elastic_runner.rendezvous.dynamic import parse_endpoints
 from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.kit import parse_endpoints
 from elastic_runner.rendezvous.store import MemoryStore
 from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient

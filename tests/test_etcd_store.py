@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from elastic_runner.rendezvous.dynamic import parse_endpoints
 from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.kit import parse_endpoints
 from elastic_runner.rendezvous.store import StoreError
 from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.store_suite import StoreSuite

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from elastic_runner import failures
-from elastic_runner.error_file import record
-from elastic_runner.error_file import read_error_file
+from elastic_runner.error_file import read_error_file, record
 from elastic_runner.failures import diagnose, last_traceback
 from elastic_runner.spec import FailureKind, WorkerExit
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from elastic_runner.workers.logs import Console, WorkerLogPaths
 from elastic_runner.workers.launcher import WorkerLaunch
+from elastic_runner.workers.logs import Console, WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
 

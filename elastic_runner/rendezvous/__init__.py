@@ -1,5 +1,6 @@
 """Rendezvous: how the agents of one job agree on membership, group ranks and the master
-address. The agent sees only ``RendezvousHandler``; backends are plugins."""
+address. The agent sees only ``RendezvousHandler``; backends are plugins, and those on a
+key-value store build on :mod:`elastic_runner.rendezvous.kit`."""
 
 from elastic_runner.rendezvous.api import (
     NodeInfo,

@@ -21,6 +21,9 @@ after ``min_nodes`` had. A running node regroups (a new round, no restart spent)
 node waits to join while the round has fewer than ``max_nodes``, or when a member's
 liveness key expires; a node that finishes normally passes the exit barrier and leaves
 without closing anything for the others.
+
+This module is the protocol only, with no Hydra or OmegaConf behind it: turning a
+backend's ``rdzv.*`` config into one is :mod:`elastic_runner.rendezvous.kit`'s job.
 """
 
 from __future__ import annotations
@@ -37,115 +40,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import MISSING
-
-from elastic_runner.config import ConfigError, RendezvousConfig
 from elastic_runner.rendezvous.api import (
     NodeInfo,
     RendezvousError,
     RendezvousInfo,
     RendezvousTimeoutError,
 )
-from elastic_runner.rendezvous.local import find_free_port
+from elastic_runner.rendezvous.network import find_free_port
 from elastic_runner.rendezvous.store import (
     Store,
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from elastic_runner.spec import RunContext
 
-__all__ = ["DynamicRendezvous", "RendezvousSettings", "StoreRendezvousConfig", "settings_from"]
+__all__ = ["DynamicRendezvous", "RendezvousSettings"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StoreRendezvousConfig(RendezvousConfig):
-    """The keys every store-based backend (``tcp``, ``static``, ``etcd``) shares."""
-
-    #: Where the store is: ``host:port`` (several, comma-separated, where supported).
-    endpoint: str = MISSING
-    #: MASTER_ADDR when this node is group rank 0 (default: this node's address on the
-    #: interface that reaches the store).
-    local_addr: str | None = None
-    join_timeout: float = 600.0
-    last_call_timeout: float = 30.0
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 15.0
-    #: How long a node that finished waits for the others before leaving.
-    exit_barrier_timeout: float = 300.0
-
-
-def settings_from(
-    config: StoreRendezvousConfig,
-    context: RunContext,
-    node_rank: int | None = None,
-    close_timeout: float | None = None,
-) -> RendezvousSettings:
-    """Validated settings from a backend's config (one clear error per bad key)."""
-    if not config.id:
-        raise ConfigError(
-            "rdzv.id",
-            None,
-            f"rdzv={config.backend} needs a job id shared by all nodes, e.g. rdzv.id=myjob",
-        )
-    for key in (
-        "join_timeout",
-        "last_call_timeout",
-        "heartbeat_interval",
-        "heartbeat_timeout",
-        "exit_barrier_timeout",
-    ):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"rdzv.{key}", getattr(config, key), "expected seconds >= 0")
-    if config.heartbeat_timeout <= config.heartbeat_interval:
-        raise ConfigError(
-            "rdzv.heartbeat_timeout",
-            config.heartbeat_timeout,
-            f"must exceed rdzv.heartbeat_interval ({config.heartbeat_interval:g})",
-        )
-    return RendezvousSettings(
-        run_id=context.run_id,
-        min_nodes=context.min_nodes,
-        max_nodes=context.max_nodes,
-        join_timeout=config.join_timeout,
-        last_call_timeout=config.last_call_timeout,
-        heartbeat_interval=config.heartbeat_interval,
-        heartbeat_timeout=config.heartbeat_timeout,
-        exit_barrier_timeout=config.exit_barrier_timeout,
-        close_timeout=close_timeout,
-        node_rank=node_rank,
-    )
-
-
-def parse_endpoints(endpoint: str, default_port: int) -> list[tuple[str, int]]:
-    """``"a:1,b"`` -> [("a", 1), ("b", default_port)]."""
-    out = []
-    for part in endpoint.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep:
-            host, port = part.strip(), str(default_port)
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError(
-                "rdzv.endpoint",
-                endpoint,
-                f"expected host:port[,host:port...], e.g. node0:{default_port}",
-            )
-        out.append((host, int(port)))
-    return out
-
-
-def address_towards(host: str, port: int) -> str:
-    """This machine's address on the interface that reaches ``host`` (no packet sent)."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return str(s.getsockname()[0])
-    except OSError:
-        return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -260,6 +171,11 @@ class DynamicRendezvous:
             log.warning("could not tell the other nodes the job failed: %s", exc)
 
     def shutdown(self) -> None:
+        """Leave the job, then close the store. Only the first call does anything: the
+        agent leaves when its loop ends, and the run's assembly step calls it again in
+        case the loop never ran (the store is closed by then)."""
+        if self._stop.is_set():  # set here only
+            return
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)

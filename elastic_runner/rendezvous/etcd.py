@@ -12,14 +12,9 @@ from dataclasses import dataclass
 
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
-from elastic_runner.rendezvous.dynamic import (
-    DynamicRendezvous,
-    StoreRendezvousConfig,
-    address_towards,
-    parse_endpoints,
-    settings_from,
-)
+from elastic_runner.rendezvous.dynamic import DynamicRendezvous
 from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.kit import StoreConnection, StoreRendezvousConfig, store_rendezvous
 from elastic_runner.spec import RunContext
 
 __all__ = ["DEFAULT_PORT", "EtcdRendezvousConfig"]
@@ -44,26 +39,20 @@ class EtcdRendezvousConfig(StoreRendezvousConfig):
 
 
 def _etcd(config: EtcdRendezvousConfig, context: RunContext) -> DynamicRendezvous:
-    endpoints = parse_endpoints(config.endpoint, DEFAULT_PORT)
-    settings = settings_from(config, context)
-    store = EtcdStore(
-        endpoints,
-        namespace=config.prefix,
-        ca_cert=config.ca_cert,
-        cert=config.cert,
-        key=config.key,
-        user=config.user,
-        password=config.password,
-        timeout=config.request_timeout,
-    )
-    host, port = endpoints[0]
-    return DynamicRendezvous(
-        store,
-        settings,
-        backend="etcd",
-        endpoint=store.address,
-        local_addr=config.local_addr or address_towards(host, port),
-    )
+    def connect(endpoints: list[tuple[str, int]]) -> StoreConnection:
+        store = EtcdStore(
+            endpoints,
+            namespace=config.prefix,
+            ca_cert=config.ca_cert,
+            cert=config.cert,
+            key=config.key,
+            user=config.user,
+            password=config.password,
+            timeout=config.request_timeout,
+        )
+        return StoreConnection(store, address=store.address)
+
+    return store_rendezvous(config, context, connect, default_port=DEFAULT_PORT)
 
 
 @hookimpl

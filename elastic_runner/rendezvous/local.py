@@ -6,17 +6,18 @@ third-party backend.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from elastic_runner.config import ConfigError, RendezvousConfig, parse_nnodes
+from elastic_runner.config import RendezvousConfig, parse_nnodes
+from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
+from elastic_runner.rendezvous.network import find_free_port
 from elastic_runner.spec import RunContext
 
-__all__ = ["LocalRendezvous", "LocalRendezvousConfig", "find_free_port"]
+__all__ = ["LocalRendezvous", "LocalRendezvousConfig"]
 
 
 @dataclass
@@ -24,18 +25,6 @@ class LocalRendezvousConfig(RendezvousConfig):
     backend: str = "local"
     #: MASTER_ADDR given to workers; loopback always works on one node.
     local_addr: str = "127.0.0.1"
-
-
-def find_free_port(host: str) -> int:
-    """A port free on ``host`` right now (bind to port 0, read it, release it).
-
-    The port is released before workers start because worker rank 0 binds it for torch's
-    store; a fresh one per run keeps two jobs on one machine apart (torch #73320).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalRendezvous:

@@ -10,24 +10,24 @@ error naming the endpoint (the store does not move to another node).
 from __future__ import annotations
 
 import errno
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omegaconf import MISSING
 
-from elastic_runner.config import ConfigError
+from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.api import RendezvousError
-from elastic_runner.rendezvous.dynamic import (
-    DynamicRendezvous,
-    StoreRendezvousConfig,
-    parse_endpoints,
-    settings_from,
-)
+from elastic_runner.rendezvous.dynamic import DynamicRendezvous
+from elastic_runner.rendezvous.kit import StoreConnection, StoreRendezvousConfig, store_rendezvous
+from elastic_runner.rendezvous.network import is_local_address
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.spec import RunContext
+
+if TYPE_CHECKING:
+    from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 
 __all__ = ["DEFAULT_PORT", "StaticRendezvousConfig", "TcpRendezvousConfig"]
 
@@ -54,66 +54,64 @@ class StaticRendezvousConfig(TcpRendezvousConfig):
     last_call_timeout: float = 0.0
 
 
-def _is_local(host: str) -> bool:
-    """True when ``host`` names this machine (we can bind to one of its addresses)."""
+def _host_store(config: TcpRendezvousConfig, host: str, port: int) -> TCPStoreServer | None:
+    """The store server, when this agent hosts it; ``None`` when it is only a client."""
+    if not (config.is_host or (config.is_host is None and is_local_address(host))):
+        return None
+    # Imported here: asyncio costs every agent that does not host ~11 ms.
+    from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    for family, _, _, _, addr in infos:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((addr[0], 0))
-                return True
-            except OSError:
-                continue
-    return False
+        return TCPStoreServer(host, port, config.token)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise RendezvousError(
+                f"cannot host the rendezvous store on {host}:{port}: {exc.strerror}"
+            ) from None
+        return None  # another agent on this machine hosts it: be its client
 
 
-def _connect(
+def _tcp_store_rendezvous(
     config: TcpRendezvousConfig, context: RunContext, node_rank: int | None = None
 ) -> DynamicRendezvous:
-    if "," in config.endpoint:
-        raise ConfigError(
-            "rdzv.endpoint",
-            config.endpoint,
-            "rdzv=tcp takes one host:port (several endpoints: rdzv=etcd)",
-        )
-    ((host, port),) = parse_endpoints(config.endpoint, DEFAULT_PORT)
-    if config.close_timeout is not None and config.close_timeout < 0:
-        raise ConfigError("rdzv.close_timeout", config.close_timeout, "expected seconds >= 0")
-    settings = settings_from(config, context, node_rank, config.close_timeout)
-    server = None
-    if config.is_host or (config.is_host is None and _is_local(host)):
-        from elastic_runner.rendezvous.tcp_server import TCPStoreServer
-
+    def connect(endpoints: list[tuple[str, int]]) -> StoreConnection:
+        ((host, port),) = endpoints  # the kit let one through
+        server = _host_store(config, host, port)
         try:
-            server = TCPStoreServer(host, port, config.token)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise RendezvousError(
-                    f"cannot host the rendezvous store on {host}:{port}: {exc.strerror}"
-                ) from None
-            # another agent on this machine hosts it: be its client
-    client = TCPStoreClient(
-        host,
-        port,
-        config.token,
-        connect_timeout=max(1.0, config.join_timeout),
-        reconnect_timeout=config.heartbeat_timeout,
-    )
-    return DynamicRendezvous(
-        client,
-        settings,
-        backend=config.backend,
-        endpoint=f"{host}:{port}",
-        local_addr=config.local_addr or (lambda: client.local_address),
-        on_close=server.close if server else None,
+            client = TCPStoreClient(
+                host,
+                port,
+                config.token,
+                connect_timeout=max(1.0, config.join_timeout),
+                reconnect_timeout=config.heartbeat_timeout,
+            )
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
+        return StoreConnection(
+            client,
+            address=client.address,
+            # The client's own end of its connection: the interface that reaches the
+            # store, found once the store is reached (the host agent may start later).
+            local_addr=lambda: client.local_address,
+            on_close=server.close if server is not None else None,
+        )
+
+    return store_rendezvous(
+        config,
+        context,
+        connect,
+        default_port=DEFAULT_PORT,
+        max_endpoints=1,
+        several_endpoints="rdzv=etcd",
+        node_rank=node_rank,
+        close_timeout=config.close_timeout,
     )
 
 
 def _tcp(config: TcpRendezvousConfig, context: RunContext) -> DynamicRendezvous:
-    return _connect(config, context)
+    return _tcp_store_rendezvous(config, context)
 
 
 def _static(config: StaticRendezvousConfig, context: RunContext) -> DynamicRendezvous:
@@ -127,7 +125,7 @@ def _static(config: StaticRendezvousConfig, context: RunContext) -> DynamicRende
         raise ConfigError(
             "rdzv.node_rank", config.node_rank, f"expected 0..{context.max_nodes - 1}"
         )
-    return _connect(config, context, node_rank=config.node_rank)
+    return _tcp_store_rendezvous(config, context, node_rank=config.node_rank)
 
 
 @hookimpl

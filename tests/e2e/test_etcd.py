@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from elastic_runner.rendezvous.dynamic import parse_endpoints
 from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.kit import parse_endpoints
 from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.runner import wait_for
 from tests.conftest import ElasticRunner, free_port, probe_records

@@ -12,7 +12,7 @@ from elastic_runner_prometheus.handler import prometheus_name
 from elastic_runner_prometheus.scrape import scrape
 
 from elastic_runner.metrics import MetricHandler
-from elastic_runner.rendezvous.dynamic import address_towards
+from elastic_runner.rendezvous.network import address_towards
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
 
 

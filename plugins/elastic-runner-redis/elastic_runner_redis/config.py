@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elastic_runner.rendezvous.dynamic import StoreRendezvousConfig
+from elastic_runner.rendezvous.kit import StoreRendezvousConfig
 
 __all__ = ["DEFAULT_PORT", "RedisRendezvousConfig"]
 
