@@ -1,220 +1,201 @@
-"""The agent's state machine with a fake launcher and a fake rendezvous (no processes)."""
+"""The agent's state machine with typed fakes (tests/fakes.py): no process, no sleep.
+
+Every policy of the loop is driven through ``ElasticAgent.run()``; the fake launcher moves
+the fake clock in ``wait(timeout)``, so the tests read what the loop decided from the
+RunResult, the events, the launcher's calls and the clock.
+"""
 
 from __future__ import annotations
 
+import itertools
 import signal
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from elastic_runner.agent import ElasticAgent
-from elastic_runner.events import Event
+from elastic_runner.events import names
+from elastic_runner.lifecycle import Lifecycle, Refusal
 from elastic_runner.metrics import NoMetrics
-from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
-from elastic_runner.spec import RunContext, WorkerExit, WorkerSpec, WorkerState
-from elastic_runner.workers.launcher import WorkerLaunch
+from elastic_runner.rendezvous.api import RendezvousHandler
+from elastic_runner.spec import (
+    FailureKind,
+    RestartPolicy,
+    RunContext,
+    RunResult,
+    WorkerSpec,
+    WorkerState,
+    WorkerStatus,
+)
+from elastic_runner.timer.api import TimerExpiry
+from elastic_runner.watchdog import HangDetector, Watchdog
+from elastic_runner.workers.resources import ResourceMonitor, Usage
+from tests.fakes import (
+    ExitAt,
+    FakeClock,
+    FakeLauncher,
+    FakeMonitor,
+    FakeRendezvous,
+    FakeTimerServer,
+    Kill,
+    RecordingLifecycle,
+    RecordingSink,
+    all_succeed,
+)
+
+GiB = 1 << 30
 
 
-class FakeLauncher:
-    """Each attempt's exits are scripted: ``script[attempt]`` is a list of batches; each
-    ``wait()`` returns the next batch (list of (local_rank, returncode))."""
+@dataclass
+class Rig:
+    """An agent wired to fakes, and the fakes, to drive and inspect it."""
 
-    def __init__(self, script: list[list[list[tuple[int, int]]]]) -> None:
-        self.script = script
-        self.attempt = -1
-        self.batches: list[list[tuple[int, int]]] = []
-        self.running: dict[int, WorkerLaunch] = {}
-        self.launches: list[list[WorkerLaunch]] = []
-        self.stops: list[int] = []
-        self.on_wait: Callable[[], None] | None = None
-        self.clock = 0.0
+    agent: ElasticAgent
+    launcher: FakeLauncher
+    rdzv: FakeRendezvous
+    events: RecordingSink
+    clock: FakeClock
 
-    def start(self, launches: Sequence[WorkerLaunch]) -> dict[int, int]:
-        self.attempt += 1
-        self.batches = list(self.script[self.attempt])
-        self.launches.append(list(launches))
-        self.running = {la.local_rank: la for la in launches}
-        return {la.local_rank: 1000 + la.local_rank for la in launches}
-
-    def _exit(self, rank: int, code: int, stopped: bool) -> WorkerExit:
-        la = self.running.pop(rank)
-        self.clock += 1
-        return WorkerExit(rank, la.global_rank, 1000 + rank, code, self.clock, stopped)
-
-    def wait(self, timeout: float | None = None) -> list[WorkerExit]:
-        if self.on_wait:
-            hook, self.on_wait = self.on_wait, None
-            hook()
-            return []
-        batch = self.batches.pop(0)
-        return [self._exit(rank, code, False) for rank, code in batch]
-
-    def kill(self, local_rank: int, sig: int = signal.SIGKILL) -> None:
-        self.batches.insert(0, [(local_rank, -sig)])
-
-    def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
-        self.stops.append(sig)
-        return [self._exit(rank, -sig, True) for rank in list(self.running)]
-
-    def wake(self) -> None:
-        pass
-
-
-class FakeRendezvous:
-    backend = "fake"
-
-    def __init__(self) -> None:
-        self.rounds = 0
-        self.restarts = 0
-        self.barriers = 0
-        self.failed_with = ""
-        self.callback: Callable[[], None] | None = None
-        self.shut = False
-
-    def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
-        self.rounds += 1
-        self.restarts += failed
-        return RendezvousInfo(
-            self.rounds - 1, 0, (node,), "127.0.0.1", 29500 + self.rounds, self.restarts
-        )
-
-    def exit_barrier(self) -> bool:
-        self.barriers += 1
-        return True
-
-    def fail_job(self, reason: str) -> None:
-        self.failed_with = reason
-
-    def num_nodes_waiting(self) -> int:
-        return 0
-
-    def on_membership_change(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
-
-    def shutdown(self) -> None:
-        self.shut = True
-
-
-class Events:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def emit(self, event: Event) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
-
-    def names(self) -> list[str]:
-        return [e.name.rsplit(".", 1)[-1] if e.source == "WORKER" else e.name for e in self.events]
+    def run(self) -> RunResult:
+        return self.agent.run()
 
 
 def make_agent(
     tmp_path: Path,
-    script: list[list[list[tuple[int, int]]]],
+    script: list[list[ExitAt]],
+    *,
     nproc: int = 2,
     max_restarts: int = 0,
-    **options: object,
-) -> tuple[ElasticAgent, FakeLauncher, FakeRendezvous, Events]:
-    spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=1)
-    launcher, rdzv, events = FakeLauncher(script), FakeRendezvous(), Events()
+    policy: RestartPolicy | None = None,
+    forward_signals: frozenset[int] = frozenset(),
+    lifecycle: Lifecycle | None = None,
+    monitor: ResourceMonitor | None = None,
+    memory_limit: int | None = None,
+    hangs: HangDetector | None = None,
+    timers: FakeTimerServer | None = None,
+    rdzv: FakeRendezvous | None = None,
+    kill_delay: float = 0.0,
+    stop_seconds: float = 0.0,
+    chatty: frozenset[int] = frozenset(),
+) -> Rig:
+    spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=30)
+    clock = FakeClock()
+    launcher = FakeLauncher(
+        clock, script, kill_delay=kill_delay, stop_seconds=stop_seconds, chatty=chatty
+    )
+    rdzv = rdzv or FakeRendezvous()
+    handler: RendezvousHandler = rdzv  # (mypy: the fake is a whole handler)
+    events = RecordingSink()
     agent = ElasticAgent(
         spec,
-        rdzv,
+        handler,
         launcher,
         context=RunContext("rid", tmp_path, "node0"),
         events=events,
         metrics=NoMetrics(),
         base_env={},
-        **options,  # type: ignore[arg-type]
+        forward_signals=forward_signals,
+        restart_policy=policy,
+        monitor=monitor,
+        memory_limit=memory_limit,
+        lifecycle=lifecycle,
+        hangs=hangs,
+        timers=timers,
+        clock=clock,
     )
-    return agent, launcher, rdzv, events
+    return Rig(agent, launcher, rdzv, events, clock)
+
+
+def fail(rank: int = 1, code: int = 3, at: float = 1.0) -> list[ExitAt]:
+    """An attempt in which worker ``rank`` exits ``code`` at ``at`` (the others run on)."""
+    return [ExitAt(rank, code, at)]
+
+
+# -- the basic cycle --------------------------------------------------------------------
 
 
 def test_happy_path_succeeds_without_spending_restarts(tmp_path: Path) -> None:
-    agent, _, rdzv, events = make_agent(tmp_path, [[[(0, 0)], [(1, 0)]]], max_restarts=3)
-    result = agent.run()
+    rig = make_agent(tmp_path, [[ExitAt(0, 0, 1), ExitAt(1, 0, 2)]], max_restarts=3)
+    result = rig.run()
     assert result.state == WorkerState.SUCCEEDED
     assert result.exit_code == 0
     assert (result.attempts, result.restart_count) == (1, 0)
-    assert rdzv.rounds == 1 and rdzv.shut and rdzv.barriers == 1
-    assert events.names().count("START") == 2
-    assert events.names()[-2:] == [
-        "torchelastic.worker.status.SUCCEEDED",
-        "elastic_runner.shutdown",
-    ]
+    assert rig.rdzv.rounds == 1 and rig.rdzv.shutdowns == 1 and rig.rdzv.barriers == 1
+    assert rig.events.names().count(WorkerStatus.START) == 2
+    assert rig.events.names()[-2:] == [names.status(WorkerState.SUCCEEDED), names.SHUTDOWN]
+    assert rig.launcher.waits == [None, None]  # one wait per exit, no polling
 
 
 def test_event_sequence_of_a_run_with_one_restart(tmp_path: Path) -> None:
-    agent, _, _, events = make_agent(tmp_path, [[[(1, 3)]], [[(0, 0), (1, 0)]]], max_restarts=1)
-    agent.run()
-    assert events.names() == [
-        "elastic_runner.rendezvous.join",
-        "torchelastic.worker.status.RENDEZVOUS",
-        "elastic_runner.ranks.assigned",
+    rig = make_agent(tmp_path, [fail(1, 3), all_succeed(2)], max_restarts=1)
+    rig.run()
+    assert rig.events.names() == [
+        names.RENDEZVOUS_JOIN,
+        names.RENDEZVOUS_COMPLETE,
+        names.RANKS_ASSIGNED,
         "START",
         "START",
         "FAILED",  # rank 1, exit code 3
         "TERMINATED",  # rank 0, stopped by the agent
-        "elastic_runner.restart",
-        "elastic_runner.rendezvous.join",
-        "torchelastic.worker.status.RENDEZVOUS",
-        "elastic_runner.ranks.assigned",
+        names.RESTART,
+        names.RENDEZVOUS_JOIN,
+        names.RENDEZVOUS_COMPLETE,
+        names.RANKS_ASSIGNED,
         "START",
         "START",
         "SUCCEEDED",
         "SUCCEEDED",
-        "torchelastic.worker.status.SUCCEEDED",
-        "elastic_runner.shutdown",
+        names.status(WorkerState.SUCCEEDED),
+        names.SHUTDOWN,
     ]
-    failed = next(e for e in events.events if e.state == "FAILED")
+    failed = next(e for e in rig.events.events if e.state == "FAILED")
     assert (failed.rank, failed.metadata["failure"], failed.metadata["exit_code"]) == (
         1,
         "EXIT_CODE",
         3,
     )
-    assigned = [e for e in events.events if e.name == "elastic_runner.ranks.assigned"]
+    assigned = rig.events.named(names.RANKS_ASSIGNED)
     assert assigned[1].metadata["ranks"] == [0, 1] and assigned[1].metadata["restart_count"] == 1
-    assert {e.run_id for e in events.events} == {"rid"} and {e.node for e in events.events} == {
-        "node0"
-    }
+    assert {e.run_id for e in rig.events.events} == {"rid"}
+    assert {e.node for e in rig.events.events} == {"node0"}
 
 
 def test_failure_stops_the_group_and_restarts_it(tmp_path: Path) -> None:
-    agent, launcher, _, events = make_agent(
-        tmp_path, [[[(1, 3)]], [[(0, 0), (1, 0)]]], max_restarts=1
-    )
-    result = agent.run()
+    rig = make_agent(tmp_path, [fail(1, 3), all_succeed(2)], max_restarts=1)
+    result = rig.run()
     assert result.state == WorkerState.SUCCEEDED
     assert (result.attempts, result.restart_count) == (2, 1)
-    assert launcher.stops[0] == signal.SIGTERM  # rank 0 stopped after rank 1 failed
-    env = launcher.launches[1][0].env
+    assert rig.rdzv.joins == [False, True]  # the second round spends a restart
+    assert rig.launcher.stops[0] == signal.SIGTERM  # rank 0 stopped after rank 1 failed
+    env = rig.launcher.launches[1][0].env
     assert env["TORCHELASTIC_RESTART_COUNT"] == "1"
     assert env["TORCHELASTIC_ERROR_FILE"].endswith("attempt_2/0/error.json")
-    assert "TERMINATED" in events.names() and "FAILED" in events.names()
+    assert "TERMINATED" in rig.events.names() and "FAILED" in rig.events.names()
 
 
 def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> None:
-    agent, _, _, _ = make_agent(tmp_path, [[[(0, 1)]]] * 4, max_restarts=3)
-    result = agent.run()
+    rig = make_agent(tmp_path, [fail(0, 1)] * 4, max_restarts=3)
+    result = rig.run()
     assert result.state == WorkerState.FAILED and result.exit_code == 1
     assert result.attempts == 4 and result.restart_count == 3
-    assert agent._rdzv.failed_with == "restarts used up (max_restarts=3)"  # type: ignore[attr-defined]
-    assert agent._rdzv.barriers == 0  # type: ignore[attr-defined]  (none on failure)
+    assert result.ended_because == "restarts used up (max_restarts=3)"
+    assert rig.rdzv.failed_with == result.ended_because
+    assert rig.rdzv.barriers == 0  # none on failure
     assert [f.exit.global_rank for f in result.failures] == [0]
     assert [e.stopped_by_agent for e in result.exits] == [False, True]
 
 
 def test_membership_change_regroups_without_spending_a_restart(tmp_path: Path) -> None:
-    agent, launcher, rdzv, events = make_agent(tmp_path, [[], [[(0, 0), (1, 0)]]], max_restarts=0)
-    launcher.on_wait = lambda: rdzv.callback and rdzv.callback()  # type: ignore[func-returns-value]
-    result = agent.run()
+    rig = make_agent(tmp_path, [[], all_succeed(2)], max_restarts=0)
+    rig.launcher.at(5.0, rig.rdzv.change_membership)
+    result = rig.run()
     assert result.state == WorkerState.SUCCEEDED
-    assert (result.attempts, result.restart_count, rdzv.rounds) == (2, 0, 2)
-    assert launcher.launches[1][0].env["TORCHELASTIC_RESTART_COUNT"] == "0"
-    restart = [e for e in events.events if e.name == "elastic_runner.restart"]
-    assert restart[0].metadata["reason"] == "membership_change"
+    assert (result.attempts, result.restart_count, rig.rdzv.joins) == (2, 0, [False, False])
+    assert rig.launcher.launches[1][0].env["TORCHELASTIC_RESTART_COUNT"] == "0"
+    assert rig.launcher.starts == [0.0, 5.0]
+    assert rig.events.named(names.MEMBERSHIP_CHANGED)[0].metadata["during"] == "run"
+    assert rig.events.named(names.RESTART)[0].metadata["reason"] == "membership_change"
 
 
 @pytest.mark.parametrize(
@@ -228,20 +209,274 @@ def test_membership_change_regroups_without_spending_a_restart(tmp_path: Path) -
 def test_stop_signal_forwards_it_and_exits_128_plus_n(
     tmp_path: Path, signum: int, forward: set[int], sent: int
 ) -> None:
-    agent, launcher, _, _ = make_agent(
-        tmp_path, [[]], max_restarts=5, forward_signals=frozenset(forward)
-    )
-    launcher.on_wait = lambda: agent.request_stop(signum)
-    result = agent.run()
-    assert launcher.stops[0] == sent
+    rig = make_agent(tmp_path, [[]], max_restarts=5, forward_signals=frozenset(forward))
+    rig.launcher.at(5.0, lambda: rig.agent.request_stop(signum))
+    result = rig.run()
+    assert rig.launcher.stops[0] == sent
     assert result.exit_code == 128 + signum
     assert result.failures == []
+    assert [e.returncode for e in result.exits] == [-sent, -sent]
 
 
 def test_ranks_and_master_come_from_the_round(tmp_path: Path) -> None:
-    agent, launcher, _, _ = make_agent(tmp_path, [[[(0, 0), (1, 0), (2, 0)]]], nproc=3)
-    agent.run()
-    envs = [la.env for la in launcher.launches[0]]
+    rig = make_agent(tmp_path, [all_succeed(3)], nproc=3)
+    rig.run()
+    envs = [la.env for la in rig.launcher.launches[0]]
     assert [e["RANK"] for e in envs] == ["0", "1", "2"]
     assert {e["MASTER_PORT"] for e in envs} == {"29501"}
-    assert [la.prefix for la in launcher.launches[0]] == [f"[default{i}]: " for i in range(3)]
+    assert [la.prefix for la in rig.launcher.launches[0]] == [f"[default{i}]: " for i in range(3)]
+
+
+# -- backoff ----------------------------------------------------------------------------
+
+BACKOFF = RestartPolicy(backoff_initial=2, backoff_factor=3, backoff_max=10)
+
+
+def test_backoff_grows_by_its_factor_up_to_its_max(tmp_path: Path) -> None:
+    rig = make_agent(tmp_path, [fail(at=1)] * 3 + [all_succeed(2)], max_restarts=3, policy=BACKOFF)
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert (result.attempts, result.restart_count) == (4, 3)
+    starts = rig.launcher.starts
+    # each failing attempt fails 1 s after its start; then the wait before restart n
+    assert [nxt - (start + 1) for start, nxt in itertools.pairwise(starts)] == [2, 6, 10]
+    assert starts == [0, 3, 10, 21]
+    # one timed wait per backoff: the loop sleeps, it does not poll
+    assert [t for t in rig.launcher.waits if t is not None] == [2, 6, 10]
+
+
+def test_stop_signal_during_backoff_ends_the_run_without_another_attempt(
+    tmp_path: Path,
+) -> None:
+    rig = make_agent(tmp_path, [fail(at=1), all_succeed(2)], max_restarts=3, policy=BACKOFF)
+    rig.launcher.at(2.0, lambda: rig.agent.request_stop(signal.SIGINT))  # backoff: 1 s -> 3 s
+    result = rig.run()
+    assert result.state == WorkerState.FAILED
+    assert result.signal == signal.SIGINT and result.exit_code == 128 + signal.SIGINT
+    assert result.ended_because == "stopped by SIGINT"
+    assert rig.clock.now == 2.0  # woken at once, not at the end of the backoff
+    assert len(rig.launcher.starts) == 1 and rig.rdzv.rounds == 1
+    assert (
+        names.RENDEZVOUS_JOIN not in rig.events.names()[rig.events.names().index(names.RESTART) :]
+    )
+    assert rig.events.named(names.SIGNAL)[0].metadata == {
+        "signal": "SIGINT",
+        "sent": "SIGTERM",
+        "attempt": 1,
+        "restart_count": 0,
+    }
+
+
+# -- min_uptime / on_startup_failure ----------------------------------------------------
+
+
+def test_a_startup_failure_ends_the_run_without_spending_a_restart(tmp_path: Path) -> None:
+    lifecycle = RecordingLifecycle()
+    policy = RestartPolicy(min_uptime=10, on_startup_failure=False)
+    rig = make_agent(
+        tmp_path, [fail(at=3), all_succeed(2)], max_restarts=3, policy=policy, lifecycle=lifecycle
+    )
+    result = rig.run()
+    assert result.state == WorkerState.FAILED
+    assert "startup failure" in result.ended_because
+    assert result.ended_because.startswith("startup failure after 3.0 s")
+    assert (result.attempts, result.restart_count) == (1, 0)
+    assert rig.rdzv.joins == [False] and len(rig.launcher.starts) == 1
+    assert rig.rdzv.failed_with == result.ended_because
+    assert [will_restart for _, will_restart in lifecycle.failures] == [False]
+    assert names.RESTART not in rig.events.names()
+
+
+@pytest.mark.parametrize(
+    ("fails_at", "on_startup_failure"),
+    [
+        (10.0, False),  # exactly min_uptime: not sooner, so no startup failure
+        (12.0, False),
+        (3.0, True),
+    ],
+)
+def test_a_failure_restarts_after_min_uptime_or_when_startup_failures_restart(
+    tmp_path: Path, fails_at: float, on_startup_failure: bool
+) -> None:
+    lifecycle = RecordingLifecycle()
+    policy = RestartPolicy(min_uptime=10, on_startup_failure=on_startup_failure)
+    rig = make_agent(
+        tmp_path,
+        [fail(at=fails_at), all_succeed(2)],
+        max_restarts=3,
+        policy=policy,
+        lifecycle=lifecycle,
+    )
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert (result.attempts, result.restart_count) == (2, 1)
+    assert rig.rdzv.joins == [False, True]
+    assert [will_restart for _, will_restart in lifecycle.failures] == [True]
+
+
+def test_uptime_is_measured_at_the_failure_not_after_stopping_the_others(
+    tmp_path: Path,
+) -> None:
+    policy = RestartPolicy(min_uptime=10, on_startup_failure=False)
+    # rank 1 fails 3 s in; rank 0 then takes 30 s (its whole stop_timeout) to stop
+    rig = make_agent(
+        tmp_path, [fail(at=3), all_succeed(2)], max_restarts=3, policy=policy, stop_seconds=30
+    )
+    result = rig.run()
+    assert result.state == WorkerState.FAILED
+    assert result.ended_because.startswith("startup failure after 3.0 s")
+
+
+# -- health check -----------------------------------------------------------------------
+
+
+def test_a_refusing_health_check_ends_the_run_before_the_next_round(tmp_path: Path) -> None:
+    refusal = Refusal("gpu-check", "GPU 1 fell off the bus")
+    lifecycle = RecordingLifecycle(refuse_at={2: refusal})
+    rig = make_agent(tmp_path, [fail(1, 3), all_succeed(2)], max_restarts=3, lifecycle=lifecycle)
+    result = rig.run()
+    assert result.state == WorkerState.FAILED and result.exit_code == 1
+    assert result.ended_because == refusal.describe()
+    assert "'gpu-check'" in result.ended_because
+    assert lifecycle.health_checks == [(1, 0), (2, 0)]
+    assert rig.rdzv.joins == [False]  # no further round joined
+    assert len(rig.launcher.starts) == 1
+    assert rig.rdzv.shutdowns == 1
+    # the report still has the attempt whose failure led here
+    assert result.attempts == 1 and result.started_at > 0
+    assert [f.exit.global_rank for f in result.failures] == [1]
+    assert sorted(e.local_rank for e in result.exits) == [0, 1]
+    refused = rig.events.named(names.HEALTH_CHECK_REFUSED)
+    assert len(refused) == 1
+    assert (refused[0].metadata["plugin"], refused[0].metadata["reason"]) == (
+        "gpu-check",
+        "GPU 1 fell off the bus",
+    )
+    assert rig.events.names()[-4:] == [
+        names.RESTART,
+        names.HEALTH_CHECK_REFUSED,
+        names.status(WorkerState.FAILED),
+        names.SHUTDOWN,
+    ]
+
+
+# -- memory limit -----------------------------------------------------------------------
+
+
+def test_the_memory_limit_kills_the_rank_once_and_the_run_restarts(tmp_path: Path) -> None:
+    monitor = FakeMonitor({1: Usage(cpu_percent=50.0, rss=3 * GiB, processes=2)}, interval=1)
+    rig = make_agent(
+        tmp_path,
+        [all_succeed(2, at=100)] * 2,
+        max_restarts=1,
+        monitor=monitor,
+        memory_limit=2 * GiB,
+        kill_delay=1.5,  # rank 1 takes a while to die: the next sample still sees it
+    )
+    result = rig.run()
+    # attempt 1: sampled at 1 s (kill), 2 s (still over: no second kill), exit at 2.5 s;
+    # attempt 2 starts at 2.5 s: the same again
+    assert rig.launcher.kills == [Kill(1, signal.SIGKILL, 1.0), Kill(1, signal.SIGKILL, 3.5)]
+    assert [1 in roots for roots in monitor.samples[:2]] == [True, True]
+    assert rig.launcher.starts == [0.0, 2.5]
+    assert result.state == WorkerState.FAILED
+    assert (result.attempts, result.restart_count) == (2, 1)
+    assert result.ended_because == "restarts used up (max_restarts=1)"
+    [failure] = result.failures
+    assert failure.exit.local_rank == 1 and failure.exit.returncode == -signal.SIGKILL
+    assert failure.kind == FailureKind.MEMORY_LIMIT
+    assert failure.detail == "RSS 3.0 GiB > job.limits.memory 2.0 GiB"
+    assert result.peak_rss[1] == 3 * GiB
+    failed = [e for e in rig.events.events if e.state == "FAILED" and e.source == "WORKER"]
+    assert [(e.rank, e.metadata["failure"]) for e in failed] == [(1, "MEMORY_LIMIT")] * 2
+
+
+# -- hangs ------------------------------------------------------------------------------
+
+
+def test_the_watchdog_kills_a_silent_rank_once_at_its_deadline(tmp_path: Path) -> None:
+    hangs = HangDetector(Watchdog(no_output_timeout=30), stacks=None)
+    rig = make_agent(
+        tmp_path,
+        [all_succeed(2, at=1000)],
+        hangs=hangs,
+        chatty=frozenset({1}),  # rank 1 keeps writing; rank 0 is silent from its start
+        kill_delay=0.5,
+    )
+    result = rig.run()
+    assert rig.launcher.kills == [Kill(0, signal.SIGKILL, 30.0)]
+    # slept until the deadline in one wait, then (the watchdog has fired) until the exit
+    assert rig.launcher.waits == [30.0, None]
+    assert rig.clock.now == 30.5
+    fired = rig.events.named(names.WATCHDOG_FIRED)
+    assert [(e.metadata["rank"], e.metadata["reason"]) for e in fired] == [
+        (0, "no output for 30 s (watchdog.no_output_timeout)")
+    ]
+    assert result.state == WorkerState.FAILED
+    [failure] = result.failures
+    assert failure.exit.local_rank == 0 and failure.kind == FailureKind.WATCHDOG
+    assert failure.detail.startswith("hung: no output for 30 s")
+    assert [e.stopped_by_agent for e in result.exits] == [False, True]
+
+
+def test_an_expired_timer_kills_its_rank_once_with_its_signal(tmp_path: Path) -> None:
+    timers = FakeTimerServer()
+    hangs = HangDetector(Watchdog(), stacks=None)  # no watchdog: timers only
+    rig = make_agent(tmp_path, [all_succeed(2, at=1000)], hangs=hangs, timers=timers)
+
+    def expire() -> None:  # two timers of rank 0 expire together
+        pid = rig.launcher.pid_of(0)
+        timers.expire(TimerExpiry(pid, "step", 5.0, signal.SIGTERM))
+        timers.expire(TimerExpiry(pid, "epoch", 60.0, signal.SIGTERM))
+
+    rig.launcher.at(5.0, expire)
+    result = rig.run()
+    assert rig.launcher.kills == [Kill(0, signal.SIGTERM, 5.0)]
+    assert rig.launcher.waits == [None, None]  # no deadline without a watchdog
+    expired = rig.events.named(names.TIMER_EXPIRED)
+    assert [(e.metadata["rank"], e.metadata["scope"]) for e in expired] == [
+        (0, "step"),
+        (0, "epoch"),
+    ]
+    [failure] = result.failures
+    assert failure.exit.returncode == -signal.SIGTERM
+    assert failure.kind == FailureKind.TIMER
+    assert failure.detail.startswith("timer for scope step expired after 5 s")  # first wins
+
+
+def test_a_timer_that_asks_for_no_signal_is_only_reported(tmp_path: Path) -> None:
+    timers = FakeTimerServer()
+    hangs = HangDetector(Watchdog(), stacks=None)
+    rig = make_agent(tmp_path, [all_succeed(2, at=10)], hangs=hangs, timers=timers)
+    rig.launcher.at(5.0, lambda: timers.expire(TimerExpiry(rig.launcher.pid_of(1), "step", 5.0, 0)))
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert rig.launcher.kills == []
+    assert [e.metadata["rank"] for e in rig.events.named(names.TIMER_EXPIRED)] == [1]
+
+
+# -- exit barrier -----------------------------------------------------------------------
+
+
+def test_a_job_that_reforms_at_the_exit_barrier_runs_again_without_spending_a_restart(
+    tmp_path: Path,
+) -> None:
+    rdzv = FakeRendezvous(barrier_results=[False])  # then True
+    rig = make_agent(tmp_path, [all_succeed(2), all_succeed(2)], max_restarts=0, rdzv=rdzv)
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert (result.attempts, result.restart_count) == (2, 0)
+    assert rdzv.barriers == 2 and rdzv.joins == [False, False]
+    assert [la.env["TORCHELASTIC_RESTART_COUNT"] for la in rig.launcher.launches[1]] == ["0"] * 2
+    [changed] = rig.events.named(names.MEMBERSHIP_CHANGED)
+    assert changed.metadata["during"] == "exit barrier"
+    [restart] = rig.events.named(names.RESTART)
+    assert restart.metadata["reason"] == "membership_change"
+    assert restart.metadata["restart_count"] == 0
+    first_success = rig.events.names().index("SUCCEEDED")
+    assert rig.events.names()[first_success : first_success + 4] == [
+        "SUCCEEDED",
+        "SUCCEEDED",
+        names.MEMBERSHIP_CHANGED,
+        names.RESTART,
+    ]
