@@ -177,8 +177,11 @@ class ElasticAgent:
                 self._start_attempt()
             if state == WorkerState.FAILED:
                 self._stop_workers(signal.SIGTERM)
+                # Uptime until the failure, not until the others were stopped (that
+                # can take stop_timeout and would hide a startup failure).
+                failed_at = self._failed_at if self._failed_at is not None else self._clock()
                 reason = self._policy.why_not_restart(
-                    self._clock() - self._attempt.started,
+                    failed_at - self._attempt.started,
                     self.group.restart_count,
                     self.spec.max_restarts,
                 )
@@ -205,16 +208,17 @@ class ElasticAgent:
     def _start_attempt(self, failed: bool = False) -> None:
         """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY.
         ``failed``: the previous attempt failed (one restart of the job's budget)."""
-        self._attempt = Attempt(self.spec.local_world_size, self._paths)
-        self.usage.clear()
         group, spec = self.group, self.spec
+        # Before the last attempt is forgotten: a refusal ends the run with its report.
+        refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
+        if refusal is not None:
+            raise _Refused(refusal)
+        self._attempt = Attempt(spec.local_world_size, self._paths)
+        self.usage.clear()
         group.state = WorkerState.INIT
         self._put_state()
         if self._hangs is not None:
             self._hangs.new_attempt()
-        refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
-        if refusal is not None:
-            raise _Refused(refusal)
         self._events.agent(names.RENDEZVOUS_JOIN, next_attempt=group.attempt + 1)
         t0 = self._clock()
         info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
