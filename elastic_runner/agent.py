@@ -28,7 +28,7 @@ from elastic_runner.events import EventEmitter, EventSink, names
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
-from elastic_runner.rendezvous.ranks import assign_ranks
+from elastic_runner.rendezvous.ranks import join_round
 from elastic_runner.spec import (
     FailureKind,
     RestartPolicy,
@@ -172,9 +172,7 @@ class ElasticAgent:
                 if self._rdzv.exit_barrier():
                     return self._finish(WorkerState.SUCCEEDED)
                 # the job re-forms (another node failed or left): run again with it
-                self._events.agent(names.MEMBERSHIP_CHANGED, during="exit barrier")
-                self._events.agent(names.RESTART, reason="membership_change")
-                self._start_attempt()
+                self._regroup(during="exit barrier")
             if state == WorkerState.FAILED:
                 self._stop_workers(signal.SIGTERM)
                 # Uptime until the failure, not until the others were stopped (that
@@ -198,12 +196,16 @@ class ElasticAgent:
                     return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
                 self._start_attempt(failed=True)
             elif self._membership_changed:
-                self._events.agent(names.MEMBERSHIP_CHANGED, during="run")
-                self._stop_workers(signal.SIGTERM)
-                self._events.agent(names.RESTART, reason="membership_change")
-                self._start_attempt()
+                self._regroup(during="run")
 
     # -- steps --------------------------------------------------------------------------
+
+    def _regroup(self, during: str) -> None:
+        """The job's membership changed: stop, re-form and start again, no restart spent."""
+        self._events.agent(names.MEMBERSHIP_CHANGED, during=during)
+        self._stop_workers(signal.SIGTERM)
+        self._events.agent(names.RESTART, reason="membership_change")
+        self._start_attempt()
 
     def _start_attempt(self, failed: bool = False) -> None:
         """Rendezvous, assign ranks, start every worker; the group becomes HEALTHY.
@@ -226,12 +228,8 @@ class ElasticAgent:
         # round, the backend reports from here on.
         self._membership_changed = False
         rdzv_s = self._clock() - t0
-        ranks = assign_ranks(info.nodes, info.group_rank)
-        group.group_rank, group.group_world_size = info.group_rank, info.group_world_size
-        group.restart_count = info.restart_count
+        join_round(group, info)
         self._metrics.put("workers.restarts", group.restart_count)
-        group.master_addr, group.master_port = info.master_addr, info.master_port
-        group.attempt += 1
         self._metrics.put("rendezvous.duration_s", rdzv_s)
         self._events.agent(
             names.RENDEZVOUS_COMPLETE,
@@ -240,15 +238,11 @@ class ElasticAgent:
             group_world_size=info.group_world_size,
             duration_ms=round(rdzv_s * 1000, 3),
         )
-        for w in group.workers:
-            w.global_rank = ranks.base_global_rank + w.local_rank
-            w.role_rank = ranks.base_role_rank + w.local_rank
-            w.world_size, w.role_world_size = ranks.world_size, ranks.role_world_size
         self._events.agent(
             names.RANKS_ASSIGNED,
             ranks=[w.global_rank for w in group.workers],
             role_ranks=[w.role_rank for w in group.workers],
-            world_size=ranks.world_size,
+            world_size=group.workers[0].world_size,
             master=f"{group.master_addr}:{group.master_port}",
         )
         self._attempt.starting()
@@ -280,7 +274,7 @@ class ElasticAgent:
 
     def _launch(self, w: Worker) -> WorkerLaunch:
         """How to start worker ``w`` of the current attempt (its ranks are assigned)."""
-        spec, paths = self.spec, self._paths(w.local_rank)
+        paths = self._paths(w.local_rank)
         env = worker_environment(
             self.group,
             w,
@@ -288,19 +282,17 @@ class ElasticAgent:
             base_env=self._base_env,
             error_file=str(paths.error_file),
         )
-        if self._hangs is not None:
-            env.update(self._hangs.worker_env(paths, env))
-        prefix = self._log_prefix.format(
-            role=spec.role, rank=w.global_rank, local_rank=w.local_rank, node=self._context.node
-        )
-        return WorkerLaunch(
-            w.local_rank,
-            w.global_rank,
-            spec.argv_for(w.local_rank),
+        hangs = self._hangs
+        if hangs is not None:
+            env.update(hangs.worker_env(paths, env))
+        return WorkerLaunch.of(
+            self.spec,
+            w,
             env,
             paths,
-            prefix + " " if prefix else "",
-            heartbeat=self._hangs is not None and self._hangs.wants_heartbeat,
+            prefix=self._log_prefix,
+            node=self._context.node,
+            heartbeat=hangs is not None and hangs.wants_heartbeat,
         )
 
     def _paths(self, local_rank: int) -> WorkerLogPaths:

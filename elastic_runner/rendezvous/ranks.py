@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from elastic_runner.rendezvous.api import NodeInfo
+from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
+from elastic_runner.spec import WorkerGroup
 
-__all__ = ["RankAssignment", "assign_ranks"]
+__all__ = ["RankAssignment", "assign_ranks", "join_round"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,17 @@ def assign_ranks(nodes: Sequence[NodeInfo], group_rank: int) -> RankAssignment:
         base_role_rank=sum(n.local_world_size for n in earlier if n.role == me.role),
         role_world_size=sum(n.local_world_size for n in nodes if n.role == me.role),
     )
+
+
+def join_round(group: WorkerGroup, info: RendezvousInfo) -> None:
+    """Give ``group`` the facts of the round it joined (group rank and size, master,
+    the job's restart count, one more attempt) and each of its workers its ranks."""
+    ranks = assign_ranks(info.nodes, info.group_rank)
+    group.group_rank, group.group_world_size = info.group_rank, info.group_world_size
+    group.master_addr, group.master_port = info.master_addr, info.master_port
+    group.restart_count = info.restart_count
+    group.attempt += 1
+    for w in group.workers:
+        w.global_rank = ranks.base_global_rank + w.local_rank
+        w.role_rank = ranks.base_role_rank + w.local_rank
+        w.world_size, w.role_world_size = ranks.world_size, ranks.role_world_size

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from elastic_runner.spec import WorkerActivity, WorkerExit
+from elastic_runner.spec import Worker, WorkerActivity, WorkerExit, WorkerSpec
 from elastic_runner.workers.logs import WorkerLogPaths
 
 __all__ = ["WorkerLaunch", "WorkerLauncher"]
@@ -28,6 +28,33 @@ class WorkerLaunch:
     prefix: str = ""
     #: Give the worker a heartbeat pipe (ELASTIC_RUNNER_HEARTBEAT_FD).
     heartbeat: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        spec: WorkerSpec,
+        worker: Worker,
+        env: dict[str, str],
+        logs: WorkerLogPaths,
+        *,
+        prefix: str,
+        node: str,
+        heartbeat: bool = False,
+    ) -> WorkerLaunch:
+        """The launch of ``worker`` (ranks assigned) of ``spec``; ``prefix`` is the
+        ``logs.prefix`` template (``{role}``, ``{rank}``, ``{local_rank}``, ``{node}``)."""
+        text = prefix.format(
+            role=spec.role, rank=worker.global_rank, local_rank=worker.local_rank, node=node
+        )
+        return cls(
+            worker.local_rank,
+            worker.global_rank,
+            spec.argv_for(worker.local_rank),
+            env,
+            logs,
+            text + " " if text else "",
+            heartbeat=heartbeat,
+        )
 
 
 class WorkerLauncher(Protocol):
