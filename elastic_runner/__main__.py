@@ -11,9 +11,17 @@ import warnings
 
 from elastic_runner.inventory import format_json, format_text, inventory
 from elastic_runner.plugins import PluginLoadWarning, load_plugins
+from elastic_runner.registry import PluginError
+
+__all__ = ["EXIT_PLUGIN_ERROR", "main"]
+
+#: A plugin elastic-run cannot use (a misspelled hook, a failing component hook ...):
+#: the exit code of a configuration error, as ``elastic-run`` gives.
+EXIT_PLUGIN_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m elastic_runner")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser(
@@ -21,11 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        # broken plugins are listed with their error instead
-        warnings.simplefilter("ignore", PluginLoadWarning)
-        loaded = load_plugins()
-    entries = inventory(loaded)
+    try:
+        with warnings.catch_warnings():
+            # broken plugins are listed with their error instead
+            warnings.simplefilter("ignore", PluginLoadWarning)
+            loaded = load_plugins()
+        entries = inventory(loaded)
+    except PluginError as exc:  # one line naming the plugin, as argparse words an error
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_PLUGIN_ERROR
     print(format_json(entries) if args.json else format_text(entries))
     return 0
 

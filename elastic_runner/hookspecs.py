@@ -1,22 +1,37 @@
 """Every hook of elastic_runner, documented in one place (pytest's ``hookspec.py`` is the
 model).
 
-Plugins implement hooks with ``@elastic_runner.hookimpl``. The built-in backends, sinks and
-handlers are plugin modules registered through exactly these hooks; third-party packages
-are found through the ``elastic_runner`` entry-point group.
+Plugins implement hooks with ``@elastic_runner.hookimpl`` (a function named
+``elastic_runner_*`` is taken as an implementation even without the decorator, as pytest
+does for ``pytest_*``). The built-in backends, sinks and handlers are plugin modules
+registered through exactly these hooks; third-party packages are found through the
+``elastic_runner`` entry-point group. A plugin that implements a hook not listed here
+(a misspelled name) or takes an argument its hook does not have is an error at start-up:
+one line naming the plugin, the hook and the closest hook name, exit code 2.
+
+Every hook is called through pluggy (``pm.hook.<name>(...)``): ``tryfirst``/``trylast``
+order the implementations and wrappers (``@hookimpl(wrapper=True)`` or the old-style
+``hookwrapper=True``) run around them. Each non-wrapper implementation is guarded, so
+one plugin cannot stop the others or take the run down, and what a wrapper sees is the
+guarded results (see each family below). Wrappers are not guarded.
 
 Two families:
 
 * The four *component* hooks are spec-returning: each implementation returns a list of
   :class:`~elastic_runner.registry.ComponentSpec` (name, factory, config schema). Calling
   them has no side effect; a factory runs only for the component a run selects, and every
-  spec's schema is registered with Hydra so ``rdzv=<name>`` composes and validates.
+  spec's schema is registered with Hydra so ``rdzv=<name>`` composes and validates. A
+  wrapper sees one list per implementation, each spec tagged with its ``provider`` (the
+  plugin's name). An implementation that raises, or returns anything but specs, is an
+  error at start-up naming the plugin and the hook.
 * The four *lifecycle* hooks are called by the agent at fixed points of a run, on the
-  agent's thread, every implementation in turn: before each rendezvous (a health check
-  that can keep the node out), after the workers start, after a failed attempt's workers
-  are stopped and before the restart, and at the end of the run. An exception raised by
-  a lifecycle hook is logged with the plugin's name and does not stop the run, except in
-  the health check, where it counts as a refusal.
+  agent's thread: before each rendezvous (a health check that can keep the node out),
+  after the workers start, after a failed attempt's workers are stopped and before the
+  restart, and at the end of the run. An exception raised by a lifecycle hook is logged
+  with the plugin's name and does not stop the run nor the other implementations, except
+  in the health check, where it counts as a refusal. The health check is a
+  ``firstresult`` hook: the first refusal ends the call, and a wrapper sees it as a
+  :class:`~elastic_runner.lifecycle.Refusal` naming the plugin (or ``None``).
 
 ``docs/plugins.md`` shows each hook with a short example.
 """
@@ -32,9 +47,11 @@ if TYPE_CHECKING:
     from elastic_runner.registry import ComponentSpec
     from elastic_runner.spec import Failure, RunContext, RunResult, WorkerGroup
 
-__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+__all__ = ["HOOK_PREFIX", "PROJECT_NAME", "hookimpl", "hookspec"]
 
 PROJECT_NAME = "elastic_runner"
+#: Every hook's name starts with it (and nothing else of a plugin's should).
+HOOK_PREFIX = f"{PROJECT_NAME}_"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
@@ -84,7 +101,7 @@ def elastic_runner_timer_servers() -> Sequence[ComponentSpec]:
 # -- lifecycle ------------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec(firstresult=True)
 def elastic_runner_before_rendezvous(
     context: RunContext, attempt: int, restart_count: int
 ) -> str | None:
@@ -98,6 +115,11 @@ def elastic_runner_before_rendezvous(
     A refused node does not join: the agent leaves the job (the other nodes re-form
     without it, as after a scale-down, if ``nnodes`` still allows) and exits with code 1,
     naming the plugin and the reason. Raising counts as a refusal.
+
+    A ``firstresult`` hook: the first refusal (in pluggy's order, ``tryfirst`` first)
+    ends the call and the remaining health checks are not called. Through pluggy the
+    hook returns a :class:`~elastic_runner.lifecycle.Refusal` (plugin, reason) or
+    ``None``: that is what a wrapper's ``yield`` gives back.
 
     Example::
 
