@@ -1,6 +1,7 @@
 """Plugins installed for real (pip, entry points) and used through ``elastic-run``:
-discovery, a broken plugin, a plugin's schema on the command line, the listing, and every
-lifecycle hook observed from a test plugin (tests/plugins/sample)."""
+discovery, a broken plugin, a plugin's schema on the command line, the listing, every
+lifecycle hook observed from a test plugin (tests/plugins/sample), and a plugin with a
+misspelled hook name (tests/plugins/misspelled), refused at start-up."""
 
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ PLUGINS = TESTS / "plugins"
 FAILER = TESTS / "workers" / "failer.py"
 
 
-@pytest.fixture(scope="session")
-def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/plugins/{sample,broken} installed by pip into a directory of their own."""
-    target = tmp_path_factory.mktemp("site")
+def pip_install(target: Path, *packages: str) -> Path:
+    """``packages`` (directories of tests/plugins) installed by pip into ``target``."""
     subprocess.run(
         [
             sys.executable,
@@ -35,8 +34,7 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--disable-pip-version-check",
             "--target",
             str(target),
-            str(PLUGINS / "sample"),
-            str(PLUGINS / "broken"),
+            *(str(PLUGINS / package) for package in packages),
         ],
         check=True,
         stdin=subprocess.DEVNULL,
@@ -44,12 +42,38 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture
-def env_with_plugins(plugin_path: Path, tmp_path: Path) -> dict[str, str]:
+def env_with(site: Path) -> dict[str, str]:
+    """This environment, with autoloading on and the plugins installed in ``site``."""
     env = dict(os.environ)
     env.pop("ELASTIC_RUNNER_DISABLE_PLUGIN_AUTOLOAD", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugin_path), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/plugins/{sample,broken} installed by pip into a directory of their own."""
+    return pip_install(tmp_path_factory.mktemp("site"), "sample", "broken")
+
+
+@pytest.fixture(scope="session")
+def misspelled_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/plugins/misspelled alone (with the others, their own warning would be a
+    second line on stderr)."""
+    return pip_install(tmp_path_factory.mktemp("site_misspelled"), "misspelled")
+
+
+@pytest.fixture
+def env_with_plugins(plugin_path: Path, tmp_path: Path) -> dict[str, str]:
+    env = env_with(plugin_path)
     env["ER_SAMPLE_LOG"] = str(tmp_path / "hooks.jsonl")
+    return env
+
+
+@pytest.fixture
+def env_with_misspelled(misspelled_path: Path, tmp_path: Path) -> dict[str, str]:
+    env = env_with(misspelled_path)
+    env["ER_MISSPELLED_LOG"] = str(tmp_path / "misspelled.log")
     return env
 
 
@@ -214,3 +238,37 @@ def test_a_failing_health_check_keeps_the_node_out(
     assert records[0, 0]["env"]["WORLD_SIZE"] == "1"
     ends = [r for r in hook_log(env_with_plugins) if r["hook"] == "run_end"]
     assert sorted(r["state"] for r in ends) == ["FAILED", "SUCCEEDED"]
+
+
+MISSPELLED = (
+    "plugin 'misspelled' from er-misspelled-plugin 0.3.0 (entry point er_misspelled_plugin): "
+    "unknown hook 'elastic_runner_workers_startd' "
+    "(did you mean 'elastic_runner_workers_started'?)"
+)
+
+
+def test_a_misspelled_hook_is_one_line_and_exit_2_before_any_worker(
+    elastic_run: ElasticRunner, env_with_misspelled: dict[str, str]
+) -> None:
+    proc, run_dir, _ = elastic_run.popen("+job=hello", env=env_with_misspelled)
+    out, err = proc.communicate(timeout=60)
+    assert err.splitlines() == [f"elastic-run: error: {MISSPELLED}"], err
+    assert proc.returncode == 2
+    assert "hello from rank" not in out
+    assert not list(run_dir.glob("attempt_*")), "no worker may start"
+    assert not Path(env_with_misspelled["ER_MISSPELLED_LOG"]).exists()
+
+
+def test_the_listing_refuses_a_misspelled_hook_in_one_line(
+    env_with_misspelled: dict[str, str],
+) -> None:
+    for argv in (["plugins"], ["plugins", "--json"]):
+        listing = subprocess.run(
+            [sys.executable, "-m", "elastic_runner", *argv],
+            capture_output=True,
+            text=True,
+            env=env_with_misspelled,
+        )
+        assert listing.returncode == 2, listing.stderr
+        assert listing.stderr.splitlines() == [f"python -m elastic_runner: error: {MISSPELLED}"]
+        assert listing.stdout == ""
