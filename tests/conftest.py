@@ -5,18 +5,36 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from elastic_runner.plugins import DISABLE_AUTOLOAD_ENV
-from elastic_runner.testing.fixtures import elastic_run, etcd_server  # noqa: F401
-from elastic_runner.testing.runner import (  # noqa: F401  (tests import these from here)
+from elastic_runner.testing.fixtures import elastic_run, etcd_server
+from elastic_runner.testing.runner import (
     ElasticRunner,
     Run,
     assert_nothing_survives,
     free_port,
     processes_of_runs,
 )
+
+# The fixtures are re-exported for pytest to find them here, the testing helpers for tests
+# to import them from here (``from tests.conftest import ElasticRunner, free_port``).
+__all__ = [
+    "PROBE",
+    "TESTS",
+    "ElasticRunner",
+    "Run",
+    "assert_nothing_survives",
+    "elastic_run",
+    "etcd_server",
+    "free_port",
+    "probe_job",
+    "probe_out",
+    "probe_records",
+    "processes_of_runs",
+]
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,9 +58,9 @@ def probe_job(out: Path, *args: str, nproc: int = 1) -> list[str]:
     return [f"job.entrypoint={PROBE}", f"job.args=[{joined}]", f"job.nproc_per_node={nproc}"]
 
 
-def probe_records(out: Path) -> dict[tuple[int, int], dict]:
+def probe_records(out: Path) -> dict[tuple[int, int], dict[str, Any]]:
     """{(restart_count, rank): record} written by probe workers (the last one wins)."""
-    records = {}
+    records: dict[tuple[int, int], dict[str, Any]] = {}
     for path in sorted(out.glob("a*_r*.json"), key=lambda p: p.stat().st_mtime):
         restart, rank = path.stem[1:].split("_")[:2]
         records[int(restart), int(rank[1:])] = json.loads(path.read_text())

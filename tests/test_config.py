@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -24,7 +24,7 @@ from elastic_runner.resources import conf_dir, example_path
 
 
 @pytest.fixture
-def composed() -> Iterator[object]:
+def composed() -> Iterator[Callable[..., DictConfig]]:
     register_configs(Registry(make_plugin_manager(autoload=False)))
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
 
@@ -59,7 +59,7 @@ def test_parse_nproc_per_node() -> None:
             parse_nproc_per_node(bad)
 
 
-def test_defaults_compose_to_the_schema(composed) -> None:  # type: ignore[no-untyped-def]
+def test_defaults_compose_to_the_schema(composed: Callable[..., DictConfig]) -> None:
     cfg = composed("+job=hello")
     conf = OmegaConf.to_object(cfg)
     assert isinstance(conf, ElasticRunConfig)
@@ -71,7 +71,7 @@ def test_defaults_compose_to_the_schema(composed) -> None:  # type: ignore[no-un
     validate(conf)
 
 
-def test_resnet_preset_points_at_the_bundled_example(composed) -> None:  # type: ignore[no-untyped-def]
+def test_resnet_preset_points_at_the_bundled_example(composed: Callable[..., DictConfig]) -> None:
     from hydra.core.hydra_config import HydraConfig  # noqa: F401
 
     cfg = composed("+job=resnet")
@@ -79,11 +79,12 @@ def test_resnet_preset_points_at_the_bundled_example(composed) -> None:  # type:
     assert os.path.isfile(cfg.job.entrypoint)
 
 
-def test_nnodes_number_becomes_a_string(composed) -> None:  # type: ignore[no-untyped-def]
+def test_nnodes_number_becomes_a_string(composed: Callable[..., DictConfig]) -> None:
     assert composed("+job=hello", "nnodes=2").nnodes == "2"
 
 
-def test_entrypoint_and_module_are_exclusive(composed) -> None:  # type: ignore[no-untyped-def]
+def test_entrypoint_and_module_are_exclusive(composed: Callable[..., DictConfig]) -> None:
     conf = OmegaConf.to_object(composed("+job=hello", "job.entrypoint=x.py"))
+    assert isinstance(conf, ElasticRunConfig)
     with pytest.raises(ConfigError, match="not both"):
-        validate(conf)  # type: ignore[arg-type]
+        validate(conf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -17,14 +18,14 @@ from elastic_runner.testing.rendezvous_suite import RendezvousSuite
 
 class TestOnMemoryStore(RendezvousSuite):
     @pytest.fixture
-    def make_store(self):  # type: ignore[no-untyped-def]
+    def make_store(self) -> Callable[[], MemoryStore]:
         shared = MemoryStore()
         return lambda: shared
 
 
 class TestOnTCPStore(RendezvousSuite):
     @pytest.fixture
-    def make_store(self):  # type: ignore[no-untyped-def]
+    def make_store(self) -> Iterator[Callable[[], TCPStoreClient]]:
         server = TCPStoreServer("127.0.0.1", 0)
         yield lambda: TCPStoreClient("127.0.0.1", server.port)
         server.close()
@@ -34,6 +35,6 @@ class TestOnEtcd(RendezvousSuite):
     TTL = 2.0
 
     @pytest.fixture
-    def make_store(self, etcd_server: EtcdServer):  # type: ignore[no-untyped-def]
+    def make_store(self, etcd_server: EtcdServer) -> Callable[[], EtcdStore]:
         namespace = f"/suite-{time.monotonic_ns()}/"
         return lambda: EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace=namespace)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ class TestEtcdStore(StoreSuite):
     TTL = 2.0
 
     @pytest.fixture
-    def make_store(self, etcd_server: EtcdServer):  # type: ignore[no-untyped-def]
+    def make_store(self, etcd_server: EtcdServer) -> Iterator[Callable[[], EtcdStore]]:
         stores: list[EtcdStore] = []
         namespace = f"/test-{time.monotonic_ns()}/"
 

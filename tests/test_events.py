@@ -62,4 +62,4 @@ def test_the_suite_catches_a_sink_that_drops_an_event(tmp_path: Path) -> None:
     suite = TestJsonlSink()
     suite.path = tmp_path / "e.jsonl"
     with pytest.raises(AssertionError):
-        suite.test_takes_every_event_shape(lambda: _Broken(suite.path))  # type: ignore[arg-type,return-value]
+        suite.test_takes_every_event_shape(lambda: _Broken(suite.path))

@@ -14,7 +14,7 @@ import pytest
 from elastic_runner import failures
 from elastic_runner.error_file import read_error_file, record
 from elastic_runner.failures import diagnose, last_traceback
-from elastic_runner.spec import FailureKind, WorkerExit
+from elastic_runner.spec import Failure, FailureKind, WorkerExit
 
 TORCH_FORMAT = {
     "message": {
@@ -44,7 +44,9 @@ def test_record_writes_torch_format_and_reraises(
     extra = data["message"]["extraInfo"]
     assert "raise ValueError" in extra["py_callstack"]
     assert int(extra["timestamp"]) == int(float(extra["timestamp_precise"]))
-    message, tb, ts = read_error_file(path)  # type: ignore[misc]
+    found = read_error_file(path)
+    assert found is not None
+    message, tb, ts = found
     assert message == "ValueError: bad 3" and ts == float(extra["timestamp_precise"])
     assert tb == extra["py_callstack"]
 
@@ -86,13 +88,20 @@ def test_last_traceback_is_extracted_from_stderr(tmp_path: Path) -> None:
     assert last_traceback(tmp_path / "none") is None
 
 
-def _diagnose(tmp_path: Path, code: int, max_rss: int = 0, **kw: object):  # type: ignore[no-untyped-def]
+def _diagnose(
+    tmp_path: Path,
+    code: int,
+    max_rss: int = 0,
+    kill_reason: tuple[FailureKind, str] | None = None,
+    oom_kills_before: int | None = None,
+) -> Failure:
     return diagnose(
         WorkerExit(0, 0, 1, code, 100.5, max_rss=max_rss),
         error_file=tmp_path / "e.json",
         stderr=tmp_path / "err",
-        **kw,
-    )  # type: ignore[arg-type]
+        kill_reason=kill_reason,
+        oom_kills_before=oom_kills_before,
+    )
 
 
 def test_classification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,32 +32,32 @@ def error_of() -> Iterator[Callable[..., str | None]]:
     yield _error_of
 
 
-def test_unknown_option_lists_the_allowed_ones(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_option_lists_the_allowed_ones(error_of: Callable[..., str | None]) -> None:
     line = error_of("+job=hello", "rdzv=nope")
     assert line is not None
     assert line.startswith("rdzv=nope: no such option in group 'rdzv'; allowed: ")
     assert "etcd" in line and "tcp" in line
 
 
-def test_unknown_key_lists_the_keys_of_its_node(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_key_lists_the_keys_of_its_node(error_of: Callable[..., str | None]) -> None:
     line = error_of("+job=hello", "rdzv.prot=1")  # rdzv=local by default
     assert line == "rdzv.prot=1: no such key; allowed keys at rdzv: backend, id, local_addr"
 
 
-def test_wrong_type_names_key_and_value(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_type_names_key_and_value(error_of: Callable[..., str | None]) -> None:
     line = error_of("+job=hello", "max_restarts=lots")
     assert line is not None
     assert line.startswith("max_restarts=lots: ")
 
 
-def test_unparsable_override_says_to_quote(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_unparsable_override_says_to_quote(error_of: Callable[..., str | None]) -> None:
     line = error_of("+job=hello", "job.args=[")
     assert line is not None
     assert line.startswith("job.args=[: cannot parse this override")
     assert "quote" in line
 
 
-def test_missing_option_names_broken_plugins(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_missing_option_names_broken_plugins(error_of: Callable[..., str | None]) -> None:
     broken = BrokenPlugin(
         name="acme",
         value="acme_plugin",
@@ -72,7 +72,7 @@ def test_missing_option_names_broken_plugins(error_of) -> None:  # type: ignore[
     assert line.endswith("plugin 'acme' (acme_plugin, from acme): ImportError: no acme")
 
 
-def test_every_line_is_one_line(error_of) -> None:  # type: ignore[no-untyped-def]
+def test_every_line_is_one_line(error_of: Callable[..., str | None]) -> None:
     for overrides in (["rdzv=nope"], ["rdzv.prot=1"], ["job.args=["], ["max_restarts=x"]):
         line = error_of("+job=hello", *overrides)
         assert line is not None and "\n" not in line, line

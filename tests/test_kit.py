@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,10 +143,10 @@ def test_several_endpoints_reach_connect_parsed(tmp_path: Path) -> None:
     ],
 )
 def test_config_is_validated_before_connect_is_called(
-    tmp_path: Path, changes: dict[str, object], close_timeout: float | None, message: str
+    tmp_path: Path, changes: dict[str, Any], close_timeout: float | None, message: str
 ) -> None:
     connect = Connector()
-    config = FakeConfig(**changes)  # type: ignore[arg-type]
+    config = FakeConfig(**changes)
     with pytest.raises(ConfigError) as caught:
         store_rendezvous(
             config, context(tmp_path), connect, default_port=7000, close_timeout=close_timeout

@@ -52,10 +52,13 @@ class TestReference(MetricHandlerSuite):
     def make_handler(self) -> Callable[[], MetricHandler]:
         return Recorder
 
-    def observed(self, handler: Any, name: str, labels: Mapping[str, str]) -> float | None:
+    def observed(
+        self, handler: MetricHandler, name: str, labels: Mapping[str, str]
+    ) -> float | None:
+        assert isinstance(handler, Recorder)
         if name == "group.state":
             return 1.0 if handler.current_state == labels["state"] else 0.0
-        return handler.values.get((name, tuple(sorted(labels.items()))), 0.0)  # type: ignore[no-any-return]
+        return handler.values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_the_suite_catches_counters_that_do_not_add_up() -> None:

@@ -40,7 +40,9 @@ def test_a_survivor_is_described_and_killed() -> None:
     first = message.splitlines()[1]
     assert first.startswith(f"pid {proc.pid} ({sys.executable} -c import signal, time ")
     assert "State S (sleeping)" in first
-    ignored = int(re.search(r"SigIgn ([0-9a-f]+)", first).group(1), 16)  # type: ignore[union-attr]
+    sig_ign = re.search(r"SigIgn ([0-9a-f]+)", first)
+    assert sig_ign is not None, first
+    ignored = int(sig_ign.group(1), 16)
     assert ignored & (1 << (signal.SIGINT - 1))  # it ignores SIGINT, and the line says so
     if find_py_spy() is not None:
         assert "stuck_here" in message

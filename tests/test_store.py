@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,14 +18,14 @@ from elastic_runner.testing.store_suite import StoreSuite
 
 class TestMemoryStore(StoreSuite):
     @pytest.fixture
-    def make_store(self):  # type: ignore[no-untyped-def]
+    def make_store(self) -> Callable[[], MemoryStore]:
         shared = MemoryStore()
         return lambda: shared
 
 
 class TestTCPStore(StoreSuite):
     @pytest.fixture
-    def make_store(self):  # type: ignore[no-untyped-def]
+    def make_store(self) -> Iterator[Callable[[], TCPStoreClient]]:
         server = TCPStoreServer("127.0.0.1", 0, token="s3cret")
         clients: list[TCPStoreClient] = []
 

@@ -6,11 +6,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from elastic_runner.spec import WorkerExit
 from elastic_runner.workers.launcher import WorkerLaunch
 from elastic_runner.workers.logs import Console, WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor
@@ -27,12 +29,18 @@ def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLau
     )
 
 
+class _Supervisor(ProcessSupervisor):
+    """A supervisor whose console is a pipe the test reads back with ``console_read()``."""
+
+    console_read: Callable[[], bytes]
+
+
 @pytest.fixture
-def supervisor(tmp_path: Path):  # type: ignore[no-untyped-def]
+def supervisor(tmp_path: Path) -> Iterator[_Supervisor]:
     out_r, out_w = os.pipe()
     os.set_blocking(out_r, False)
-    sup = ProcessSupervisor(marker=f"test-{os.getpid()}", console=Console({1: out_w, 2: out_w}))
-    sup.console_read = lambda: _read_all(out_r)  # type: ignore[attr-defined]
+    sup = _Supervisor(marker=f"test-{os.getpid()}", console=Console({1: out_w, 2: out_w}))
+    sup.console_read = lambda: _read_all(out_r)
     yield sup
     sup.close()
     os.close(out_r)
@@ -53,7 +61,7 @@ def _gone(pid: int, within: float = 3.0) -> bool:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -91,7 +99,7 @@ def test_exit_carries_the_workers_own_peak_rss(
             _launch(tmp_path / "small", 1, "pass"),
         ]
     )
-    exits = {}
+    exits: dict[int, WorkerExit] = {}
     while len(exits) < 2:
         exits.update((e.local_rank, e) for e in supervisor.wait(timeout=30))
     assert 200 * 2**20 < exits[0].max_rss < 400 * 2**20
@@ -112,9 +120,7 @@ def test_wait_times_out_and_wake_interrupts(supervisor: ProcessSupervisor, tmp_p
     assert [e.stopped_by_agent for e in exits] == [True]
 
 
-def test_output_is_teed_in_whole_prefixed_lines(
-    supervisor: ProcessSupervisor, tmp_path: Path
-) -> None:
+def test_output_is_teed_in_whole_prefixed_lines(supervisor: _Supervisor, tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
         "for i in range(200):\n"
@@ -122,11 +128,11 @@ def test_output_is_teed_in_whole_prefixed_lines(
         "sys.stdout.flush(); sys.stderr.write('no newline at end'); sys.stderr.flush()\n"
     )
     supervisor.start([_launch(tmp_path, 0, code, "[a0]: "), _launch(tmp_path, 1, code, "[a1]: ")])
-    exits = []
+    exits: list[WorkerExit] = []
     while len(exits) < 2:
         exits += supervisor.wait(timeout=10)
     supervisor.stop(signal.SIGTERM, 1)
-    console = supervisor.console_read().decode()  # type: ignore[attr-defined]
+    console = supervisor.console_read().decode()
     lines = console.splitlines()
     for rank in (0, 1):
         mine = [line for line in lines if line.startswith(f"[a{rank}]: part-")]

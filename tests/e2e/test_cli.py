@@ -374,7 +374,9 @@ def test_sequential_sweep_runs_each_point_as_its_own_job(
     assert "1 worker succeeded" in done.stderr and "job failed" in done.stderr
 
 
-def _start_sleepers(elastic_run: ElasticRunner, probe_out: Path, *overrides: str):
+def _start_sleepers(
+    elastic_run: ElasticRunner, probe_out: Path, *overrides: str
+) -> subprocess.Popen[str]:
     proc, _, _ = elastic_run.popen(
         *probe_job(probe_out, "--sleep", "60", "--on-term", nproc=2), *overrides
     )

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,7 @@ def run(elastic_run: ElasticRunner, env: dict[str, str], *overrides: str) -> tup
     return proc.returncode, err
 
 
-def hook_log(env: dict[str, str]) -> list[dict]:
+def hook_log(env: dict[str, str]) -> list[dict[str, Any]]:
     path = Path(env["ER_SAMPLE_LOG"])
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 

@@ -128,7 +128,7 @@ def test_scale_up_regroups_without_spending_a_restart(
     elastic_run: ElasticRunner, tmp_path: Path
 ) -> None:
     job = Job(elastic_run, tmp_path, "1:2")
-    first = job.start(nproc=1, probe=("--until-world", "2"))
+    job.start(nproc=1, probe=("--until-world", "2"))
     wait_for(lambda: list(job.out.glob("a0_r0_g0_w1.json")))  # running alone
     job.start(nproc=1, probe=("--until-world", "2"))
     results = job.finish()
@@ -136,10 +136,7 @@ def test_scale_up_regroups_without_spending_a_restart(
     grown = sorted(p.name for p in job.out.glob("*_w2.json"))
     assert grown == ["a0_r0_g0_w2.json", "a0_r1_g1_w2.json"]  # restart count still 0
     events = [
-        json.loads(line)
-        for line in (Path(first.args[-2].split("=", 1)[1]) / "events.jsonl")
-        .read_text()
-        .splitlines()
+        json.loads(line) for line in (job.run_dirs[0] / "events.jsonl").read_text().splitlines()
     ]
     reasons = [e["metadata"]["reason"] for e in events if e["name"] == "elastic_runner.restart"]
     assert reasons == ["membership_change"]
@@ -262,10 +259,12 @@ def _listening(port: int) -> bool:
 
 def _agent_end(run_dir: Path) -> float:
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    return next(
-        e["timestamp"]
-        for e in events
-        if e["source"] == "AGENT" and e["name"].endswith(".SUCCEEDED")
+    return float(
+        next(
+            e["timestamp"]
+            for e in events
+            if e["source"] == "AGENT" and e["name"].endswith(".SUCCEEDED")
+        )
     )
 
 

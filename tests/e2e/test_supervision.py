@@ -6,6 +6,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,12 +24,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for(path: Path, timeout: float = 20) -> dict:
+def _wait_for(path: Path, timeout: float = 20) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
-    return json.loads(path.read_text())
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record
 
 
 def _gone_soon(pid: int, within: float = 5) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[
     return done, sweep_dir
 
 
-def records(point: Path) -> list[dict]:
+def records(point: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(point.glob("a0_r*.json"))]
 
 

@@ -48,7 +48,8 @@ elif mode == "record-then-hang":
         write_error_file(exc)
     time.sleep(60)
 elif mode == "traceback":
-    {}["missing key"]
+    empty: dict[str, int] = {}
+    empty["missing key"]
 elif mode == "segv":
     os.kill(os.getpid(), signal.SIGSEGV)
 elif mode == "selfkill":
@@ -57,9 +58,9 @@ elif mode == "big-selfkill":  # as if the OOM killer took it at 120 MiB
     hog = b"\x01" * (120 << 20)
     os.kill(os.getpid(), signal.SIGKILL)
 elif mode == "grow":
-    hog = []
+    hogs: list[bytes] = []
     for _ in range(200):  # at most 2 GB
-        hog.append(b"\x01" * (10 << 20))
+        hogs.append(b"\x01" * (10 << 20))
         time.sleep(0.01)
     time.sleep(60)
 elif mode == "fail":

@@ -58,10 +58,12 @@ elif mode in ("timer", "torch-timer"):
         f.write(f"{os.getpid()} {child.pid}\n")
     if mode == "timer":
         from elastic_runner.timer import expires
+
+        with expires(after=1, scope="train_step"):
+            train_step()
     else:
         from torch.distributed.elastic import timer
-        from torch.distributed.elastic.timer import expires
 
         timer.configure(timer.FileTimerClient(os.environ["TORCHELASTIC_TIMER_FILE"]))
-    with expires(after=1, scope="train_step"):
-        train_step()
+        with timer.expires(after=1, scope="train_step"):
+            train_step()

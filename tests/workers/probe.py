@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from types import FrameType
 
 started = time.time()
 p = argparse.ArgumentParser()
@@ -30,7 +31,7 @@ args, rest = p.parse_known_args()
 rank = int(os.environ["RANK"])
 if args.on_term:  # installed first, so a signal can never beat it
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: FrameType | None) -> None:
         with open(os.path.join(args.out, f"term_r{rank}"), "w") as f:
             f.write(signal.Signals(signum).name)
         sys.exit(0)

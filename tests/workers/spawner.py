@@ -37,6 +37,7 @@ if how == "child":
     pid = subprocess.Popen(["sleep", "60"]).pid
 elif how == "shell":  # the shell's background job is our grandchild
     sh = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert sh.stdout is not None
     pid = int(sh.stdout.readline())
 elif how == "setsid":
     pid = subprocess.Popen(["sleep", "60"], start_new_session=True).pid
