@@ -314,18 +314,7 @@ class ElasticAgent:
                 exit_.pid,
                 failure.describe(),
             )
-        self._events.worker(
-            status,
-            exit_.global_rank,
-            pid=exit_.pid,
-            local_rank=exit_.local_rank,
-            exit_code=exit_.returncode,
-            signal=exit_.signal_name,
-            detected_at=exit_.timestamp,
-            max_rss=exit_.max_rss or None,
-            failure=failure.kind.name if failure else None,
-            error=failure.message if failure else None,
-        )
+        self._events.worker_exit(status, exit_, failure)
 
     def _wait_timeout(self) -> float | None:
         if not self._has_running_workers():

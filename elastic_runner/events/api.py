@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from elastic_runner.events import names
-from elastic_runner.spec import WorkerGroup, WorkerStatus
+from elastic_runner.spec import Failure, WorkerExit, WorkerGroup, WorkerStatus
 
 __all__ = ["Event", "EventEmitter", "EventSink", "FanOutSink"]
 
@@ -76,6 +76,22 @@ class EventEmitter:
     def worker(self, status: WorkerStatus, rank: int, **metadata: object) -> None:
         """A worker started or ended (torch's ``torchelastic.worker.status.<STATE>``)."""
         self._emit(names.status(status.value), "WORKER", rank, status.value, metadata)
+
+    def worker_exit(self, status: WorkerStatus, exit_: WorkerExit, failure: Failure | None) -> None:
+        """A worker ended: how (exit code or signal, when the agent saw it, its peak RSS)
+        and, when it failed, the diagnosis (its class and message)."""
+        self.worker(
+            status,
+            exit_.global_rank,
+            pid=exit_.pid,
+            local_rank=exit_.local_rank,
+            exit_code=exit_.returncode,
+            signal=exit_.signal_name,
+            detected_at=exit_.timestamp,
+            max_rss=exit_.max_rss or None,
+            failure=failure.kind.name if failure else None,
+            error=failure.message if failure else None,
+        )
 
     def _emit(
         self, name: str, source: str, rank: int | None, state: str, metadata: dict[str, object]
