@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from elastic_runner.plugins import DISABLE_AUTOLOAD_ENV
-from elastic_runner.testing.fixtures import elastic_run, etcd_server
+from elastic_runner.testing.fixtures import elastic_run, etcd_server, netns_cluster
 from elastic_runner.testing.runner import (
     ElasticRunner,
     Run,
@@ -30,6 +30,7 @@ __all__ = [
     "elastic_run",
     "etcd_server",
     "free_port",
+    "netns_cluster",
     "probe_job",
     "probe_out",
     "probe_records",
