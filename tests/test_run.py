@@ -97,7 +97,9 @@ def test_a_rendezvous_that_cannot_start_is_a_failed_run_with_nothing_left(
     tmp_path: Path, plugins: LoadedPlugins
 ) -> None:
     # no interface has this address (TEST-NET-1): binding fails at once, nothing is sent
-    rdzv = TcpRendezvousConfig(endpoint=f"192.0.2.1:{free_port()}", id="x", is_host=True)
+    rdzv = TcpRendezvousConfig(
+        endpoint=f"127.0.0.1:{free_port()}", id="x", is_host=True, bind="192.0.2.1"
+    )
     config = _config(tmp_path, rdzv)
     result = _run(config, plugins, tmp_path / "run")
     assert result.state == WorkerState.FAILED and result.exit_code == 1

@@ -49,7 +49,8 @@ class StoreRendezvousConfig(RendezvousConfig):
     #: Where the store is: ``host:port`` (several, comma-separated, where supported).
     endpoint: str = MISSING
     #: MASTER_ADDR when this node is group rank 0 (default: this node's address on the
-    #: interface that reaches the store).
+    #: interface that reaches the store; if that is a loopback address while another
+    #: node's is not, the address on the interface that reaches that node).
     local_addr: str | None = None
     join_timeout: float = 600.0
     last_call_timeout: float = 30.0
@@ -68,7 +69,8 @@ class StoreConnection:
     address: str
     #: MASTER_ADDR when this node is group rank 0 and ``rdzv.local_addr`` is unset, where
     #: the backend knows better than the route towards the first endpoint (tcp: the
-    #: client socket's own address, read once the store is reached).
+    #: client socket's own address, read once the store is reached). Like that default,
+    #: it gives way to a reachable address when it is loopback and another node's is not.
     local_addr: str | Callable[[], str] | None = None
     #: Called after the store is closed when the rendezvous shuts down (e.g. to close a
     #: store server this node hosts).
@@ -146,7 +148,9 @@ def store_rendezvous(
     (:func:`settings_from`, with ``node_rank`` and ``close_timeout``). Only then calls
     ``connect`` with the parsed endpoints; ``connect`` cleans up after itself if it
     fails. MASTER_ADDR defaults to ``rdzv.local_addr``, else the connection's
-    ``local_addr``, else this machine's address towards the first endpoint. If building
+    ``local_addr``, else this machine's address towards the first endpoint (found when
+    the store is reached); either default, when it is a loopback address while another
+    node's is not, gives way to this machine's address towards that node. If building
     fails after ``connect`` returned, the connection is closed before the error goes on.
     """
     if max_endpoints is not None and len(config.endpoint.split(",")) > max_endpoints:
@@ -161,7 +165,9 @@ def store_rendezvous(
     settings = settings_from(config, context, node_rank, close_timeout)
     connection = connect(endpoints)
     try:
-        local_addr = config.local_addr or connection.local_addr or address_towards(*endpoints[0])
+        # A string is used as it is (rdzv.local_addr); a function is a default that the
+        # rendezvous replaces when it is loopback and another node is elsewhere.
+        local_addr = config.local_addr or _default_addr(connection.local_addr, endpoints[0])
         return DynamicRendezvous(
             connection.store,
             settings,
@@ -175,3 +181,15 @@ def store_rendezvous(
         with contextlib.suppress(Exception):
             connection.close()
         raise
+
+
+def _default_addr(
+    known: str | Callable[[], str] | None, first: tuple[str, int]
+) -> Callable[[], str]:
+    """MASTER_ADDR's default as a function: what the backend knows, else the route towards
+    the first endpoint, found when called (once the store is reached, so it resolves)."""
+    if callable(known):
+        return known
+    if known:
+        return lambda: known
+    return lambda: address_towards(*first)

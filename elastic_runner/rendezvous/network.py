@@ -1,18 +1,27 @@
 """This machine's addresses and ports, as rendezvous needs them: a free port for
-MASTER_PORT, the address other nodes reach us at for MASTER_ADDR, whether a host name is
-this machine (then the ``tcp`` backend hosts its store here), and the ``host:port`` list
-of ``rdzv.endpoint``.
+MASTER_PORT, the address other nodes reach us at for MASTER_ADDR (never a loopback address
+when some node is elsewhere), whether a host name is this machine (then the ``tcp``
+backend hosts its store here), and the ``host:port`` list of ``rdzv.endpoint``.
 
 No Hydra or OmegaConf behind it, so the protocol and every backend can use it cheaply.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from collections.abc import Sequence
 
 from elastic_runner.errors import ConfigError
 
-__all__ = ["address_towards", "find_free_port", "is_local_address", "parse_endpoints"]
+__all__ = [
+    "address_towards",
+    "find_free_port",
+    "is_local_address",
+    "is_loopback",
+    "parse_endpoints",
+    "reachable_address",
+]
 
 
 def parse_endpoints(endpoint: str, default_port: int) -> list[tuple[str, int]]:
@@ -57,12 +66,47 @@ def address_towards(host: str, port: int) -> str:
         return socket.gethostname()
 
 
+def is_loopback(address: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1 (also as
+    ::ffff:127.x.y.z), ``localhost``. Other names are not: each node resolves them."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        name = address.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def reachable_address(own: str, peers: Sequence[str]) -> str:
+    """The MASTER_ADDR group rank 0 advertises: ``own`` (the address it would use), unless
+    that is a loopback address while some peer's is not; then this machine's address
+    towards that peer (the interface the others reach it through)."""
+    if is_loopback(own):
+        for peer in peers:
+            if not is_loopback(peer):
+                return address_towards(peer, 9)  # any port: nothing is sent
+    return own
+
+
+def _names_this_machine(host: str) -> bool:
+    """True when ``host`` is this machine's own host name or fully qualified name."""
+    host = host.lower().rstrip(".")
+    hostname = socket.gethostname().lower()
+    if host == hostname:
+        return True
+    # getfqdn() may ask DNS: only when the name could be ours.
+    return host.split(".", 1)[0] == hostname.split(".", 1)[0] and host == socket.getfqdn().lower()
+
+
 def is_local_address(host: str) -> bool:
-    """True when ``host`` names this machine (we can bind to one of its addresses)."""
+    """True when ``host`` names this machine (we can bind to one of its addresses). A name
+    that does not resolve (yet) is not, unless it is this machine's host name or FQDN."""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return False
+        return _names_this_machine(host)
     for family, _, _, _, addr in infos:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:

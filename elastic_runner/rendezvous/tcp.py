@@ -1,15 +1,23 @@
 """Backends ``tcp`` (dynamic, min:max nodes) and ``static`` (a fixed count, ranks given),
 both on the built-in TCP store hosted by one of the agents.
 
-The agent whose address matches ``rdzv.endpoint`` (or that has ``rdzv.is_host=true``)
-hosts the store; when several agents on one machine share the endpoint, the first to
-bind hosts and the others connect. If the hosting agent dies, the others fail with an
-error naming the endpoint (the store does not move to another node).
+Which agent hosts the store: ``rdzv.is_host`` when set; else, for ``static``, node rank
+0 (whatever the endpoint's name resolves to, or whether it resolves yet), and for
+``tcp`` the agent whose address matches ``rdzv.endpoint`` (a name that does not resolve
+yet is not local, unless it is this machine's own name). When several agents on one
+machine would host, the first to bind does and the others connect. The store listens
+on every interface (``rdzv.bind``: on one address only), so the other nodes reach it
+however the endpoint's name resolves on the hosting machine; that agent itself connects
+over loopback, without asking DNS. Clients retry resolving and connecting until
+``rdzv.join_timeout``. If the hosting agent dies, the others fail with an error naming
+the endpoint (the store does not move to another node).
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,8 +45,11 @@ DEFAULT_PORT = 29400
 @dataclass
 class TcpRendezvousConfig(StoreRendezvousConfig):
     backend: str = "tcp"
-    #: Host the store here (true), never (false), or when the endpoint is local (null).
+    #: Host the store here (true), never (false), or (null) when the endpoint is local
+    #: (``static``: on node rank 0).
     is_host: bool | None = None
+    #: The one address the hosted store listens on (null: every interface).
+    bind: str | None = None
     #: Shared secret every agent must present to the store.
     token: str = ""
     #: How long the agent hosting the store keeps it up for nodes still running after it
@@ -54,21 +65,37 @@ class StaticRendezvousConfig(TcpRendezvousConfig):
     last_call_timeout: float = 0.0
 
 
-def _host_store(config: TcpRendezvousConfig, host: str, port: int) -> TCPStoreServer | None:
+def _hosts(config: TcpRendezvousConfig, host: str, node_rank: int | None) -> bool:
+    """Whether this agent hosts the store (unless another agent here already does)."""
+    if config.is_host is not None:
+        return config.is_host
+    if node_rank is not None:  # static: node rank 0, whatever DNS says
+        return node_rank == 0
+    return is_local_address(host)
+
+
+def _host_store(
+    config: TcpRendezvousConfig, host: str, port: int, node_rank: int | None = None
+) -> TCPStoreServer | None:
     """The store server, when this agent hosts it; ``None`` when it is only a client."""
-    if not (config.is_host or (config.is_host is None and is_local_address(host))):
+    if not _hosts(config, host, node_rank):
         return None
     # Imported here: asyncio costs every agent that does not host ~11 ms.
     from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 
     try:
-        return TCPStoreServer(host, port, config.token)
+        return TCPStoreServer(config.bind, port, config.token)
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise RendezvousError(
-                f"cannot host the rendezvous store on {host}:{port}: {exc.strerror}"
-            ) from None
-        return None  # another agent on this machine hosts it: be its client
+        if exc.errno == errno.EADDRINUSE:
+            return None  # another agent on this machine hosts it: be its client
+        where = f"{config.bind}:{port}" if config.bind else f"port {port} (all interfaces)"
+        if config.bind and isinstance(exc, socket.gaierror):
+            why = f"cannot resolve rdzv.bind={config.bind} ({exc.strerror})"
+        elif config.bind and exc.errno == errno.EADDRNOTAVAIL:
+            why = f"rdzv.bind={config.bind} is not an address of this machine"
+        else:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RendezvousError(f"cannot host the rendezvous store on {where}: {why}") from None
 
 
 def _tcp_store_rendezvous(
@@ -76,14 +103,18 @@ def _tcp_store_rendezvous(
 ) -> DynamicRendezvous:
     def connect(endpoints: list[tuple[str, int]]) -> StoreConnection:
         ((host, port),) = endpoints  # the kit let one through
-        server = _host_store(config, host, port)
+        server = _host_store(config, host, port, node_rank)
         try:
             client = TCPStoreClient(
-                host,
+                # the store this agent hosts is reached without DNS
+                server.local_host if server is not None else host,
                 port,
                 config.token,
                 connect_timeout=max(1.0, config.join_timeout),
                 reconnect_timeout=config.heartbeat_timeout,
+                # A request on a cut link fails within the heartbeat timeout, not 60 s
+                # later: a node that heals rejoins that much sooner.
+                request_timeout=max(2.0, config.heartbeat_timeout),
             )
         except BaseException:
             if server is not None:
@@ -91,9 +122,11 @@ def _tcp_store_rendezvous(
             raise
         return StoreConnection(
             client,
-            address=client.address,
+            address=f"{host}:{port}",
             # The client's own end of its connection: the interface that reaches the
             # store, found once the store is reached (the host agent may start later).
+            # Loopback on the hosting agent: the rendezvous then advertises its address
+            # towards the other nodes instead.
             local_addr=lambda: client.local_address,
             on_close=server.close if server is not None else None,
         )

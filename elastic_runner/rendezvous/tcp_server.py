@@ -1,14 +1,17 @@
 """The built-in TCP store's server: an asyncio loop in a daemon thread of the agent that
 hosts the store, serving a :class:`~elastic_runner.rendezvous.store.MemoryStore`
-(wire format: :mod:`elastic_runner.rendezvous.tcp_wire`)."""
+(wire format: :mod:`elastic_runner.rendezvous.tcp_wire`). It listens on every interface
+(IPv4 and, where the machine has it, IPv6) unless given one address."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import errno
 import hmac
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -29,9 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class TCPStoreServer:
-    """Serves a :class:`MemoryStore` on ``host:port`` from a daemon thread."""
+    """Serves a :class:`MemoryStore` on ``host:port`` from a daemon thread: ``host`` is
+    the one address to listen on (a name: the first address it resolves to), ``None``
+    every interface. ``port`` 0 picks a free port (:attr:`port`). Binding errors are
+    the :class:`OSError` of the bind (``EADDRINUSE``: another server has the port)."""
 
-    def __init__(self, host: str, port: int, token: str = "") -> None:
+    def __init__(self, host: str | None, port: int, token: str = "") -> None:
         self._token = token
         self._loop = asyncio.new_event_loop()
         self._waiters: set[asyncio.Event] = set()
@@ -42,13 +48,21 @@ class TCPStoreServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
         try:
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._serve, host, port, reuse_address=True)
-            )
+            sock = _listen(host, port)
         except BaseException:
             self._loop.close()
             raise
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        #: Where a client on this machine reaches the server.
+        self.local_host = _local_host(sock)
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve, sock=sock)
+            )
+        except BaseException:
+            sock.close()
+            self._loop.close()
+            raise
+        self.port = int(sock.getsockname()[1])
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="elastic-run-tcp-store", daemon=True
         )
@@ -179,3 +193,34 @@ class TCPStoreServer:
                 pass
             finally:
                 self._waiters.discard(event)
+
+
+def _listen(host: str | None, port: int) -> socket.socket:
+    """One listening socket: on every interface (one port for IPv4 and IPv6, where the
+    machine has both), or on ``host``'s first address."""
+    if host is None:
+        if socket.has_dualstack_ipv6():
+            try:
+                return socket.create_server(
+                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
+                )
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                # IPv6 there but unusable (disabled, say): IPv4 is what matters
+        return socket.create_server(("", port), backlog=128)
+    host = host.strip("[]")  # "[fd00::1]" as in an endpoint
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    return socket.create_server(address, family=family, backlog=128)
+
+
+def _local_host(sock: socket.socket) -> str:
+    """The address a client on this machine connects to: the bound one, or loopback for
+    a socket bound to every interface."""
+    bound = str(sock.getsockname()[0])
+    if bound in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bound == "::":  # dual-stack sockets take IPv4 too
+        v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        return "::1" if v6only else "127.0.0.1"
+    return bound

@@ -13,17 +13,23 @@ from tests.conftest import ElasticRunner, assert_nothing_survives, free_port
 
 
 @pytest.mark.parametrize(
-    ("bad_endpoint", "error"),
+    ("points", "error"),
     [
         # the backend's factory raises ConfigError (a second endpoint for rdzv=tcp)
-        ("'127.0.0.1:1,127.0.0.1:2'", "rdzv=tcp takes one host:port"),
+        (
+            ["rdzv.endpoint='127.0.0.1:1,127.0.0.1:2',127.0.0.1:{store}"],
+            "rdzv=tcp takes one host:port",
+        ),
         # it raises RendezvousError: cannot host the store on an address of no interface
         # here (bind fails at once; nothing is sent)
-        ("192.0.2.1:{store}", "cannot host the rendezvous store"),
+        (
+            ["rdzv.endpoint=127.0.0.1:{store}", "rdzv.bind=192.0.2.1,null"],
+            "cannot host the rendezvous store",
+        ),
     ],
 )
 def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
-    elastic_run: ElasticRunner, tmp_path: Path, bad_endpoint: str, error: str
+    elastic_run: ElasticRunner, tmp_path: Path, points: list[str], error: str
 ) -> None:
     argv, _, _ = elastic_run.command()
     health, store = free_port(), free_port()
@@ -37,7 +43,7 @@ def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
             "rdzv=tcp",
             "rdzv.id=assembly",
             "rdzv.is_host=true",
-            f"rdzv.endpoint={bad_endpoint.format(store=store)},127.0.0.1:{store}",
+            *(override.format(store=store) for override in points),  # a bad point, a good one
             f"health.port={health}",
             "timer=file",
             "metrics=jsonl",

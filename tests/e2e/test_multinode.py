@@ -285,3 +285,103 @@ def test_exit_barrier_holds_finished_nodes_and_never_fails(
     spread = abs(_agent_end(job.run_dirs[0]) - _agent_end(job.run_dirs[1]))
     # with the barrier, the fast node left with the slow one; without, long before
     assert (spread < 0.5) if waits else (spread > 0.8), spread
+
+
+# -- a store every node can reach, a MASTER_ADDR they can reach, hosting without DNS -----
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+def test_master_addr_is_loopback_when_every_node_is_on_this_machine(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "2")
+    job.start(nproc=1)
+    job.start(nproc=1)
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    envs = [rec["env"] for rec in probe_records(job.out).values()]
+    assert len(envs) == 2
+    assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}
+
+
+def test_the_store_is_reached_on_another_address_than_the_endpoint_names(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    # the host's endpoint names 127.0.0.1; another node reaches this machine as 127.0.0.2
+    job = Job(elastic_run, tmp_path, "2", rdzv=["rdzv=tcp", *FAST])
+    job.start(f"rdzv.endpoint=127.0.0.1:{job.port}", "rdzv.is_host=true", nproc=1)
+    job.start(f"rdzv.endpoint=127.0.0.2:{job.port}", "rdzv.is_host=false", nproc=1)
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    envs = [rec["env"] for rec in probe_records(job.out).values()]
+    assert sorted(e["GROUP_RANK"] for e in envs) == ["0", "1"]
+    assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}
+
+
+def test_rdzv_bind_keeps_the_store_to_one_address(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "2", rdzv=["rdzv=tcp", *FAST])
+    host = job.start(
+        f"rdzv.endpoint=127.0.0.1:{job.port}",
+        "rdzv.is_host=true",
+        "rdzv.bind=127.0.0.1",
+        "rdzv.join_timeout=10",
+        nproc=1,
+    )
+    wait_for(lambda: _listening(job.port))
+    other = job.start(
+        f"rdzv.endpoint=127.0.0.2:{job.port}",
+        "rdzv.is_host=false",
+        "rdzv.join_timeout=1",
+        nproc=1,
+    )
+    _, err = other.communicate(timeout=30)
+    assert other.returncode == 1, err
+    assert f"cannot reach the rendezvous store at 127.0.0.2:{job.port}" in _last_line(err)
+    host.send_signal(signal.SIGTERM)
+    host.communicate(timeout=30)
+    job.agents.clear()
+
+
+def test_rdzv_bind_to_an_address_of_no_interface_is_one_line(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "1")
+    # TEST-NET-3: no interface has it; binding fails at once and nothing is sent
+    job.start("rdzv.is_host=true", "rdzv.bind=203.0.113.7", nproc=1)
+    [(code, err)] = job.finish()
+    assert code == 1, err
+    assert _last_line(err) == (
+        f"elastic-run: rendezvous failed: cannot host the rendezvous store on "
+        f"203.0.113.7:{job.port}: rdzv.bind=203.0.113.7 is not an address of this machine"
+    )
+    assert not probe_records(job.out)
+
+
+def test_static_hosts_on_node_rank_0_whatever_the_endpoint_resolves_to(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    job = Job(elastic_run, tmp_path, "2", rdzv=["rdzv=static", *FAST])
+    # Node rank 1 never hosts, though its endpoint is an address of this machine: alone,
+    # it finds no store (had it hosted, it would time out waiting for node 0 instead).
+    alone = job.start(
+        f"rdzv.endpoint=127.0.0.1:{job.port}", "rdzv.node_rank=1", "rdzv.join_timeout=1"
+    )
+    _, err = alone.communicate(timeout=30)
+    assert alone.returncode == 1, err
+    assert f"cannot reach the rendezvous store at 127.0.0.1:{job.port}" in _last_line(err)
+    job.agents.clear()
+    # Node rank 0 hosts, though its endpoint is no address of this machine (as when the
+    # head's name resolves elsewhere, or not yet): it listens on every interface and
+    # reaches its own store over loopback, so nothing is sent to 203.0.113.7 (TEST-NET-3).
+    job.start(f"rdzv.endpoint=127.0.0.1:{job.port}", "rdzv.node_rank=1")
+    job.start(f"rdzv.endpoint=203.0.113.7:{job.port}", "rdzv.node_rank=0")
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    envs = {rec["env"]["GROUP_RANK"]: rec["env"] for rec in probe_records(job.out).values()}
+    assert sorted(envs) == ["0", "1"]
+    assert {e["MASTER_ADDR"] for e in envs.values()} == {"127.0.0.1"}
