@@ -17,11 +17,13 @@ this); :mod:`elastic_runner.run` assembles it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from elastic_runner.attempt import Attempt
 from elastic_runner.events import EventEmitter, EventSink, names
@@ -55,12 +57,19 @@ __all__ = ["ElasticAgent", "WorkerLauncher"]
 log = logging.getLogger(__name__)
 
 
+T = TypeVar("T")
+
+
 class _Refused(Exception):
     """A health check kept this node out of the next rendezvous."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.describe())
         self.refusal = refusal
+
+
+class _Stopped(Exception):
+    """A stop signal came while a rendezvous call was in progress."""
 
 
 class ElasticAgent:
@@ -88,6 +97,7 @@ class ElasticAgent:
         lifecycle: Lifecycle | None = None,
         hangs: HangDetector | None = None,
         timers: TimerServer | None = None,
+        lease_listener: Callable[[float | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -106,6 +116,10 @@ class ElasticAgent:
         self._lifecycle = lifecycle or NoLifecycle()
         self._hangs = hangs
         self._timers = timers
+        #: Also told every lease (the guardian, which fences even if this agent freezes).
+        self._lease_listener = lease_listener
+        #: Until when this node's membership surely holds (see RendezvousHandler.on_lease).
+        self._lease: float | None = None
         self._clock = clock
         self._stop_signal: int | None = None
         self._membership_changed = False
@@ -129,6 +143,11 @@ class ElasticAgent:
         self._membership_changed = True
         self._launcher.wake()
 
+    def _on_lease(self, deadline: float | None) -> None:
+        self._lease = deadline
+        if self._lease_listener is not None:
+            self._lease_listener(deadline)
+
     def _on_timer_expired(self, expiry: TimerExpiry) -> None:
         if self._hangs is not None:
             self._hangs.expired(expiry)
@@ -138,6 +157,7 @@ class ElasticAgent:
 
     def run(self) -> RunResult:
         self._rdzv.on_membership_change(self._on_membership_change)
+        self._rdzv.on_lease(self._on_lease)
         if self._timers is not None:
             self._timers.on_expired(self._on_timer_expired)
         try:
@@ -150,6 +170,9 @@ class ElasticAgent:
                 reason=refused.refusal.reason,
             )
             return self._finish(WorkerState.FAILED, refused.refusal.describe())
+        except _Stopped:
+            assert self._stop_signal is not None
+            return self._stop_by_signal(self._stop_signal)
         finally:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
@@ -159,7 +182,11 @@ class ElasticAgent:
     def _loop(self) -> RunResult:
         self._start_attempt()
         while True:
-            for exit_ in self._launcher.wait(self._wait_timeout()):
+            exits = self._launcher.wait(self._wait_timeout())
+            if self._lease_lapsed(exits):
+                self._fence(exits)
+                continue
+            for exit_ in exits:
                 self._record_exit(exit_)
             if self._stop_signal is not None:
                 return self._stop_by_signal(self._stop_signal)
@@ -169,7 +196,9 @@ class ElasticAgent:
                 self._act_on_hangs()
             state = self._attempt.state
             if state == WorkerState.SUCCEEDED:
-                if self._rdzv.exit_barrier():
+                if self.group.group_world_size > 1:  # others to wait for
+                    self._events.agent(names.EXIT_BARRIER)
+                if self._await(self._rdzv.exit_barrier):
                     return self._finish(WorkerState.SUCCEEDED)
                 # the job re-forms (another node failed or left): run again with it
                 self._regroup(during="exit barrier")
@@ -200,6 +229,69 @@ class ElasticAgent:
 
     # -- steps --------------------------------------------------------------------------
 
+    def _await(self, call: Callable[[], T]) -> T:
+        """``call`` (a rendezvous round, the exit barrier: it may wait for other nodes for
+        minutes) in a thread of its own, while this thread waits in the launcher: a stop
+        signal wakes it, and the run stops at once instead of when the call returns
+        (raises :class:`_Stopped`; the call is abandoned, ``leave`` ends it). The thread
+        wakes the launcher only while this one waits there, so no wake-up is left over
+        for the loop."""
+        outcome: list[tuple[bool, object]] = []
+        lock = threading.Lock()
+        waiting = False
+
+        def target() -> None:
+            try:
+                result: tuple[bool, object] = (True, call())
+            except BaseException as exc:  # handed to the agent's thread
+                result = (False, exc)
+            with lock:
+                outcome.append(result)
+                if waiting:
+                    self._launcher.wake()
+
+        threading.Thread(target=target, name="rdzv-call", daemon=True).start()
+        while True:
+            with lock:
+                if outcome:
+                    break
+                waiting = True
+            if self._stop_signal is not None:
+                raise _Stopped
+            self._launcher.wait(None)
+            with lock:
+                waiting = False
+        ok, value = outcome[0]
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value  # type: ignore[return-value]  # what call() returned: a T
+
+    def _lease_lapsed(self, exits: list[WorkerExit]) -> bool:
+        """This node's membership may have lapsed (no heartbeat got through for the
+        heartbeat timeout) while its workers ran: ``exits`` are of workers the guardian
+        may already have killed for it."""
+        lease = self._lease
+        running = exits or self._has_running_workers()
+        return lease is not None and bool(running) and self._clock() >= lease
+
+    def _fence(self, exits: list[WorkerExit]) -> None:
+        """Kill the workers of a node that may have been dropped from the job, before
+        the others' new world starts (two worlds must not run at once), then join again
+        as a new node once the store can be reached. No restart is spent: ``exits`` (the
+        guardian's kills, when this agent could not act in time) are not failures."""
+        log.error(
+            "lost contact with the rendezvous store: this node's membership lapsed (no "
+            "heartbeat got through); killing its workers so that two worlds never run at "
+            "once, then joining again"
+        )
+        self._events.agent(names.FENCED)
+        for exit_ in exits:
+            self._record_exit(dataclasses.replace(exit_, stopped_by_agent=True))
+        self._stop_workers(signal.SIGKILL)
+        self._events.agent(names.RESTART, reason="fenced")
+        self._start_attempt()
+
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
         self._events.agent(names.MEMBERSHIP_CHANGED, during=during)
@@ -223,7 +315,8 @@ class ElasticAgent:
             self._hangs.new_attempt()
         self._events.agent(names.RENDEZVOUS_JOIN, next_attempt=group.attempt + 1)
         t0 = self._clock()
-        info = self._rdzv.next_round(NodeInfo(spec.role, spec.local_world_size), failed)
+        node = NodeInfo(spec.role, spec.local_world_size)
+        info = self._await(lambda: self._rdzv.next_round(node, failed))
         # Only now: a notification about the round we left is stale; what concerns the new
         # round, the backend reports from here on.
         self._membership_changed = False
@@ -322,10 +415,11 @@ class ElasticAgent:
         timeouts = []
         if self._monitor:
             timeouts.append(self._monitor.seconds_until_due())
+        deadlines = [self._lease]
         if self._hangs is not None:
-            deadline = self._hangs.next_deadline(self._launcher.activity())
-            if deadline is not None:
-                timeouts.append(max(0.0, deadline - self._clock()))
+            deadlines.append(self._hangs.next_deadline(self._launcher.activity()))
+        now = self._clock()
+        timeouts += [max(0.0, d - now) for d in deadlines if d is not None]
         return min(timeouts, default=None)
 
     def _act_on_hangs(self) -> None:
@@ -392,6 +486,7 @@ class ElasticAgent:
             self.spec.stop_timeout,
         )
         self._events.agent(names.SIGNAL, signal=name, sent=signal.Signals(sent).name)
+        self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
         self._stop_workers(sent)
         result = self._finish(WorkerState.FAILED, f"stopped by {name}")
         result.signal = signum

@@ -91,6 +91,10 @@ class RunStatus:
                 self._workers = {}
             elif event.source == "WORKER":
                 self._worker_event(event)
+            elif name == names.EXIT_BARRIER:
+                f["phase"] = "waiting for the other nodes to finish"
+            elif name == names.FENCED:
+                self._problem = "lost contact with the rendezvous store: workers fenced"
             elif name == names.RESTART:
                 f["phase"] = "restarting"
                 if m.get("reason") == "failure":

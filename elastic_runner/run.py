@@ -154,6 +154,9 @@ class _Assembly:
             " ".join(command),
             context.run_dir,
         )
+        # Sweeps the workers if this agent dies, fences them if it stops renewing its lease.
+        guardian = Guardian(supervisor.marker, context.run_id)
+        stack.callback(guardian.close)
         self.agent = agent = ElasticAgent(
             spec,
             rdzv,
@@ -170,10 +173,10 @@ class _Assembly:
             lifecycle=self.lifecycle,
             hangs=_hang_detector(self.valid, timer),
             timers=timer,
+            lease_listener=guardian.lease,
         )
         status.watch(supervisor.activity, lambda: agent.usage)
         timer.start()
-        stack.callback(Guardian(supervisor.marker, context.run_id).close)
         ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
         stack.enter_context(handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored))
         if view is not None:

@@ -11,6 +11,7 @@ the checks at the end of this module).
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -123,7 +124,10 @@ class FakeLauncher:
         self._pending: dict[int, tuple[float, int]] = {}  # rank -> (when, returncode)
         self._started_output: dict[int, float] = {}
         self._actions: list[tuple[float, Callable[[], object]]] = []
-        self._woken = False
+        self._woken = threading.Event()
+        #: Waits with no worker running and nothing scripted to come (the agent waiting
+        #: for a rendezvous call in its own thread): only a wake() ends them, really.
+        self.idle_waits = 0
 
     # -- test side --------------------------------------------------------------------
 
@@ -156,14 +160,19 @@ class FakeLauncher:
         return dict(self._pids)
 
     def wait(self, timeout: float | None = None) -> list[WorkerExit]:
+        if timeout is None and not self.running and not self._actions:
+            self.idle_waits += 1
+            assert self._woken.wait(10), "the agent waits for ever: nothing will wake it"
+            self._woken.clear()
+            return []
         self.waits.append(timeout)
         assert len(self.waits) <= self.max_waits, f"{len(self.waits)} waits: a busy loop?"
         deadline = None if timeout is None else self.clock.now + timeout
         while True:
             self._run_due_actions()
             exits = self._due_exits()
-            if exits or self._woken:
-                self._woken = False
+            if exits or self._woken.is_set():
+                self._woken.clear()
                 return exits
             if deadline is not None and self.clock.now >= deadline:
                 return []
@@ -189,7 +198,7 @@ class FakeLauncher:
 
     def wake(self) -> None:
         self.wakes += 1
-        self._woken = True
+        self._woken.set()
 
     def activity(self) -> dict[int, WorkerActivity]:
         now = self.clock.now
@@ -230,6 +239,8 @@ class FakeRendezvous:
 
     def __init__(self, barrier_results: Sequence[bool] = ()) -> None:
         self.joins: list[bool] = []  # the ``failed`` flag of each round joined
+        self.lease_callback: Callable[[float | None], None] | None = None
+        self.left_with: str | None = None
         self.restarts = 0
         self.barrier_results = list(barrier_results)
         self.barriers = 0
@@ -269,6 +280,17 @@ class FakeRendezvous:
 
     def on_membership_change(self, callback: Callable[[], None]) -> None:
         self.callback = callback
+
+    def leave(self, reason: str) -> None:
+        self.left_with = reason
+
+    def on_lease(self, callback: Callable[[float | None], None]) -> None:
+        self.lease_callback = callback
+
+    def set_lease(self, deadline: float | None) -> None:
+        """What a backend does when this node's lease changes."""
+        assert self.lease_callback is not None, "the agent did not subscribe"
+        self.lease_callback(deadline)
 
     def shutdown(self) -> None:
         self.shutdowns += 1

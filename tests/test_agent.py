@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,12 @@ from elastic_runner.agent import ElasticAgent
 from elastic_runner.events import names
 from elastic_runner.lifecycle import Lifecycle, Refusal
 from elastic_runner.metrics import NoMetrics
-from elastic_runner.rendezvous.api import RendezvousHandler
+from elastic_runner.rendezvous.api import (
+    NodeInfo,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+)
 from elastic_runner.spec import (
     FailureKind,
     RestartPolicy,
@@ -75,6 +82,7 @@ def make_agent(
     hangs: HangDetector | None = None,
     timers: FakeTimerServer | None = None,
     rdzv: FakeRendezvous | None = None,
+    lease_listener: Callable[[float | None], None] | None = None,
     kill_delay: float = 0.0,
     stop_seconds: float = 0.0,
     chatty: frozenset[int] = frozenset(),
@@ -102,6 +110,7 @@ def make_agent(
         lifecycle=lifecycle,
         hangs=hangs,
         timers=timers,
+        lease_listener=lease_listener,
         clock=clock,
     )
     return Rig(agent, launcher, rdzv, events, clock)
@@ -480,3 +489,101 @@ def test_a_job_that_reforms_at_the_exit_barrier_runs_again_without_spending_a_re
         names.MEMBERSHIP_CHANGED,
         names.RESTART,
     ]
+
+
+# -- prompt stops and fencing ---------------------------------------------------------
+
+
+class BlockingRendezvous(FakeRendezvous):
+    """Round ``block_round`` (0-based) or, with ``block_barrier``, the exit barrier waits
+    for other nodes that never come: only ``leave`` ends the wait. ``on_block`` runs once
+    the call is waiting (from the call's thread, as a signal would arrive)."""
+
+    def __init__(self, *, block_round: int | None = None, block_barrier: bool = False) -> None:
+        super().__init__()
+        self.block_round, self.block_barrier = block_round, block_barrier
+        self.on_block: Callable[[], None] = lambda: None
+        self.released = threading.Event()
+
+    def _block(self) -> None:
+        self.on_block()
+        assert self.released.wait(10), "the agent never left the job"
+
+    def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
+        if self.rounds == self.block_round:
+            self._block()
+            raise RendezvousError("this node is leaving the job")
+        return super().next_round(node, failed)
+
+    def exit_barrier(self) -> bool:
+        if self.block_barrier:
+            self._block()
+        return super().exit_barrier()
+
+    def leave(self, reason: str) -> None:
+        super().leave(reason)
+        self.released.set()
+
+
+@pytest.mark.parametrize("block", ["first round", "round after a failure", "exit barrier"])
+def test_a_stop_signal_ends_a_rendezvous_wait_at_once(tmp_path: Path, block: str) -> None:
+    rdzv = BlockingRendezvous(
+        block_round={"first round": 0, "round after a failure": 1}.get(block),
+        block_barrier=block == "exit barrier",
+    )
+    script = [all_succeed(2)] if block != "round after a failure" else [fail(1, 3)]
+    rig = make_agent(tmp_path, script, max_restarts=3, rdzv=rdzv)
+    rdzv.on_block = lambda: rig.agent.request_stop(signal.SIGTERM)
+    result = rig.run()
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.ended_because == "stopped by SIGTERM"
+    assert rdzv.left_with == "stopped by SIGTERM"  # the others stop waiting for it
+    assert rdzv.shutdowns == 1
+    assert rig.events.named(names.SIGNAL)[0].metadata["signal"] == "SIGTERM"
+    assert rig.events.names()[-1] == names.SHUTDOWN
+    if block == "exit barrier":  # the workers had succeeded: a stop, not a success
+        assert [e.returncode for e in result.exits] == [0, 0]
+
+
+def test_a_lapsed_lease_kills_the_workers_and_joins_again(tmp_path: Path) -> None:
+    class LapsingRendezvous(FakeRendezvous):
+        def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
+            # the first round's lease lapses at 5 s; the next round's holds
+            self.set_lease(5.0 if not self.joins else 1000.0)
+            return super().next_round(node, failed)
+
+    rdzv = LapsingRendezvous()
+    told: list[float | None] = []
+    rig = make_agent(
+        tmp_path, [all_succeed(2, at=100), all_succeed(2)], rdzv=rdzv, lease_listener=told.append
+    )
+    result = rig.run()
+    assert told == [5.0, 1000.0]  # the guardian hears every lease too
+    assert result.state == WorkerState.SUCCEEDED
+    assert (result.attempts, result.restart_count) == (2, 0)  # no restart spent
+    assert rdzv.joins == [False, False]
+    # it slept until the lease's end, then killed every worker of the first attempt
+    assert rig.launcher.waits[0] == 5.0
+    assert rig.launcher.stops[0] == signal.SIGKILL and rig.launcher.starts == [0.0, 5.0]
+    assert rig.events.named(names.FENCED)
+    restart = rig.events.named(names.RESTART)
+    assert [e.metadata["reason"] for e in restart] == ["fenced"]
+
+
+def test_workers_the_guardian_fenced_are_not_failures(tmp_path: Path) -> None:
+    """The agent was frozen past its lease: the guardian SIGKILLed the workers; when the
+    agent wakes, their exits are the fence's, not failures (no restart is spent)."""
+
+    class LapsingRendezvous(FakeRendezvous):
+        def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
+            self.set_lease(5.0 if not self.joins else 1000.0)
+            return super().next_round(node, failed)
+
+    killed_by_guardian = [ExitAt(0, -signal.SIGKILL, 5.0), ExitAt(1, -signal.SIGKILL, 5.0)]
+    rig = make_agent(tmp_path, [killed_by_guardian, all_succeed(2)], rdzv=LapsingRendezvous())
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert (result.attempts, result.restart_count) == (2, 0)
+    first = [e for e in rig.events.events if e.source == "WORKER" and e.metadata["attempt"] == 1]
+    assert {e.state for e in first} == {"START", "TERMINATED"}  # no FAILED
+    assert rig.events.named(names.FENCED)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 __all__ = [
     "EVENTS",
+    "EXIT_BARRIER",
+    "FENCED",
     "HEALTH_CHECK_REFUSED",
     "MEMBERSHIP_CHANGED",
     "RANKS_ASSIGNED",
@@ -43,6 +45,8 @@ SHUTDOWN = "elastic_runner.shutdown"
 HEALTH_CHECK_REFUSED = "elastic_runner.health_check.refused"
 WATCHDOG_FIRED = "elastic_runner.watchdog.fired"
 TIMER_EXPIRED = "elastic_runner.timer.expired"
+FENCED = "elastic_runner.fenced"
+EXIT_BARRIER = "elastic_runner.exit_barrier"
 
 #: Every event the agent emits, by name, with what it means (``<STATE>`` stands for each
 #: state :func:`status` names).
@@ -55,8 +59,11 @@ EVENTS: Mapping[str, str] = {
     status("FAILED"): "a worker failed (exit_code, signal, failure, error); from the agent: "
     "the run failed (reason)",
     status("TERMINATED"): "the agent stopped a worker (exit_code, signal)",
+    EXIT_BARRIER: "this node's workers succeeded: it waits for the other nodes to finish",
     MEMBERSHIP_CHANGED: "the job's membership changed (during: run or exit barrier)",
-    RESTART: "the group restarts (reason: failure or membership_change)",
+    RESTART: "the group restarts (reason: failure, membership_change or fenced)",
+    FENCED: "this node lost contact with the store for the heartbeat timeout: its "
+    "workers were killed so that two worlds never run at once",
     SIGNAL: "the agent got a stop signal (signal, sent)",
     WATCHDOG_FIRED: "a rank was silent too long (rank, detail)",
     TIMER_EXPIRED: "a worker's timer expired (rank, detail, scope)",

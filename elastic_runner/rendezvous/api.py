@@ -58,8 +58,18 @@ class RendezvousHandler(Protocol):
     (however many nodes report it). A backend that can see membership change while
     workers run calls the callback given to ``on_membership_change`` (from any thread);
     the agent then regroups without spending a restart. ``exit_barrier`` holds a node
-    that finished until the others did (bounded, never an error); ``fail_job`` tells
-    every node the job failed for good.
+    that finished until the others did or left (bounded, never an error); ``fail_job``
+    tells every node the job failed for good.
+
+    The agent calls ``next_round`` and ``exit_barrier`` from a thread of their own, so
+    that a stop signal is acted on at once; it then calls ``leave`` (any thread): the
+    node stops for good, the others must stop waiting for it now, and a call still in
+    progress should return or raise soon. A backend whose members can be dropped calls
+    the callback given to ``on_lease`` (from any thread) whenever this node's lease
+    changes: the ``time.monotonic()`` until which its membership of the current round
+    surely holds (its liveness refreshed within the heartbeat timeout), ``0.0`` once it
+    lapsed, ``None`` when there is none; past it, the agent kills its workers (fencing)
+    and joins again. ``shutdown`` may be called twice.
     """
 
     @property
@@ -70,6 +80,10 @@ class RendezvousHandler(Protocol):
     def exit_barrier(self) -> bool: ...
 
     def fail_job(self, reason: str) -> None: ...
+
+    def leave(self, reason: str) -> None: ...
+
+    def on_lease(self, callback: Callable[[float | None], None]) -> None: ...
 
     def num_nodes_waiting(self) -> int: ...
 

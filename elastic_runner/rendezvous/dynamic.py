@@ -46,7 +46,7 @@ from elastic_runner.rendezvous.api import (
     RendezvousInfo,
     RendezvousTimeoutError,
 )
-from elastic_runner.rendezvous.network import find_free_port
+from elastic_runner.rendezvous.network import find_free_port, reachable_address
 from elastic_runner.rendezvous.store import (
     Store,
     StoreError,
@@ -110,7 +110,18 @@ class DynamicRendezvous:
         self._progress: tuple[int, int, int, float, float | None] | None = None
         self._members: list[str] = []
         self._callback: Callable[[], None] | None = None
+        #: Set when this node leaves (``leave``) or shuts down: waits and threads end.
         self._stop = threading.Event()
+        self._closed = False
+        #: Why this node left the job for good (``leave``), for the others' logs.
+        self._left: str | None = None
+        #: Until when this node's liveness key surely lives at the store (the send time
+        #: of its last successful write plus the TTL); ``None`` once it lapsed.
+        self._lease_until: float | None = None
+        #: Bumped at each new announcement: a heartbeat that was sent before it must not
+        #: lapse (or extend) the new lease.
+        self._lease_gen = 0
+        self._lease_callback: Callable[[float | None], None] | None = None
         self._heartbeat: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._waiting = False
@@ -145,7 +156,7 @@ class DynamicRendezvous:
         try:
             self._store.set(prefix + self.node_id, "1")
             deadline = self._clock() + self._s.exit_barrier_timeout
-            while True:
+            while not self._stop.is_set():
                 found, version = self._store.scan(p)
                 if (
                     int(found.get(p + "round", n)) != n
@@ -153,7 +164,15 @@ class DynamicRendezvous:
                     or found.get(p + "failed")
                 ):
                     return False
-                if sum(k.startswith(prefix) for k in found) >= len(self._members):
+                finished = {k[len(prefix) :] for k in found if k.startswith(prefix)}
+                # A member that is gone without finishing (stopped by a signal, or lost)
+                # will not arrive: waiting for it would only hold this node up.
+                gone = [
+                    m for m in self._members if m not in finished and p + "alive/" + m not in found
+                ]
+                if len(finished) + len(gone) >= len(self._members):
+                    for m in gone:
+                        log.warning("exit barrier: %s; not waiting for it", self._gone(m, found))
                     return True
                 left = deadline - self._clock()
                 if left <= 0:
@@ -162,6 +181,39 @@ class DynamicRendezvous:
         except (StoreTimeoutError, StoreError) as exc:
             log.warning("exit barrier: not every node finished (%s); leaving anyway", exc)
         return True
+
+    def leave(self, reason: str) -> None:
+        """This node stops for good (``reason``: ``stopped by SIGTERM``): the others
+        stop waiting for it at once (they re-form without it, or leave their exit
+        barrier), a wait in progress here ends, and a node hosting the store does not
+        keep it up for the others at shutdown. Best effort, bounded: a store that cannot
+        be reached within a second is not waited for."""
+        if self._left is not None:
+            return
+        self._left = reason
+        self._stop.set()
+        if self._lease_callback is not None:
+            self._lease_callback(None)  # leaving: nothing to fence
+        p, node = self._p, self.node_id
+
+        def tell() -> None:
+            self._store.set(p + "left/" + node, reason, ttl=self._s.heartbeat_timeout * 4)
+            self._store.delete(p + "alive/" + node)
+            self._store.delete(p + "waiting/" + node)
+
+        self._bounded(tell, "tell the other nodes this one left")
+
+    def on_lease(self, callback: Callable[[float | None], None]) -> None:
+        self._lease_callback = callback
+
+    def _tell_lease(self) -> None:
+        """Hand the lease of the current round to the agent: when this node's liveness
+        key may expire at the store (its workers must not outlive it), ``0.0`` once a
+        refresh found the key already gone."""
+        callback = self._lease_callback
+        if callback is None or self._round is None or self._left is not None:
+            return
+        callback(self._lease_until if self._lease_until is not None else 0.0)
 
     def fail_job(self, reason: str) -> None:
         """Tell every node the job failed for good (this node used up the restarts)."""
@@ -174,24 +226,46 @@ class DynamicRendezvous:
         """Leave the job, then close the store. Only the first call does anything: the
         agent leaves when its loop ends, and the run's assembly step calls it again in
         case the loop never ran (the store is closed by then)."""
-        if self._stop.is_set():  # set here only
+        if self._closed:
             return
+        self._closed = True
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         # The watcher may be inside a long store wait: closing the store below ends it.
-        try:
+
+        def leave_store() -> None:
             self._store.delete(self._p + "alive/" + self.node_id)
             self._store.delete(self._p + "waiting/" + self.node_id)
-            if self._on_close:
+            if self._on_close and self._left is None:
                 self._linger()
             if not self._store.scan(self._p + "alive/")[0]:
                 self._store.delete_prefix(self._p)  # the last node out removes the job's keys
-        except StoreError:
-            pass
+
+        if self._left is None:
+            with contextlib.suppress(StoreError):
+                leave_store()
+        else:  # stopping for a signal: do not hold the stop up
+            self._bounded(leave_store, "leave the store")
         self._store.close()
         if self._on_close:
             self._on_close()
+
+    def _bounded(self, work: Callable[[], None], what: str, seconds: float = 1.0) -> None:
+        """Run ``work`` (store requests) in a thread and wait at most ``seconds``: a store
+        that cannot be reached must not delay a stop. Errors are logged, never raised."""
+
+        def run() -> None:
+            try:
+                work()
+            except StoreError as exc:
+                log.warning("could not %s: %s", what, exc)
+
+        thread = threading.Thread(target=run, name="rdzv-leave", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            log.warning("could not %s within %g s (store at %s)", what, seconds, self._endpoint)
 
     def _linger(self) -> None:
         """This node hosts the store, which must outlive every other node of the job: wait
@@ -227,10 +301,15 @@ class DynamicRendezvous:
         may start after us, or be restarting); then, or on any other error, raise."""
         delay = 0.05
         while True:
+            if self._stop.is_set():
+                raise RendezvousError("this node is leaving the job")
             try:
+                sent = self._clock()
                 self._store.set(
                     self._p + "alive/" + self.node_id, "1", ttl=self._s.heartbeat_timeout
                 )
+                self._lease_gen += 1
+                self._lease_until = sent + self._s.heartbeat_timeout
                 return
             except StoreUnavailableError:
                 if self._clock() + delay >= deadline:
@@ -250,6 +329,8 @@ class DynamicRendezvous:
         deadline = self._clock() + s.join_timeout
         last_call: float | None = None
         while True:
+            if self._stop.is_set():
+                raise RendezvousError("this node is leaving the job")
             # The version first: a change made after it wakes the wait below.
             found, version = store.scan(p + "round")
             n = int(found.get(p + "round", "0"))
@@ -275,7 +356,10 @@ class DynamicRendezvous:
                     last_call is not None and self._clock() >= last_call
                 ):
                     order = sorted(joined, key=lambda k: self._order_key(k, joined[k]))
-                    record = [[k, joined[k]["role"], joined[k]["nproc"]] for k in order]
+                    record = [
+                        [k, joined[k]["role"], joined[k]["nproc"], joined[k].get("addr")]
+                        for k in order
+                    ]
                     store.compare_set(f"{p}r{n}/done", None, json.dumps(record[: s.max_nodes]))
                     continue
             left = deadline - self._clock()
@@ -329,6 +413,8 @@ class DynamicRendezvous:
                 "role": node.role,
                 "nproc": node.local_world_size,
                 "node_rank": self._s.node_rank,
+                # what this node would advertise as MASTER_ADDR (see _complete)
+                "addr": self._addr if isinstance(self._addr, str) else self._addr(),
             }
             store.set(key, json.dumps(record))
         joined, _ = store.scan(f"{p}r{n}/join/")
@@ -341,15 +427,24 @@ class DynamicRendezvous:
         return out
 
     def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
-        """This node is in completed round ``n``; ``record`` lists [node id, role, workers]
-        in group-rank order (all a node needs, in one read)."""
+        """This node is in completed round ``n``; ``record`` lists [node id, role, workers,
+        address] in group-rank order (all a node needs, in one read).
+
+        Group rank 0 advertises MASTER_ADDR: ``local_addr`` when it is a string (as
+        given: ``rdzv.local_addr``); else the address it joined with, unless that is a
+        loopback address while another member's is not (the store's host reaching its
+        own store over loopback): then its address towards that member."""
         p, store = self._p, self._store
         members = [str(m[0]) for m in record]
-        nodes = tuple(NodeInfo(str(role), int(nproc)) for _, role, nproc in record)
+        nodes = tuple(NodeInfo(str(m[1]), int(m[2])) for m in record)
         group_rank = members.index(self.node_id)
         master_key = f"{p}r{n}/master"
         if group_rank == 0:
-            addr = self._addr if isinstance(self._addr, str) else self._addr()
+            if isinstance(self._addr, str):
+                addr = self._addr
+            else:
+                addrs = [str(m[3]) if len(m) > 3 and m[3] else "" for m in record]
+                addr = reachable_address(addrs[0] or self._addr(), [a for a in addrs[1:] if a])
             store.set(master_key, json.dumps([addr, find_free_port(addr)]))
             store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
         store.wait([master_key], timeout=self._s.join_timeout)
@@ -358,6 +453,7 @@ class DynamicRendezvous:
         addr, port = json.loads(master)
         with self._lock:
             self._round, self._members = n, members
+        self._tell_lease()
         self._set_waiting(False)
         self._start_watcher()
         return RendezvousInfo(
@@ -399,13 +495,37 @@ class DynamicRendezvous:
             self._heartbeat.start()
 
     def _beat(self) -> None:
+        """Refresh this node's liveness (and waiting) key every heartbeat_interval. The
+        lease follows the send time of each refresh that found the key alive; one that
+        found it expired means the others may have re-formed without this node: the
+        lease lapses until the next round (the agent fences its workers)."""
         ttl = self._s.heartbeat_timeout
+        alive = self._p + "alive/" + self.node_id
         while not self._stop.wait(self._s.heartbeat_interval):
             try:
-                keys = ["alive/"] + (["waiting/"] if self._waiting else [])
-                for key in (self._p + k + self.node_id for k in keys):
-                    if not self._store.refresh(key, ttl):  # it expired: announce again
-                        self._store.set(key, "1", ttl=ttl)
+                keys = [alive] + ([self._p + "waiting/" + self.node_id] if self._waiting else [])
+                for key in keys:
+                    sent, gen = self._clock(), self._lease_gen
+                    if self._store.refresh(key, ttl):
+                        if (
+                            key == alive
+                            and self._lease_until is not None
+                            and gen == self._lease_gen
+                        ):
+                            self._lease_until = sent + ttl
+                            self._tell_lease()
+                        continue
+                    if key == alive and self._round is not None and gen == self._lease_gen:
+                        self._lease_until = None
+                        self._tell_lease()
+                        log.error(
+                            "this node's liveness key had expired at the store at %s "
+                            "(no heartbeat got through for %g s): the other nodes may "
+                            "have re-formed without it",
+                            self._endpoint,
+                            ttl,
+                        )
+                    self._store.set(key, "1", ttl=ttl)  # announce again
             except Exception as exc:  # never let the heartbeat thread die
                 log.warning("heartbeat to %s failed: %s", self._endpoint, exc)
 
@@ -433,8 +553,10 @@ class DynamicRendezvous:
             try:
                 found, version = self._store.scan(self._p)
                 lost_since = None
-                if n is not None and n != notified and self._must_regroup(n, members, found):
+                why = None if n is None or n == notified else self._regroup(n, members, found)
+                if n is not None and why is not None:
                     notified = n
+                    log.warning("%s: the job re-forms", why)
                     self._notify(n)
                 self._store.wait_for_change(self._p, version, self._watch_timeout)
             except StoreTimeoutError:
@@ -463,12 +585,29 @@ class DynamicRendezvous:
             if self._round == n and self._callback:
                 self._callback()
 
-    def _must_regroup(self, n: int, members: list[str], found: dict[str, str]) -> bool:
+    def _regroup(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
+        """Why round ``n`` (with ``members``) must re-form, as seen in the store's keys
+        ``found``, or ``None`` when it need not."""
         p = self._p
-        if found.get(p + "failed") or int(found.get(p + "round", n)) != n:
-            return True
+        if why := found.get(p + "failed"):
+            return f"the job failed on another node ({why})"
+        if int(found.get(p + "round", n)) != n:
+            return f"another node started round {found.get(p + 'round')}"
         finished = {k.rsplit("/", 1)[1] for k in found if k.startswith(f"{p}r{n}/exit/")}
-        if any(p + "alive/" + m not in found for m in members if m not in finished):
-            return True  # a member died
-        waiting = any(k.startswith(p + "waiting/") for k in found)
-        return waiting and len(members) < self._s.max_nodes and not finished
+        for m in members:
+            if m not in finished and p + "alive/" + m not in found:
+                return self._gone(m, found)
+        waiting = sum(k.startswith(p + "waiting/") for k in found)
+        if waiting and len(members) < self._s.max_nodes and not finished:
+            return f"{waiting} node(s) waiting to join (up to {self._s.max_nodes} welcome)"
+        return None
+
+    def _gone(self, member: str, found: dict[str, str]) -> str:
+        """How ``member``, whose liveness key is gone, left: on purpose or lost."""
+        reason = found.get(self._p + "left/" + member)
+        if reason is not None:
+            return f"node {member} left the job ({reason})"
+        return (
+            f"node {member} was lost: its liveness key expired, no heartbeat for "
+            f"rdzv.heartbeat_timeout={self._s.heartbeat_timeout:g} s"
+        )

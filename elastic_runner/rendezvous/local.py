@@ -67,6 +67,12 @@ class LocalRendezvous:
     def fail_job(self, reason: str) -> None:
         """One node: nobody to tell."""
 
+    def leave(self, reason: str) -> None:
+        """One node: nobody waits for it."""
+
+    def on_lease(self, callback: Callable[[float | None], None]) -> None:
+        """One node: its membership cannot lapse."""
+
     def num_nodes_waiting(self) -> int:
         return 0
 

@@ -28,6 +28,12 @@ class TCPStoreClient:
 
     Thread-safe: each thread gets its own connection, so a watcher blocked in
     :meth:`wait_for_change` never holds up another thread's requests.
+
+    Once the store was reached, losing it is told apart by how reconnecting fails, for
+    ``reconnect_timeout`` counted from the first loss (whichever thread saw it): refused
+    (nobody listens: the hosting agent is gone, it will not come back) is a
+    :class:`StoreError`; no answer (a cut link, a frozen host: it may heal) is a
+    :class:`StoreUnavailableError`, which the rendezvous retries until its join timeout.
     """
 
     def __init__(
@@ -48,6 +54,9 @@ class TCPStoreClient:
             connect_timeout if reconnect_timeout is None else reconnect_timeout
         )
         self._connected_once = False
+        #: When the store was first found unreachable after it had been reached (None:
+        #: reachable); shared by every thread's reconnect.
+        self._lost_since: float | None = None
         self._request_timeout = request_timeout
         self._local = threading.local()
         self._ids = 0
@@ -64,21 +73,31 @@ class TCPStoreClient:
         if sock is not None:
             return sock
         patience = self._reconnect_timeout if self._connected_once else self._connect_timeout
-        deadline = time.monotonic() + patience
+        start = time.monotonic()
+        if self._connected_once:
+            with self._lock:
+                self._lost_since = self._lost_since or start
+                start = self._lost_since
+        deadline = start + patience
         delay = 0.01
         while True:
             try:
                 sock = socket.create_connection((self._host, self._port), timeout=5)
                 break
-            except OSError as exc:
+            except OSError as exc:  # socket.gaierror too: the name may resolve later
                 if time.monotonic() + delay > deadline:
-                    # never reached: it may yet start; reached once: its host is gone
-                    kind = StoreError if self._connected_once else StoreUnavailableError
-                    raise kind(
-                        f"cannot reach the rendezvous store at {self.address} "
-                        f"(tried for {patience:g} s): {exc}"
-                    ) from None
-                time.sleep(delay)  # the host agent may still be starting: back off
+                    # Never reached: it may yet start. Reached once: refused means its
+                    # host agent is gone for good; silence, that the way there may heal.
+                    gone = self._connected_once and isinstance(exc, ConnectionRefusedError)
+                    kind = StoreError if gone else StoreUnavailableError
+                    what = (
+                        f"cannot resolve rendezvous store host {self._host!r}"
+                        if isinstance(exc, socket.gaierror)
+                        else f"cannot reach the rendezvous store at {self.address}"
+                    )
+                    raise kind(f"{what} (tried for {patience:g} s): {exc}") from None
+                # The host agent may still be starting, its name not yet in DNS: back off.
+                time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._local.sock = sock
@@ -86,6 +105,8 @@ class TCPStoreClient:
             self._all.append(sock)
         self._request(sock, "hello", token=self._token)
         self._connected_once = True
+        with self._lock:
+            self._lost_since = None
         return sock
 
     def _request(
@@ -107,9 +128,18 @@ class TCPStoreClient:
             if size > MAX_FRAME:
                 raise StoreError(f"oversized answer from {self.address}")
             answer = decode(_recv_exactly(sock, size))
-        except (OSError, BadFrame) as exc:
+        except BadFrame as exc:
             self._local.sock = None
             raise StoreError(f"lost the rendezvous store at {self.address}: {exc}") from None
+        except OSError as exc:  # the connection is lost; reconnecting tells more
+            self._local.sock = None
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {sock.gettimeout() or 0:g} s")
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise StoreUnavailableError(
+                f"lost the rendezvous store at {self.address}: {exc}"
+            ) from None
         if not answer.get("ok"):
             if answer.get("timeout"):
                 raise StoreTimeoutError(answer.get("error", "timed out"))

@@ -1,11 +1,16 @@
 """The guardian: a small process that outlives the agent and sweeps the run's processes
-if the agent dies without doing it (SIGKILL, the OOM killer).
+if the agent dies without doing it (SIGKILL, the OOM killer), and fences the workers of an
+agent that stopped renewing its lease (frozen, or cut off from the rendezvous store).
 
-The agent starts it with a pipe on its stdin and never writes to it until a clean exit,
-when it writes ``done``. End of file without ``done`` means the agent died: the guardian
-then kills every process that carries the agent's marker (see
-:mod:`elastic_runner.workers.tree`). It runs in its own session, so terminal signals aimed
-at the agent's group do not reach it.
+The agent starts it with a pipe on its stdin. It writes ``lease <t>`` lines (``t`` in
+``time.monotonic()``, one clock for every process of the machine; ``lease -``: no lease)
+as its membership of the job is renewed, and ``done`` at a clean exit. End of file without
+``done`` means the agent died: the guardian then kills every process that carries the
+agent's marker (see :mod:`elastic_runner.workers.tree`). A lease that runs out before the
+agent renews it means the other nodes may be re-forming without this one: the guardian
+SIGKILLs the marked processes at once, even when the agent itself cannot act (a
+SIGSTOPped agent's workers would otherwise run beside the new world). It runs in its own
+session, so terminal signals aimed at the agent's group do not reach it.
 """
 
 from __future__ import annotations
@@ -22,15 +27,30 @@ __all__ = ["Guardian", "main"]
 #: costs every agent a few milliseconds of CPU, not a full import of elastic_runner).
 #: The sweep, which needs psutil, is imported only when the agent died.
 _WAIT = """\
-import os, sys
-data = b""
-while chunk := os.read(0, 64):
+import os, select, sys, time
+data, lease = b"", None
+def run(name):
+    if sys.argv[3]:
+        sys.path[:0], sys.argv[3] = sys.argv[3].split(os.pathsep), ""
+    from elastic_runner.workers import guardian
+    return getattr(guardian, name)(sys.argv[1:3])
+while True:
+    timeout = None if lease is None else max(0.0, lease - time.monotonic())
+    if not select.select([0], [], [], timeout)[0]:
+        run("fence")
+        lease = None
+        continue
+    chunk = os.read(0, 4096)
+    if not chunk:
+        break
     data += chunk
+    *lines, data = data.split(b"\\n")
+    for line in lines:
+        if line.startswith(b"lease "):
+            lease = None if line[6:] == b"-" else float(line[6:])
 if data == b"done":
     os._exit(0)
-sys.path[:0] = sys.argv[3].split(os.pathsep)
-from elastic_runner.workers.guardian import main
-sys.exit(main(sys.argv[1:3]))
+sys.exit(run("main"))
 """
 
 
@@ -58,6 +78,14 @@ class Guardian:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    def lease(self, deadline: float | None) -> None:
+        """The agent's membership holds until ``deadline`` (``time.monotonic()``; ``None``:
+        no lease to enforce). Called from any thread: one short write, atomic on a pipe."""
+        assert self._proc.stdin is not None
+        line = "lease -\n" if deadline is None else f"lease {deadline!r}\n"
+        with contextlib.suppress(OSError, ValueError):  # closed: the run is over
+            os.write(self._proc.stdin.fileno(), line.encode())
 
     def close(self) -> None:
         """The agent is exiting cleanly (it swept already): let the guardian go. It exits
@@ -88,6 +116,28 @@ def main(argv: list[str]) -> int:
         _say(f"agent of run {run_id} died; killed {len(killed)} process(es) it left behind")
     if stuck:
         _say(f"could not kill (stuck in the kernel?): pids {stuck}")
+    return 0
+
+
+def fence(argv: list[str]) -> int:
+    """The agent of run ``argv[1]`` let its lease run out: SIGKILL every process carrying
+    ``marker`` now, in one pass (a later pass could hit the workers of the attempt the
+    agent starts after joining again)."""
+    marker, run_id = argv
+    import signal
+
+    from elastic_runner.workers.tree import marked_processes
+
+    killed = 0
+    for proc in marked_processes(marker):
+        with contextlib.suppress(Exception):
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+    if killed:
+        _say(
+            f"agent of run {run_id} did not renew its membership in time (frozen, or cut "
+            f"off from the rendezvous store): killed {killed} worker process(es)"
+        )
     return 0
 
 
