@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import signal
 import threading
 import time
@@ -72,6 +73,42 @@ class _Stopped(Exception):
     """A stop signal came while a rendezvous call was in progress."""
 
 
+class _CallThread:
+    """One daemon thread that runs the agent's blocking rendezvous calls in turn, each
+    handing its outcome to a callback. One for the whole run, not one per call: a store
+    client keeps a connection per thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[], object], _Done] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def submit(self, call: Callable[[], object], done: _Done) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="rdzv-call", daemon=True)
+            self._thread.start()
+        self._queue.put((call, done))
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            call, done = item
+            try:
+                result: tuple[bool, object] = (True, call())
+            except BaseException as exc:  # handed to the agent's thread
+                result = (False, exc)
+            done(result)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """End the thread (an abandoned call ends once the rendezvous has shut down)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+
+_Done = Callable[[tuple[bool, object]], None]
+
+
 class ElasticAgent:
     """Runs one worker spec on this node until it succeeds, fails for good, or is stopped.
 
@@ -121,6 +158,7 @@ class ElasticAgent:
         #: Until when this node's membership surely holds (see RendezvousHandler.on_lease).
         self._lease: float | None = None
         self._clock = clock
+        self._calls = _CallThread()
         self._stop_signal: int | None = None
         self._membership_changed = False
         self._attempt = Attempt(spec.local_world_size, self._paths)
@@ -177,6 +215,7 @@ class ElasticAgent:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)
             self._rdzv.shutdown()
+            self._calls.close()
             self._events.agent(names.SHUTDOWN)
 
     def _loop(self) -> RunResult:
@@ -240,17 +279,13 @@ class ElasticAgent:
         lock = threading.Lock()
         waiting = False
 
-        def target() -> None:
-            try:
-                result: tuple[bool, object] = (True, call())
-            except BaseException as exc:  # handed to the agent's thread
-                result = (False, exc)
+        def done(result: tuple[bool, object]) -> None:
             with lock:
                 outcome.append(result)
                 if waiting:
                     self._launcher.wake()
 
-        threading.Thread(target=target, name="rdzv-call", daemon=True).start()
+        self._calls.submit(call, done)
         while True:
             with lock:
                 if outcome:

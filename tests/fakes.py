@@ -160,7 +160,7 @@ class FakeLauncher:
         return dict(self._pids)
 
     def wait(self, timeout: float | None = None) -> list[WorkerExit]:
-        if timeout is None and not self.running and not self._actions:
+        if timeout is None and not self.running:  # in a rendezvous call: time stands still
             self.idle_waits += 1
             assert self._woken.wait(10), "the agent waits for ever: nothing will wake it"
             self._woken.clear()

@@ -304,12 +304,14 @@ class DynamicRendezvous:
             if self._stop.is_set():
                 raise RendezvousError("this node is leaving the job")
             try:
+                key, ttl = self._p + "alive/" + self.node_id, self._s.heartbeat_timeout
+                self._store.set(key, "1", ttl=ttl)
+                # The lease runs from the send time of a request on a connection that is
+                # up (the set may have waited for DNS or a connection).
                 sent = self._clock()
-                self._store.set(
-                    self._p + "alive/" + self.node_id, "1", ttl=self._s.heartbeat_timeout
-                )
+                self._store.refresh(key, ttl)
                 self._lease_gen += 1
-                self._lease_until = sent + self._s.heartbeat_timeout
+                self._lease_until = sent + ttl
                 return
             except StoreUnavailableError:
                 if self._clock() + delay >= deadline:

@@ -82,7 +82,9 @@ class TCPStoreClient:
         delay = 0.01
         while True:
             try:
-                sock = socket.create_connection((self._host, self._port), timeout=5)
+                # No longer than the patience left: a cut link answers no SYN at all.
+                wait = min(5.0, max(0.2, deadline - time.monotonic()))
+                sock = socket.create_connection((self._host, self._port), timeout=wait)
                 break
             except OSError as exc:  # socket.gaierror too: the name may resolve later
                 if time.monotonic() + delay > deadline:

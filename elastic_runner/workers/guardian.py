@@ -29,15 +29,15 @@ __all__ = ["Guardian", "main"]
 _WAIT = """\
 import os, select, sys, time
 data, lease = b"", None
-def run(name):
+def run(name, *more):
     if sys.argv[3]:
         sys.path[:0], sys.argv[3] = sys.argv[3].split(os.pathsep), ""
     from elastic_runner.workers import guardian
-    return getattr(guardian, name)(sys.argv[1:3])
+    return getattr(guardian, name)([*sys.argv[1:3], *more])
 while True:
     timeout = None if lease is None else max(0.0, lease - time.monotonic())
     if not select.select([0], [], [], timeout)[0]:
-        run("fence")
+        run("fence", repr(time.time()))
         lease = None
         continue
     chunk = os.read(0, 4096)
@@ -120,10 +120,11 @@ def main(argv: list[str]) -> int:
 
 
 def fence(argv: list[str]) -> int:
-    """The agent of run ``argv[1]`` let its lease run out: SIGKILL every process carrying
-    ``marker`` now, in one pass (a later pass could hit the workers of the attempt the
-    agent starts after joining again)."""
-    marker, run_id = argv
+    """The agent of run ``argv[1]`` let its lease run out (noticed at wall-clock time
+    ``argv[2]``): SIGKILL every process carrying ``marker`` that existed then, in one pass.
+    Younger ones belong to the attempt the agent started after joining again."""
+    marker, run_id = argv[:2]
+    noticed = float(argv[2]) if len(argv) > 2 else float("inf")
     import signal
 
     from elastic_runner.workers.tree import marked_processes
@@ -131,6 +132,8 @@ def fence(argv: list[str]) -> int:
     killed = 0
     for proc in marked_processes(marker):
         with contextlib.suppress(Exception):
+            if proc.create_time() > noticed:
+                continue
             proc.send_signal(signal.SIGKILL)
             killed += 1
     if killed:

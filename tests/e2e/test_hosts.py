@@ -1,0 +1,235 @@
+"""Multi-node jobs on real networks: each node a host in a network namespace of its own
+(its own address, /etc/hosts and hostname), the agents started there with ``ip netns
+exec``, faults made with the kit in :mod:`elastic_runner.testing.netns`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from elastic_runner.testing.netns import Cluster, Host
+from elastic_runner.testing.runner import wait_for
+from tests.conftest import ElasticRunner, assert_nothing_survives, probe_job
+
+HEARTBEAT = 1.5
+FAST = [
+    "rdzv.heartbeat_interval=0.2",
+    f"rdzv.heartbeat_timeout={HEARTBEAT}",
+    "rdzv.join_timeout=30",
+    "rdzv.last_call_timeout=0.5",
+]
+PORT = 29400  # each host has a port space of its own
+MakeCluster = Callable[..., Cluster]
+
+
+class HostJob:
+    """One elastic job with an agent on each host of a cluster."""
+
+    def __init__(
+        self,
+        elastic_run: ElasticRunner,
+        cluster: Cluster,
+        tmp_path: Path,
+        nnodes: str,
+        rdzv: list[str] | None = None,
+    ) -> None:
+        self.elastic_run, self.cluster = elastic_run, cluster
+        self.run_id = f"hosts-{uuid.uuid4().hex[:8]}"
+        self.nnodes = nnodes
+        self.rdzv = rdzv or ["rdzv=tcp", f"rdzv.endpoint=host0:{PORT}", *FAST]
+        self.out = tmp_path / "probe"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.agents: dict[str, subprocess.Popen[str]] = {}
+        self.run_dirs: dict[str, Path] = {}
+
+    def start(self, host: Host, *overrides: str, probe: tuple[str, ...] = ()) -> None:
+        argv, run_dir, _ = self.elastic_run.command(
+            *probe_job(self.out, *probe),
+            *self.rdzv,
+            f"nnodes={self.nnodes}",
+            *overrides,
+            run_id=self.run_id,
+        )
+        self.agents[host.name] = host.popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.run_dirs[host.name] = run_dir
+
+    def events(self, host: str) -> list[dict[str, Any]]:
+        path = self.run_dirs[host] / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def starts(self, host: str, attempt: int) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events(host)
+            if e["name"] == "torchelastic.worker.status.START"
+            and e["metadata"]["attempt"] == attempt
+        ]
+
+    def world_sizes(self, host: str) -> list[int]:
+        return [
+            int(e["metadata"]["group_world_size"])
+            for e in self.events(host)
+            if e["name"] == "torchelastic.worker.status.RENDEZVOUS"
+        ]
+
+    def finish(self, timeout: float = 60) -> dict[str, tuple[int, str]]:
+        out = {}
+        for name, proc in self.agents.items():
+            _, err = proc.communicate(timeout=timeout)
+            out[name] = (proc.returncode, err)
+        return out
+
+    def stop(self) -> None:
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.agents.values():
+            proc.communicate(timeout=60)
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("a*_r*.json"))]
+
+
+def test_a_job_forms_across_hosts_whose_head_names_itself_loopback(
+    elastic_run: ElasticRunner, netns_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """host0's own /etc/hosts maps its name to 127.0.1.1 (Debian): the store still
+    listens where the others reach it, and MASTER_ADDR is host0's address on the network."""
+    cluster = netns_cluster(3)
+    cluster.set_hosts_entry("host0", "host0", "127.0.1.1")
+    job = HostJob(elastic_run, cluster, tmp_path, "3")
+    for host in cluster:
+        job.start(host)
+    results = job.finish()
+    assert all(code == 0 for code, _ in results.values()), results
+    records = _records(job.out)
+    assert len(records) == 3
+    assert {r["env"]["MASTER_ADDR"] for r in records} == {cluster["host0"].address}
+    assert sorted(int(r["env"]["RANK"]) for r in records) == [0, 1, 2]
+    assert_nothing_survives({job.run_id})
+
+
+def test_static_hosts_on_node_rank_0_while_its_name_does_not_resolve_yet(
+    elastic_run: ElasticRunner, netns_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """Kubernetes: pods start before the head's DNS name exists. Node rank 0 hosts
+    without looking its name up; the others retry until it resolves, 3 s later."""
+    cluster = netns_cluster(3)
+    for host in ("host0", "host1", "host2"):
+        cluster.set_hosts_entry(host, "host0", None)
+    job = HostJob(
+        elastic_run,
+        cluster,
+        tmp_path,
+        "3",
+        rdzv=["rdzv=static", f"rdzv.endpoint=host0:{PORT}", *FAST],
+    )
+    for rank, host in enumerate(cluster):
+        job.start(host, f"rdzv.node_rank={rank}")
+    time.sleep(3)  # the scenario: the name appears 3 s after the agents started
+    for host in ("host1", "host2"):
+        cluster.set_hosts_entry(host, "host0", cluster["host0"].address)
+    results = job.finish()
+    assert all(code == 0 for code, _ in results.values()), results
+    assert {r["env"]["MASTER_ADDR"] for r in _records(job.out)} == {cluster["host0"].address}
+    assert_nothing_survives({job.run_id})
+
+
+def test_a_cut_off_host_is_fenced_before_the_others_reform_and_rejoins(
+    elastic_run: ElasticRunner, netns_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = netns_cluster(3)
+    job = HostJob(elastic_run, cluster, tmp_path, "2:3")
+    for host in cluster:
+        job.start(host, probe=("--sleep", "120", "--on-term"))
+    try:
+        wait_for(lambda: all(job.starts(h.name, 1) for h in cluster), what="3 hosts running")
+        assert all(job.world_sizes(h.name) == [3] for h in cluster)
+        worker = psutil.Process(int(job.starts("host2", 1)[0]["metadata"]["pid"]))
+        t_cut = time.time()
+        cluster.cut("host2")
+        try:
+            wait_for(lambda: not worker.is_running() or worker.status() == "zombie", timeout=20)
+            fenced_at = time.time()
+            wait_for(lambda: all(job.starts(h, 2) for h in ("host0", "host1")), timeout=20)
+            new_world = min(float(job.starts(h, 2)[0]["timestamp"]) for h in ("host0", "host1"))
+            assert [job.world_sizes(h)[-1] for h in ("host0", "host1")] == [2, 2]
+            time.sleep(max(0.0, 3 * HEARTBEAT - (time.time() - t_cut)))  # cut for 3x
+        finally:
+            cluster.restore("host2")
+        print(
+            f"\ncut host: fenced {fenced_at - t_cut:.2f} s after the cut; the others' "
+            f"new world {new_world - t_cut:.2f} s after it (overlap "
+            f"{max(0.0, fenced_at - new_world):.2f} s)"
+        )
+        assert fenced_at <= new_world + 0.25, "the cut-off host's workers outlived it"
+        # back on the network: it joins again as a new node, and the job re-forms to 3
+        wait_for(lambda: all(job.world_sizes(h.name)[-1] == 3 for h in cluster), timeout=40)
+        assert any(e["name"] == "elastic_runner.fenced" for e in job.events("host2"))
+        for host in ("host0", "host1"):
+            log = (job.run_dirs[host] / "elastic-run.log").read_text()
+            assert "was lost: its liveness key expired" in log
+    finally:
+        job.stop()
+    assert_nothing_survives({job.run_id})
+
+
+def test_the_others_fail_naming_the_endpoint_when_the_store_host_is_cut_off(
+    elastic_run: ElasticRunner, netns_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = netns_cluster(3)
+    join = 5.0
+    job = HostJob(
+        elastic_run,
+        cluster,
+        tmp_path,
+        "2:3",
+        rdzv=[
+            "rdzv=tcp",
+            f"rdzv.endpoint=host0:{PORT}",
+            *FAST[:2],
+            f"rdzv.join_timeout={join}",
+            "rdzv.last_call_timeout=0.5",
+        ],
+    )
+    for host in cluster:
+        job.start(host, probe=("--sleep", "120", "--on-term"))
+    try:
+        wait_for(lambda: all(job.starts(h.name, 1) for h in cluster), what="3 hosts running")
+        t_cut = time.time()
+        cluster.cut("host0")
+        ended = {}
+        for name in ("host1", "host2"):
+            _, err = job.agents[name].communicate(timeout=60)
+            ended[name] = (job.agents[name].returncode, err, time.time() - t_cut)
+        bound = HEARTBEAT + join + 5.0  # fence, retry the store until join_timeout, slack
+        for code, err, took in ended.values():
+            assert code == 1, err
+            assert f"host0:{PORT}" in err.splitlines()[-1] or f"host0:{PORT}" in err
+            assert took < bound, f"took {took:.1f} s"
+        print(
+            f"\nstore host cut: the others failed after {max(t for *_, t in ended.values()):.1f} s"
+        )
+    finally:
+        cluster.restore("host0")
+        job.stop()
+    assert_nothing_survives({job.run_id})
+
+
+@pytest.fixture(autouse=True)
+def _namespaces_needed(netns_cluster: MakeCluster) -> None:
+    """Every test here needs hosts (the fixture skips with the reason otherwise)."""
