@@ -355,6 +355,11 @@ class Host:
     sees it); the namespace end is ``eth0``."""
 
     @property
+    def interface(self) -> str:
+        """The host's network interface, seen from inside (``GLOO_SOCKET_IFNAME``)."""
+        return _INNER_DEV
+
+    @property
     def hosts_file(self) -> Path:
         """The file that is ``/etc/hosts`` for processes on this host."""
         return NETNS_ETC / self.namespace / "hosts"
