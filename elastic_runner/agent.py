@@ -45,6 +45,7 @@ from elastic_runner.spec import (
     WorkerStatus,
 )
 from elastic_runner.workers.environment import worker_environment
+from elastic_runner.workers.interfaces import collective_interface_env
 from elastic_runner.workers.launcher import WorkerLaunch, WorkerLauncher
 from elastic_runner.workers.logs import WorkerLogPaths
 from elastic_runner.workers.resources import ResourceMonitor, Usage, format_bytes
@@ -159,6 +160,8 @@ class ElasticAgent:
         self._lease: float | None = None
         self._clock = clock
         self._calls = _CallThread()
+        #: Set per round: GLOO_SOCKET_IFNAME where gloo's own choice would be loopback.
+        self._network_env: dict[str, str] = {}
         self._stop_signal: int | None = None
         self._membership_changed = False
         self._attempt = Attempt(spec.local_world_size, self._paths)
@@ -357,6 +360,9 @@ class ElasticAgent:
         self._membership_changed = False
         rdzv_s = self._clock() - t0
         join_round(group, info)
+        self._network_env = collective_interface_env(
+            info.master_addr, {**self._base_env, **spec.env}
+        )
         self._metrics.put("workers.restarts", group.restart_count)
         self._metrics.put("rendezvous.duration_s", rdzv_s)
         self._events.agent(
@@ -411,6 +417,7 @@ class ElasticAgent:
             error_file=str(paths.error_file),
         )
         hangs = self._hangs
+        env.update(self._network_env)
         if hangs is not None:
             env.update(hangs.worker_env(paths, env))
         return WorkerLaunch.of(

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from elastic_runner.addresses import address_towards
 from elastic_runner.events import Event
 from elastic_runner.health import HealthServer, RunStatus
-from elastic_runner.rendezvous.network import address_towards
 from elastic_runner.spec import WorkerActivity
 from elastic_runner.workers.resources import Usage
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from elastic_runner.addresses import address_towards, is_loopback
 from elastic_runner.rendezvous import network
-from elastic_runner.rendezvous.network import is_local_address, is_loopback, reachable_address
+from elastic_runner.rendezvous.network import is_local_address, reachable_address
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_reachable_address(
 def test_reachable_address_routes_for_real() -> None:
     # No packet is sent: a UDP socket's connect only picks the route.
     assert reachable_address("127.0.0.1", ["127.0.0.2"]) == "127.0.0.1"
-    assert is_loopback(network.address_towards("127.0.0.2", 9))
+    assert is_loopback(address_towards("127.0.0.2", 9))
 
 
 def _unresolvable(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:

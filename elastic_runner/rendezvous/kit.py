@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from elastic_runner.addresses import address_towards
 from elastic_runner.config import RendezvousConfig
 from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
-from elastic_runner.rendezvous.network import address_towards, parse_endpoints
+from elastic_runner.rendezvous.network import parse_endpoints
 from elastic_runner.rendezvous.store import Store
 from elastic_runner.spec import RunContext
 

@@ -8,20 +8,13 @@ No Hydra or OmegaConf behind it, so the protocol and every backend can use it ch
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Sequence
 
+from elastic_runner.addresses import address_towards, is_loopback
 from elastic_runner.errors import ConfigError
 
-__all__ = [
-    "address_towards",
-    "find_free_port",
-    "is_local_address",
-    "is_loopback",
-    "parse_endpoints",
-    "reachable_address",
-]
+__all__ = ["find_free_port", "is_local_address", "parse_endpoints", "reachable_address"]
 
 
 def parse_endpoints(endpoint: str, default_port: int) -> list[tuple[str, int]]:
@@ -53,30 +46,6 @@ def find_free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def address_towards(host: str, port: int) -> str:
-    """This machine's address on the interface that reaches ``host`` (no packet sent)."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return str(s.getsockname()[0])
-    except OSError:
-        return socket.gethostname()
-
-
-def is_loopback(address: str) -> bool:
-    """True for an address only this machine can reach: 127.0.0.0/8, ::1 (also as
-    ::ffff:127.x.y.z), ``localhost``. Other names are not: each node resolves them."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        name = address.lower().rstrip(".")
-        return name == "localhost" or name.endswith(".localhost")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 def reachable_address(own: str, peers: Sequence[str]) -> str:

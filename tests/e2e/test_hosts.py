@@ -120,6 +120,10 @@ def test_a_job_forms_across_hosts_whose_head_names_itself_loopback(
     assert len(records) == 3
     assert {r["env"]["MASTER_ADDR"] for r in records} == {cluster["host0"].address}
     assert sorted(int(r["env"]["RANK"]) for r in records) == [0, 1, 2]
+    # gloo would bind host0's name (127.0.1.1) there: the agent names the interface
+    by_node = {int(r["env"]["GROUP_RANK"]): r["env"] for r in records}
+    assert by_node[0].get("GLOO_SOCKET_IFNAME") == cluster["host0"].interface
+    assert "GLOO_SOCKET_IFNAME" not in by_node[1] and "GLOO_SOCKET_IFNAME" not in by_node[2]
     assert_nothing_survives({job.run_id})
 
 
@@ -129,8 +133,8 @@ def test_static_hosts_on_node_rank_0_while_its_name_does_not_resolve_yet(
     """Kubernetes: pods start before the head's DNS name exists. Node rank 0 hosts
     without looking its name up; the others retry until it resolves, 3 s later."""
     cluster = netns_cluster(3)
-    for host in ("host0", "host1", "host2"):
-        cluster.set_hosts_entry(host, "host0", None)
+    for name in ("host0", "host1", "host2"):
+        cluster.set_hosts_entry(name, "host0", None)
     job = HostJob(
         elastic_run,
         cluster,
@@ -141,8 +145,8 @@ def test_static_hosts_on_node_rank_0_while_its_name_does_not_resolve_yet(
     for rank, host in enumerate(cluster):
         job.start(host, f"rdzv.node_rank={rank}")
     time.sleep(3)  # the scenario: the name appears 3 s after the agents started
-    for host in ("host1", "host2"):
-        cluster.set_hosts_entry(host, "host0", cluster["host0"].address)
+    for name in ("host1", "host2"):
+        cluster.set_hosts_entry(name, "host0", cluster["host0"].address)
     results = job.finish()
     assert all(code == 0 for code, _ in results.values()), results
     assert {r["env"]["MASTER_ADDR"] for r in _records(job.out)} == {cluster["host0"].address}
@@ -180,8 +184,8 @@ def test_a_cut_off_host_is_fenced_before_the_others_reform_and_rejoins(
         # back on the network: it joins again as a new node, and the job re-forms to 3
         wait_for(lambda: all(job.world_sizes(h.name)[-1] == 3 for h in cluster), timeout=40)
         assert any(e["name"] == "elastic_runner.fenced" for e in job.events("host2"))
-        for host in ("host0", "host1"):
-            log = (job.run_dirs[host] / "elastic-run.log").read_text()
+        for name in ("host0", "host1"):
+            log = (job.run_dirs[name] / "elastic-run.log").read_text()
             assert "was lost: its liveness key expired" in log
     finally:
         job.stop()

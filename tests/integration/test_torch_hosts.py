@@ -31,13 +31,12 @@ def test_gloo_all_reduce_across_three_namespaced_hosts(
         elastic_run, cluster, tmp_path, "3", rdzv=["rdzv=tcp", f"rdzv.endpoint=host0:{PORT}", *FAST]
     )
     for host in cluster:
-        # gloo binds the address its host name resolves to (127.0.1.1 on host0, where
-        # nobody else could reach it) unless told the interface: what users set too
+        # gloo binds the address its host name resolves to: 127.0.1.1 on host0, where
+        # nobody else could reach it; elastic-run gives host0's workers GLOO_SOCKET_IFNAME
         argv, run_dir, _ = elastic_run.command(
             f"job.entrypoint={ROOT / 'examples/allreduce/allreduce.py'}",
             f"job.args=[--out,{out}]",
             "job.nproc_per_node=2",
-            f"+job.env.GLOO_SOCKET_IFNAME={host.interface}",
             *job.rdzv,
             "nnodes=3",
             run_id=job.run_id,
