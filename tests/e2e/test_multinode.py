@@ -224,7 +224,8 @@ def test_store_host_death_fails_the_others_clearly(
     t0 = time.monotonic()
     _, err = other.communicate(timeout=30)
     assert other.returncode == 1
-    assert time.monotonic() - t0 < 10
+    # within rdzv.heartbeat_timeout (1.5 s here) and a moment (measured: 1.64 s)
+    assert time.monotonic() - t0 < 1.5 + 2.0
     assert f"127.0.0.1:{job.port}" in err.strip().splitlines()[-1]
     host.communicate(timeout=10)
     job.agents.clear()
