@@ -126,6 +126,8 @@ class DynamicRendezvous:
         self._watcher: threading.Thread | None = None
         self._waiting = False
         self._lock = threading.Lock()
+        #: Malformed keys already logged (each once).
+        self._protocol_errors: set[str] = set()
 
     # -- RendezvousHandler --------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class DynamicRendezvous:
             while not self._stop.is_set():
                 found, version = self._store.scan(p)
                 if (
-                    int(found.get(p + "round", n)) != n
+                    _round_of(found.get(p + "round"), n) != n
                     or found.get(f"{p}r{n}/failed")
                     or found.get(p + "failed")
                 ):
@@ -202,6 +204,17 @@ class DynamicRendezvous:
             self._store.delete(p + "waiting/" + node)
 
         self._bounded(tell, "tell the other nodes this one left")
+
+    @property
+    def _lease_span(self) -> float:
+        """How long a refresh sent at ``t`` keeps this node surely a member: until a
+        margin before its key can expire at the store (``t`` + TTL at the earliest). The
+        margin (one heartbeat interval, less when the TTL leaves no room for it: the
+        lease must outlast the next refresh) lets the workers die (the agent wakes; the
+        guardian may have to import and scan /proc first) before the others can see this
+        node lost and start a new world without it."""
+        ttl, interval = self._s.heartbeat_timeout, self._s.heartbeat_interval
+        return ttl - min(interval, (ttl - interval) / 2)
 
     def on_lease(self, callback: Callable[[float | None], None]) -> None:
         self._lease_callback = callback
@@ -311,11 +324,13 @@ class DynamicRendezvous:
                 sent = self._clock()
                 self._store.refresh(key, ttl)
                 self._lease_gen += 1
-                self._lease_until = sent + ttl
+                self._lease_until = sent + self._lease_span
                 return
-            except StoreUnavailableError:
+            except StoreUnavailableError as exc:
                 if self._clock() + delay >= deadline:
-                    raise
+                    raise StoreUnavailableError(
+                        f"{exc}; gave up after rdzv.join_timeout={self._s.join_timeout:g} s"
+                    ) from None
                 self._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -335,12 +350,12 @@ class DynamicRendezvous:
                 raise RendezvousError("this node is leaving the job")
             # The version first: a change made after it wakes the wait below.
             found, version = store.scan(p + "round")
-            n = int(found.get(p + "round", "0"))
+            n = _round_of(found.get(p + "round"), 0)  # garbage: a protocol error, one line
             if why := store.get(p + "failed"):
                 raise RendezvousError(f"the job failed on another node ({why})")
             done = store.get(f"{p}r{n}/done")
             if done is not None:
-                record = json.loads(done)
+                record = _done_record(n, done)
                 if self.node_id in (m[0] for m in record):
                     self._progress = None
                     return self._complete(n, record)
@@ -425,7 +440,11 @@ class DynamicRendezvous:
         for k, v in joined.items():
             node_id = k.rsplit("/", 1)[1]
             if p + "alive/" + node_id in alive:
-                out[node_id] = json.loads(v)
+                announced = _join_record(v)
+                if announced is None:  # not one this protocol writes: that node is not in
+                    self._protocol_error(f"ignoring the malformed join record {k}: {v[:80]!r}")
+                    continue
+                out[node_id] = announced
         return out
 
     def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
@@ -452,14 +471,14 @@ class DynamicRendezvous:
         store.wait([master_key], timeout=self._s.join_timeout)
         master = store.get(master_key)
         assert master is not None
-        addr, port = json.loads(master)
+        addr, port = _master_record(master_key, master)
         with self._lock:
             self._round, self._members = n, members
         self._tell_lease()
         self._set_waiting(False)
         self._start_watcher()
         return RendezvousInfo(
-            n, group_rank, nodes, addr, int(port), restart_count=int(store.get(p + "restarts") or 0)
+            n, group_rank, nodes, addr, port, restart_count=_count_of(store.get(p + "restarts"))
         )
 
     def _timeout_error(self, n: int) -> RendezvousTimeoutError:
@@ -514,7 +533,7 @@ class DynamicRendezvous:
                             and self._lease_until is not None
                             and gen == self._lease_gen
                         ):
-                            self._lease_until = sent + ttl
+                            self._lease_until = sent + self._lease_span
                             self._tell_lease()
                         continue
                     if key == alive and self._round is not None and gen == self._lease_gen:
@@ -580,6 +599,12 @@ class DynamicRendezvous:
                     self._notify(n)  # next_round will report the error
                 self._stop.wait(1.0)
 
+    def _protocol_error(self, what: str) -> None:
+        """A key that holds what this protocol never writes there: logged once each."""
+        if what not in self._protocol_errors:
+            self._protocol_errors.add(what)
+            log.warning("rendezvous store at %s: %s", self._endpoint, what)
+
     def _notify(self, n: int) -> None:
         """The callback, unless the agent has moved past round ``n`` meanwhile (a stale
         notification would make it leave the round it just joined)."""
@@ -593,8 +618,13 @@ class DynamicRendezvous:
         p = self._p
         if why := found.get(p + "failed"):
             return f"the job failed on another node ({why})"
-        if int(found.get(p + "round", n)) != n:
-            return f"another node started round {found.get(p + 'round')}"
+        try:
+            current = _round_of(found.get(p + "round"), n)
+        except _CorruptKey as exc:  # go on: lost nodes must still be noticed
+            self._protocol_error(str(exc))
+            current = n
+        if current != n:
+            return f"another node started round {current}"
         finished = {k.rsplit("/", 1)[1] for k in found if k.startswith(f"{p}r{n}/exit/")}
         for m in members:
             if m not in finished and p + "alive/" + m not in found:
@@ -613,3 +643,88 @@ class DynamicRendezvous:
             f"node {member} was lost: its liveness key expired, no heartbeat for "
             f"rdzv.heartbeat_timeout={self._s.heartbeat_timeout:g} s"
         )
+
+
+# -- what the protocol's keys hold: garbage there is a protocol error, never a crash -------
+
+
+class _CorruptKey(StoreError):
+    """A key of the job holds what this protocol never writes there (a bug, another
+    version, or a client that should not have been let in)."""
+
+
+def _round_of(value: str | None, default: int) -> int:
+    """The round number in the ``round`` key (``default`` when it is missing)."""
+    if value is None:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise _CorruptKey(f"the key 'round' holds {value[:60]!r}, not a round number")
+    return n
+
+
+def _done_record(n: int, value: str) -> list[list[Any]]:
+    """The completed round's record: [[node id, role, workers, address], ...]."""
+    try:
+        record = json.loads(value)
+    except (ValueError, RecursionError):
+        record = None
+    if (
+        not isinstance(record, list)
+        or not record
+        or not all(
+            isinstance(m, list)
+            and len(m) >= 3
+            and isinstance(m[0], str)
+            and isinstance(m[1], str)
+            and isinstance(m[2], int)
+            and not isinstance(m[2], bool)
+            and m[2] >= 0
+            and (len(m) < 4 or m[3] is None or isinstance(m[3], str))
+            for m in record
+        )
+    ):
+        raise _CorruptKey(f"the key 'r{n}/done' holds {value[:80]!r}, not a round's members")
+    return record
+
+
+def _join_record(value: str) -> dict[str, Any] | None:
+    """A node's announcement in a round, or ``None`` when it is not one."""
+    try:
+        record = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("role"), str)
+        and isinstance(record.get("nproc"), int)
+        and not isinstance(record.get("nproc"), bool)
+        and record["nproc"] >= 0
+        and (record.get("node_rank") is None or type(record.get("node_rank")) is int)
+        and (record.get("addr") is None or isinstance(record.get("addr"), str))
+    ):
+        return None
+    return record
+
+
+def _master_record(key: str, value: str | None) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT as group rank 0 wrote them."""
+    try:
+        addr, port = json.loads(value or "")
+    except (ValueError, TypeError, RecursionError):
+        addr = port = None
+    if not isinstance(addr, str) or type(port) is not int or not 0 < port < 65536:
+        raise _CorruptKey(f"the key {key!r} holds {(value or '')[:80]!r}, not an address")
+    return addr, port
+
+
+def _count_of(value: str | None) -> int:
+    """The job's restart count."""
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        shown = (value or "")[:60]
+        raise _CorruptKey(f"the key 'restarts' holds {shown!r}, not a count") from None
