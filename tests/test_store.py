@@ -1,33 +1,50 @@
-"""The store conformance suite on the in-memory store and the built-in TCP store, plus the
-TCP server's own failure modes, where it listens, and how clients find it (a name that
-does not resolve yet is retried)."""
+"""The store conformance suite on the in-memory store and the built-in TCP store (plain and
+over TLS), plus the TCP server's own failure modes, where it listens, and how clients find
+it (a name that does not resolve yet is retried); and how the server defends itself:
+frame sizes, time limits, connection caps, bad requests, running out of descriptors."""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
 import json
+import logging
+import resource
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from elastic_runner.rendezvous.store import MemoryStore, StoreError, StoreUnavailableError
-from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+from elastic_runner.rendezvous import tcp_store
+from elastic_runner.rendezvous.store import (
+    MemoryStore,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from elastic_runner.rendezvous.tcp_server import MAX_CONNECTIONS, StoreLimits, TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
-from elastic_runner.testing.store_suite import StoreSuite
+from elastic_runner.rendezvous.tcp_wire import MAX_HELLO, MAX_REQUEST
+from elastic_runner.testing.store_suite import StoreSuite, StrictStoreSuite
 
 
-class TestMemoryStore(StoreSuite):
+class TestMemoryStore(StrictStoreSuite):
     @pytest.fixture
     def make_store(self) -> Callable[[], MemoryStore]:
         shared = MemoryStore()
         return lambda: shared
 
 
-class TestTCPStore(StoreSuite):
+class TestTCPStore(StrictStoreSuite):
     @pytest.fixture
     def make_store(self) -> Iterator[Callable[[], TCPStoreClient]]:
         server = TCPStoreServer("127.0.0.1", 0, token="s3cret")
@@ -74,6 +91,7 @@ def test_server_survives_garbage(server: TCPStoreServer) -> None:
     client = TCPStoreClient("127.0.0.1", server.port, token="right")
     client.set("still", "alive")
     assert client.get("still") == "alive"
+    client.close()
 
 
 def test_unknown_op_is_an_error_not_a_crash(server: TCPStoreServer) -> None:
@@ -83,7 +101,12 @@ def test_unknown_op_is_an_error_not_a_crash(server: TCPStoreServer) -> None:
             s.sendall(struct.pack(">I", len(body)) + body)
             size = struct.unpack(">I", s.recv(4))[0]
             answer = json.loads(s.recv(size))
-        assert answer == {"id": 2, "ok": False, "error": "StoreError: unknown request 'pickle'"}
+        assert answer == {
+            "id": 2,
+            "ok": False,
+            "invalid": True,
+            "error": "StoreArgumentError: unknown request 'pickle'",
+        }
 
 
 def test_connection_error_names_the_address() -> None:
@@ -205,3 +228,465 @@ def test_a_store_host_that_resolves_later_is_reached(
     finally:
         client.close()
     assert looked_up.count("head-0.invalid") == 6
+
+
+# -- the server defends itself: frame sizes, time limits, connection caps, bad requests ----
+
+
+def _frame(message: object) -> bytes:
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _answer(sock: socket.socket) -> dict[str, Any]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack(">I", exactly(4))
+    answer: dict[str, Any] = json.loads(exactly(size))
+    return answer
+
+
+def _raw(server: TCPStoreServer, token: str | None = "right") -> socket.socket:
+    """A raw connection, past hello unless ``token`` is None."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    if token is not None:
+        sock.sendall(_frame({"id": 0, "op": "hello", "token": token}))
+        assert _answer(sock)["ok"]
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (it sends nothing else)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        pass
+    return True
+
+
+def _limited(**limits: Any) -> TCPStoreServer:
+    return TCPStoreServer("127.0.0.1", 0, token="right", limits=StoreLimits(**limits))
+
+
+def _works(server: TCPStoreServer) -> None:
+    client = TCPStoreClient("127.0.0.1", server.port, token="right", connect_timeout=5)
+    try:
+        client.set("works", "yes")
+        assert client.get("works") == "yes"
+    finally:
+        client.close()
+    assert server.is_alive()
+
+
+def test_before_hello_only_a_small_frame_is_read(server: TCPStoreServer) -> None:
+    with _raw(server, token=None) as s:  # one byte over: closed at the header
+        s.sendall(struct.pack(">I", MAX_HELLO + 1))
+        assert _closed_within(s, 5)
+    with _raw(server, token=None) as s:  # 16 MiB announced: not read, not buffered
+        s.sendall(struct.pack(">I", 16 << 20) + b"x" * 65536)
+        assert _closed_within(s, 5)
+    padded = {"id": 1, "op": "hello", "token": "right", "pad": ""}
+    padded["pad"] = "p" * (MAX_HELLO - len(json.dumps(padded)))
+    with _raw(server, token=None) as s:  # exactly the limit: read
+        s.sendall(_frame(padded))
+        assert _answer(s) == {"id": 1, "ok": True, "result": None}
+    assert server.refused["wrong token"] == 0
+    _works(server)
+
+
+def test_after_hello_requests_up_to_the_documented_limit(server: TCPStoreServer) -> None:
+    big = "v" * (1 << 20)
+    with _raw(server) as s:
+        s.sendall(_frame({"id": 1, "op": "set", "args": {"key": "big", "value": big}}))
+        assert _answer(s)["ok"]
+        s.sendall(struct.pack(">I", MAX_REQUEST + 1))
+        assert _closed_within(s, 5)
+    assert server.store.get("big") == big
+
+
+def test_hello_must_come_within_the_hello_timeout() -> None:
+    server = _limited(hello_timeout=0.3)
+    try:
+        idle = _raw(server, token=None)
+        slow = _raw(server, token=None)
+        slow.sendall(_frame({"id": 1, "op": "hello", "token": "right"})[:10])  # half a hello
+        t0 = time.monotonic()
+        assert _closed_within(idle, 3) and _closed_within(slow, 3)
+        assert time.monotonic() - t0 < 2
+        assert server.refused["no hello in time"] == 2
+        idle.close()
+        slow.close()
+        _works(server)
+    finally:
+        server.close()
+
+
+def test_an_authenticated_frame_must_arrive_within_the_read_timeout() -> None:
+    server = _limited(read_timeout=0.3)
+    try:
+        with _raw(server) as s:
+            s.sendall(_frame({"id": 1, "op": "get", "args": {"key": "k"}})[:12])
+            t0 = time.monotonic()
+            assert _closed_within(s, 3)
+            assert time.monotonic() - t0 < 2
+        _works(server)
+    finally:
+        server.close()
+
+
+def test_idle_connections_are_closed_and_clients_reconnect_unnoticed() -> None:
+    server = _limited(idle_timeout=0.3)
+    client = TCPStoreClient("127.0.0.1", server.port, token="right")
+    try:
+        client.set("k", "1")
+        with _raw(server) as s:
+            assert _closed_within(s, 3)
+        time.sleep(0.5)  # the client's connection was closed too
+        assert server.connections == 0
+        assert client.get("k") == "1"  # a new connection, no error
+        assert server.requests["hello"] == 3
+        # a wait longer than the idle timeout is not idleness
+        _, version = client.scan("w/")
+        with pytest.raises(StoreTimeoutError):
+            client.wait_for_change("w/", version, timeout=1.0)
+        assert server.requests["hello"] == 3
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_client_replaces_a_connection_idle_for_half_the_idle_timeout(
+    server: TCPStoreServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_store, "IDLE_TIMEOUT", 0.4)
+    client = TCPStoreClient("127.0.0.1", server.port, token="right")
+    try:
+        client.set("k", "1")
+        client.get("k")
+        assert server.requests["hello"] == 1
+        time.sleep(0.3)
+        assert client.get("k") == "1"
+        assert server.requests["hello"] == 2  # before the server could close it
+    finally:
+        client.close()
+
+
+def test_connections_without_hello_are_capped_oldest_first() -> None:
+    server = _limited(max_unauthenticated=4, hello_grace=0.0)
+    try:
+        socks = [_raw(server, token=None) for _ in range(6)]
+        assert _closed_within(socks[0], 3) and _closed_within(socks[1], 3)
+        assert not any(_closed_within(s, 0.2) for s in socks[2:])
+        assert server.refused["unauthenticated"] == 2
+        _works(server)  # the newest always gets its chance to say hello
+        for s in socks:
+            s.close()
+    finally:
+        server.close()
+
+
+def test_a_burst_of_agents_connecting_together_is_not_cut_short() -> None:
+    # up to four times the cap while none of them had its grace to say hello
+    server = _limited(max_unauthenticated=4, hello_grace=5.0)
+    try:
+        socks = [_raw(server, token=None) for _ in range(16)]
+        assert not any(_closed_within(s, 0.05) for s in socks)
+        assert server.refused["unauthenticated"] == 0
+        socks.append(_raw(server, token=None))  # never further
+        assert _closed_within(socks[0], 3)
+        assert server.refused["unauthenticated"] == 1
+        for s in socks:
+            s.close()
+    finally:
+        server.close()
+
+
+def test_connections_beyond_the_cap_are_refused_busy() -> None:
+    server = _limited(max_connections=3)
+    try:
+        held = [_raw(server) for _ in range(3)]
+        with _raw(server, token=None) as s:
+            answer = _answer(s)
+            assert answer["busy"] is True and not answer["ok"]
+            assert "3 connections" in answer["error"]
+        with pytest.raises(StoreUnavailableError, match=r"refuses connections"):
+            TCPStoreClient("127.0.0.1", server.port, token="right", connect_timeout=0.3).get("k")
+        held.pop().close()
+        time.sleep(0.2)
+        _works(server)
+        for s in held:
+            s.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        (b'{"id":1,"op":"set","args":{"key":"k","value":"v","ttl":NaN}}', "ttl must be 0.."),
+        (b'{"id":1,"op":"set","args":{"key":"k","value":"v","ttl":Infinity}}', "ttl must"),
+        (b'{"id":1,"op":"set","args":{"key":"k","value":"v","ttl":-1}}', "ttl must be 0.."),
+        (b'{"id":1,"op":"refresh","args":{"key":"k","ttl":1e999}}', "ttl must"),
+        (b'{"id":1,"op":"wait","args":{"keys":["k"],"timeout":NaN}}', "timeout must"),
+        (
+            b'{"id":1,"op":"wait_for_change","args":{"prefix":"","version":0,"timeout":-5}}',
+            "timeout",
+        ),
+        (
+            b'{"id":1,"op":"wait_for_change","args":{"prefix":"","version":-1,"timeout":1}}',
+            "version",
+        ),
+        (b'{"id":1,"op":"add","args":{"key":"n","amount":1.5}}', "amount must be an integer"),
+        (b'{"id":1,"op":"add","args":{"key":"n","amount":99999999999999999999}}', "64-bit"),
+        (b'{"id":1,"op":"add","args":{"key":"n","amount":true}}', "amount must be an integer"),
+        (b'{"id":1,"op":"set","args":{"key":1,"value":"v"}}', "key must be a string"),
+        (b'{"id":1,"op":"set","args":{"key":["k"],"value":"v"}}', "key must be a string"),
+        (b'{"id":1,"op":"set","args":{"key":"k","value":{"x":1}}}', "value must be a string"),
+        (b'{"id":1,"op":"multi_get","args":{"keys":"abc"}}', "keys must be a list"),
+        (b'{"id":1,"op":"multi_get","args":{"keys":[null]}}', "each of keys"),
+        (b'{"id":1,"op":"multi_set","args":{"items":[["k","v"]]}}', "items must map"),
+        (b'{"id":1,"op":"compare_set","args":{"key":"k","expected":5,"desired":"v"}}', "expected"),
+        (b'{"id":1,"op":"get","args":{"key":"k","extra":1}}', "unknown argument(s) extra"),
+        (b'{"id":1,"op":"get","args":{}}', "missing argument key"),
+        (b'{"id":1,"op":"get","args":["k"]}', "args must be an object"),
+        (b'{"id":1,"op":"__init__","args":{}}', "unknown request '__init__'"),
+        (b'{"id":1,"op":["set"],"args":{}}', "unknown request list"),
+        (b'{"id":"1","op":"get","args":{"key":"k"}}', "id must be an integer"),
+    ],
+    ids=lambda x: x.decode()[:60] if isinstance(x, bytes) else "",
+)
+def test_bad_requests_get_an_error_frame_and_the_connection_goes_on(
+    server: TCPStoreServer, request_: bytes, error: str
+) -> None:
+    with _raw(server) as s:
+        s.sendall(_frame(request_))
+        answer = _answer(s)
+        assert answer["ok"] is False and answer["invalid"] is True, answer
+        assert error in answer["error"], answer
+        s.sendall(_frame({"id": 2, "op": "get", "args": {"key": "k"}}))
+        assert _answer(s) == {"id": 2, "ok": True, "result": None}
+    assert server.store.scan("")[0] == {}  # nothing was written
+
+
+def test_a_flood_of_bad_requests_logs_one_line(
+    server: TCPStoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="elastic_runner.rendezvous.tcp_server")
+    with _raw(server) as s:
+        for i in range(200):
+            s.sendall(_frame({"id": i, "op": "set", "args": {"key": i, "value": "v"}}))
+            assert _answer(s)["invalid"]
+    for _ in range(20):
+        with _raw(server, token=None) as s:
+            s.sendall(_frame({"id": 1, "op": "hello", "token": "wrong"}))
+            assert "wrong or missing rdzv.token" in _answer(s)["error"]
+    for _ in range(20):
+        with _raw(server, token=None) as s:
+            s.sendall(_frame(b"[" * 4000 + b"]" * 4000))  # nested: RecursionError inside
+            assert _closed_within(s, 5)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(":")[0:2] for r in warnings] == [
+        ["tcp store", " refused a request"],
+        ["tcp store", " refused a client at 127.0.0.1"],
+        ["tcp store", " dropped a client at 127.0.0.1"],
+    ], [r.getMessage() for r in warnings]
+    assert not any(r.exc_info for r in warnings)
+    assert server.refused["bad request"] == 200 and server.refused["wrong token"] == 20
+    _works(server)
+
+
+def test_deeply_nested_json_after_hello_drops_that_connection_only(
+    server: TCPStoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _raw(server) as s:
+        s.sendall(_frame(b"[" * 200_000 + b"]" * 200_000))
+        assert _closed_within(s, 5)
+    with _raw(server) as s:  # nested inside a request: refused for its type, not parsed deeper
+        s.sendall(_frame(b'{"id":1,"op":"get","args":{"key":' + b"[" * 500 + b"]" * 500 + b"}}"))
+        assert "key must be a string" in _answer(s)["error"]
+    assert not any(r.exc_info for r in caplog.records)
+    _works(server)
+
+
+def test_caps_keep_descriptors_for_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    def limit(soft: int) -> StoreLimits:
+        monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, resource.RLIM_INFINITY))
+        return StoreLimits.for_this_process()
+
+    assert (limit(1024).max_connections, limit(1024).max_unauthenticated) == (768, 64)
+    assert limit(4096).max_connections == 3072  # a quarter kept
+    assert (limit(100).max_connections, limit(100).max_unauthenticated) == (50, 12)
+    assert limit(1 << 20).max_connections == MAX_CONNECTIONS == 4096
+    assert limit(resource.RLIM_INFINITY) == StoreLimits()
+
+
+_LOW_FD_SERVER = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from elastic_runner.rendezvous.tcp_server import StoreLimits, TCPStoreServer
+# caps above the descriptors there are: accept() itself runs out
+server = TCPStoreServer("127.0.0.1", 0, token="right", limits=StoreLimits(max_connections=10_000,
+    max_unauthenticated=10_000))
+print(server.port, flush=True)
+sys.stdin.read()
+refused = server.refused["out of descriptors"] > 0
+print("alive" if server.is_alive() else "dead", refused, flush=True)
+"""
+
+
+def test_out_of_descriptors_refuses_new_connections_with_one_line() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOW_FD_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+        socks = []
+        for _ in range(150):  # more than the 64 descriptors the server's process has
+            s = socket.socket()
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            socks.append(s)
+        time.sleep(0.5)
+        refused = sum(_closed_within(s, 0.01) for s in socks)
+        assert refused > 50  # accepted on the reserve descriptor, closed
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        client = TCPStoreClient("127.0.0.1", port, token="right", connect_timeout=5)
+        client.set("k", "v")
+        assert client.get("k") == "v"
+        client.close()
+        out, err = proc.communicate("", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out.split() == ["alive", "True"]
+    lines = err.strip().splitlines()
+    assert len(lines) <= 2, err
+    assert "out of file descriptors" in lines[0] and "Traceback" not in err
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str
+    cert: str
+    key: str
+
+
+def write_test_ca(directory: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
+    """A throwaway CA and a certificate it signed for ``names`` (IP addresses or DNS
+    names), made with the ``openssl`` command; the test is skipped without it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key",
+            "-out", "ca.pem")  # fmt: skip
+    openssl("req", *ec, "-subj", "/CN=store", "-keyout", "store.key", "-out", "store.csr")
+    sans = ",".join(
+        f"IP:{n}" if n.replace(".", "").isdigit() or ":" in n else f"DNS:{n}" for n in names
+    )
+    (directory / "san.ext").write_text(f"subjectAltName={sans}\n")
+    sign = ("-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1")
+    openssl("x509", "-req", "-in", "store.csr", *sign, "-extfile", "san.ext", "-out", "store.pem")
+    return TlsFiles(
+        str(directory / "ca.pem"), str(directory / "store.pem"), str(directory / "store.key")
+    )
+
+
+def _tls_server(files: TlsFiles, **limits: Any) -> TCPStoreServer:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.cert, files.key)
+    return TCPStoreServer(
+        "127.0.0.1", 0, token="s3cret", ssl_context=context, limits=StoreLimits(**limits)
+    )
+
+
+def _tls_client(files: TlsFiles | None, port: int, **kwargs: Any) -> TCPStoreClient:
+    context = ssl.create_default_context(cafile=files.ca) if files else None
+    return TCPStoreClient("127.0.0.1", port, token="s3cret", ssl_context=context, **kwargs)
+
+
+class TestTCPStoreOverTLS(StoreSuite):
+    @pytest.fixture
+    def make_store(self, tmp_path: Path) -> Iterator[Callable[[], TCPStoreClient]]:
+        files = write_test_ca(tmp_path / "tls")
+        server = _tls_server(files)
+        clients: list[TCPStoreClient] = []
+
+        def make() -> TCPStoreClient:
+            clients.append(_tls_client(files, server.port))
+            return clients[-1]
+
+        yield make
+        for c in clients:
+            c.close()
+        server.close()
+
+
+def test_tls_mismatches_are_one_clear_error(tmp_path: Path) -> None:
+    files = write_test_ca(tmp_path / "tls")
+    other = write_test_ca(tmp_path / "other")
+    server = _tls_server(files, hello_timeout=1.0)
+    try:
+        with pytest.raises(
+            StoreError, match=r"cannot verify the rendezvous store at .*rdzv.ca_cert"
+        ):
+            _tls_client(other, server.port).get("k")
+        with pytest.raises(
+            StoreError, match=r"at hello: if the store serves TLS, set rdzv.ca_cert"
+        ):
+            _tls_client(None, server.port, connect_timeout=0.5).get("k")
+        wrong_name = ssl.create_default_context(cafile=files.ca)
+        with pytest.raises(StoreError, match=r"cannot verify .*(IP address mismatch|match)"):
+            TCPStoreClient(
+                "127.0.0.1", server.port, ssl_context=wrong_name, server_hostname="node0"
+            ).get("k")
+        assert server.is_alive()
+        client = _tls_client(files, server.port)
+        client.set("k", "over TLS")
+        assert client.get("k") == "over TLS"
+        client.close()
+    finally:
+        server.close()
+    plain = TCPStoreServer("127.0.0.1", 0, token="s3cret")
+    try:  # a TLS client to a plain store: the store closes at the ClientHello
+        with pytest.raises(StoreError, match=r"closed the connection during the TLS handshake"):
+            _tls_client(files, plain.port, connect_timeout=0.5).get("k")
+    finally:
+        plain.close()
+
+
+def test_an_abandoned_wait_is_released_at_once(server: TCPStoreServer) -> None:
+    with _raw(server) as s:
+        s.sendall(_frame({"id": 1, "op": "wait", "args": {"keys": ["never"], "timeout": 1e6}}))
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.connections == 0
+    _works(server)

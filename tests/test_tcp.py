@@ -1,16 +1,20 @@
 """The ``tcp`` and ``static`` backends' own decisions: which agent hosts the store (node
 rank 0 for ``static``, whatever DNS says; for ``tcp``, a name that does not resolve yet
 is not local unless it is this machine's own), where the hosted store listens
-(``rdzv.bind``), and that the hosting agent reaches its own store without DNS.
+(``rdzv.bind``), that the hosting agent reaches its own store without DNS; where the
+token comes from, the warning for a store open to the network without one, TLS; and
+that garbage in the protocol's keys is a protocol error, not a crash or a blind watcher.
 
 Every address is a loopback one; names that must not resolve fail through a
 monkeypatched ``socket.getaddrinfo``, so nothing is sent."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +22,14 @@ from typing import Any
 
 import pytest
 
+from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous import tcp
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousError, RendezvousInfo
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous
 from elastic_runner.rendezvous.store import StoreError
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.spec import RunContext
+from tests.test_store import write_test_ca
 
 
 def _context(tmp_path: Path, nodes: int, run_id: str = "job") -> RunContext:
@@ -284,7 +290,8 @@ def test_tcp_with_an_unresolvable_endpoint_is_a_client_that_waits(
         rdzv.shutdown()
     assert str(caught.value) == (
         "rendezvous store at head-0.invalid:29400: cannot resolve rendezvous store host "
-        "'head-0.invalid' (tried for 1 s): [Errno -2] Name or service not known"
+        "'head-0.invalid' (tried for 1 s): [Errno -2] Name or service not known; gave up "
+        "after rdzv.join_timeout=0.3 s"
     )
 
 
@@ -301,3 +308,256 @@ def test_tcp_hosts_when_its_unresolvable_endpoint_is_this_machines_name(
     assert _listening("127.0.0.1", port)
     info = handlers[0].next_round(NodeInfo("default", 1))
     assert info.master_addr == "127.0.0.1"
+
+
+# -- the token: where it comes from, and a store open to the network without one ----------
+
+
+def test_the_token_comes_from_one_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tcp.TOKEN_ENV, raising=False)
+    assert tcp.resolve_token(_config("h:1")) == ""
+    assert tcp.resolve_token(_config("h:1", token="cli")) == "cli"
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    assert tcp.resolve_token(_config("h:1", token_file=str(secret))) == "from-file"
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    assert tcp.resolve_token(_config("h:1", token_env="MY_TOKEN")) == "from-env"
+    monkeypatch.setenv(tcp.TOKEN_ENV, "default-env")
+    assert tcp.resolve_token(_config("h:1")) == "default-env"
+    assert tcp.resolve_token(_config("h:1", token="cli")) == "cli"  # the config wins
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"token": "a", "token_file": "/x"},
+            "rdzv.token_file=/x: give the token one way: rdzv.token is set too",
+        ),
+        (
+            {"token_file": "/nonexistent/token"},
+            "rdzv.token_file=/nonexistent/token: cannot read it: No such file or directory",
+        ),
+        ({"token_env": "NOT_SET_ANYWHERE"}, "rdzv.token_env=NOT_SET_ANYWHERE: $NOT_SET_ANYWHERE"),
+        ({"token": "x" * 1025}, "rdzv.token=(hidden): a token of at most 1024 characters"),
+        (
+            {"token_required": True},
+            "rdzv.token_required=true: no token on this node: set rdzv.token",
+        ),
+    ],
+)
+def test_bad_token_sources_are_one_line(
+    changes: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(tcp.TOKEN_ENV, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        tcp.resolve_token(_config("h:1", **changes))
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_empty_token_file_is_an_error(tmp_path: Path) -> None:
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"rdzv.token_file=.*: the file is empty"):
+        tcp.resolve_token(_config("h:1", token_file=str(empty)))
+
+
+def test_token_required_allows_a_store_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tcp.TOKEN_ENV, raising=False)
+    assert tcp.resolve_token(_config("h:1", token_required=True, bind="127.0.0.1")) == ""
+
+
+def _no_token_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "has no token" in r.getMessage()]
+
+
+def test_a_store_open_to_the_network_without_a_token_warns_loudly_once(
+    tmp_path: Path,
+    handlers: list[DynamicRendezvous],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(tcp.TOKEN_ENV, raising=False)
+    port = _free_port()
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", is_host=True), _context(tmp_path, 2)))
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", is_host=False), _context(tmp_path, 2)))
+    _join_all(handlers)
+    [warning] = _no_token_warnings(caplog)  # the hosting agent only
+    assert warning == (
+        f"WARNING: the rendezvous store (port {port}, on every interface) has no token, so "
+        "anyone who can reach it can read this job's keys and end it. Set rdzv.token (or "
+        "rdzv.token_file, or $ELASTIC_RUNNER_RDZV_TOKEN) on every node, or "
+        "rdzv.bind=127.0.0.1 for a job on this machine only; rdzv.token_required=true makes "
+        "this an error"
+    )
+
+
+@pytest.mark.parametrize("changes", [{"bind": "127.0.0.1"}, {"token": "s3cret"}])
+def test_no_warning_with_a_token_or_on_loopback(
+    tmp_path: Path,
+    handlers: list[DynamicRendezvous],
+    caplog: pytest.LogCaptureFixture,
+    changes: dict[str, Any],
+) -> None:
+    port = _free_port()
+    config = _config(f"127.0.0.1:{port}", is_host=True, **changes)
+    handlers.append(tcp._tcp(config, _context(tmp_path, 1)))
+    handlers[0].next_round(NodeInfo("default", 1))
+    assert not _no_token_warnings(caplog)
+
+
+def test_a_token_file_on_every_node_forms_the_job_and_keeps_others_out(
+    tmp_path: Path, handlers: list[DynamicRendezvous], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("from-a-file\n")
+    monkeypatch.setenv(tcp.TOKEN_ENV, "from-a-file")
+    port = _free_port()
+    handlers.append(
+        tcp._tcp(_config(f"127.0.0.1:{port}", token_file=str(secret)), _context(tmp_path, 2))
+    )
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}"), _context(tmp_path, 2)))  # from $ENV
+    assert sorted(i.group_rank for i in _join_all(handlers)) == [0, 1]
+    with pytest.raises(StoreError, match=r"wrong or missing rdzv.token"):
+        TCPStoreClient("127.0.0.1", port, token="guess").scan("")
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_between_agents(tmp_path: Path, handlers: list[DynamicRendezvous]) -> None:
+    files = write_test_ca(tmp_path / "tls")
+    port = _free_port()
+    tls = {"ca_cert": files.ca, "cert": files.cert, "key": files.key, "token": "t"}
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", **tls), _context(tmp_path, 2)))
+    # the other node checks the store against the CA; it needs no certificate of its own
+    handlers.append(
+        tcp._tcp(
+            _config(f"127.0.0.1:{port}", is_host=False, ca_cert=files.ca, token="t"),
+            _context(tmp_path, 2),
+        )
+    )
+    assert sorted(i.group_rank for i in _join_all(handlers)) == [0, 1]
+    with socket.create_connection(("127.0.0.1", port)) as plain:  # not TLS: nothing readable
+        plain.sendall(b"\x00\x00\x00\x02{}")
+        plain.settimeout(5)
+        assert plain.recv(100) == b""
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ca_cert": "/nonexistent.pem"}, "rdzv.ca_cert=/nonexistent.pem: no such file"),
+        ({"cert": "CERT"}, "rdzv.key=(unset): rdzv.cert and rdzv.key go together"),
+        ({"key": "KEY"}, "rdzv.cert=(unset): rdzv.cert and rdzv.key go together"),
+        ({"ca_cert": "KEY"}, "rdzv.ca_cert="),
+        ({"cert": "CA", "key": "KEY"}, "rdzv.cert="),
+        ({"ca_cert": "CA", "is_host": True}, "rdzv.cert=(unset): this agent hosts the store"),
+    ],
+)
+def test_tls_config_errors_are_one_line(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    files = write_test_ca(tmp_path / "tls")
+    paths = {"CA": files.ca, "CERT": files.cert, "KEY": files.key}
+    changes = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
+    with pytest.raises(ConfigError) as caught:
+        tcp._tcp(_config(f"127.0.0.1:{_free_port()}", **changes), _context(tmp_path, 1))
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# -- garbage in the protocol's keys: the watcher logs it once and still notices lost nodes --
+
+
+def test_the_watcher_notices_a_lost_node_whatever_the_round_key_holds(
+    tmp_path: Path, handlers: list[DynamicRendezvous], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _free_port()
+    context = _context(tmp_path, 2, run_id=uuid.uuid4().hex[:8])
+    config = _config(f"127.0.0.1:{port}", token="t", heartbeat_timeout=1.0)
+    handlers.append(tcp._tcp(config, context))
+    handlers.append(tcp._tcp(dataclasses.replace(config, is_host=False), context))
+    _join_all(handlers)
+    changed = threading.Event()
+    handlers[0].on_membership_change(changed.set)
+    store = TCPStoreClient("127.0.0.1", port, token="t")
+    store.set(f"rdzv/{context.run_id}/round", "not a number")
+    time.sleep(0.5)
+    assert not changed.is_set()
+    lost = handlers.pop()
+    lost._stop.set()  # its heartbeat stops, as when its host dies
+    store.delete(f"rdzv/{context.run_id}/alive/{lost.node_id}")
+    assert changed.wait(5), "the watcher did not notice the lost node"
+    protocol = [r.getMessage() for r in caplog.records if "not a round number" in r.getMessage()]
+    assert 1 <= len(protocol) <= 2, protocol  # once per node (two nodes in this process)
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+    with pytest.raises(RendezvousError, match=r"the key 'round' holds 'not a number'"):
+        handlers[0].next_round(NodeInfo("default", 1))
+    store.close()
+    lost.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("r0/done", "{not json", "the key 'r0/done' holds '{not json', not a round's members"),
+        ("r0/done", '[["a", "default", "many"]]', "not a round's members"),
+        ("round", "-3", "the key 'round' holds '-3', not a round number"),
+    ],
+)
+def test_garbage_in_a_round_is_one_rendezvous_error(
+    tmp_path: Path, handlers: list[DynamicRendezvous], key: str, value: str, message: str
+) -> None:
+    port = _free_port()
+    context = _context(tmp_path, 2, run_id=uuid.uuid4().hex[:8])
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", join_timeout=3), context))
+    store = TCPStoreClient("127.0.0.1", port)
+    try:
+        store.set(f"rdzv/{context.run_id}/{key}", value)
+        with pytest.raises(RendezvousError) as caught:
+            handlers[0].next_round(NodeInfo("default", 1))
+        assert message in str(caught.value)
+    finally:
+        store.close()
+
+
+def test_a_malformed_join_record_is_ignored_once(
+    tmp_path: Path, handlers: list[DynamicRendezvous], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _free_port()
+    context = _context(tmp_path, 1, run_id=uuid.uuid4().hex[:8])
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}"), context))
+    store = TCPStoreClient("127.0.0.1", port)
+    p = f"rdzv/{context.run_id}/"
+    store.set(p + "round", "0")
+    store.set(p + "alive/intruder", "1", ttl=1.0)  # gone by shutdown: no lingering for it
+    store.set(p + "r0/join/intruder", '{"role": 5}')
+    info = handlers[0].next_round(NodeInfo("default", 1))
+    assert info.group_rank == 0 and len(info.nodes) == 1  # the intruder is not in
+    assert [r.getMessage() for r in caplog.records if "malformed join" in r.getMessage()] == [
+        f"rendezvous store at 127.0.0.1:{port}: ignoring the malformed join record "
+        f"{p}r0/join/intruder: '{{\"role\": 5}}'"
+    ]
+    store.close()
+
+
+def test_a_store_host_with_too_few_descriptors_for_the_job_says_so(
+    tmp_path: Path,
+    handlers: list[DynamicRendezvous],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, resource.RLIM_INFINITY))
+    port = _free_port()
+    context = RunContext(run_id="job", run_dir=tmp_path, node="here", min_nodes=1, max_nodes=64)
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", token="t"), context))
+    [warning] = [r.getMessage() for r in caplog.records if "open-file limit" in r.getMessage()]
+    assert warning == (
+        "WARNING: the rendezvous store takes at most 128 connections under this agent's "
+        "open-file limit (ulimit -n 256), and 64 nodes need about 200: raise the limit on "
+        "this machine (e.g. ulimit -n 65536)"
+    )

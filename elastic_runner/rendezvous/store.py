@@ -9,13 +9,37 @@ prefix changes (set, deleted or expired), with the store's new version.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["MemoryStore", "Store", "StoreError", "StoreTimeoutError", "StoreUnavailableError"]
+__all__ = [
+    "MAX_INT",
+    "MAX_SECONDS",
+    "MemoryStore",
+    "Store",
+    "StoreArgumentError",
+    "StoreError",
+    "StoreTimeoutError",
+    "StoreUnavailableError",
+    "check_amount",
+    "check_items",
+    "check_key",
+    "check_keys",
+    "check_optional_text",
+    "check_seconds",
+    "check_text",
+    "check_version",
+]
+
+#: The longest time to live or timeout a store accepts, in seconds (about 31 years):
+#: any time a job could mean, far from where a float or a timer would overflow.
+MAX_SECONDS = 1e9
+#: ``add`` amounts and versions are 64-bit integers, as in etcd and Redis.
+MAX_INT = 2**63 - 1
 
 
 class StoreError(Exception):
@@ -29,6 +53,85 @@ class StoreTimeoutError(StoreError, TimeoutError):
 class StoreUnavailableError(StoreError):
     """The store cannot be reached now but may come back (not started yet, restarting);
     worth retrying, unlike a refusal or a store that is gone for good."""
+
+
+class StoreArgumentError(StoreError, ValueError):
+    """A request refused for its arguments, before anything changed: a key or value that
+    is not text, a time to live or timeout that is negative, NaN or infinite, an amount
+    that is not an integer. Every store refuses these (the conformance suite checks it);
+    the TCP store's server refuses them off the wire too."""
+
+
+# -- argument checks: every Store implementation may use them -----------------------------
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_text(value: object, name: str = "value") -> str:
+    """``value`` when it is a string; else :class:`StoreArgumentError`."""
+    if not isinstance(value, str):
+        raise StoreArgumentError(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def check_key(key: object, name: str = "key") -> str:
+    """A key: a string."""
+    return check_text(key, name)
+
+
+def check_optional_text(value: object, name: str) -> str | None:
+    """A string or ``None``."""
+    return None if value is None else check_text(value, name)
+
+
+def check_seconds(value: object, name: str) -> float:
+    """A time to live or timeout: a finite number of seconds, 0 .. :data:`MAX_SECONDS`
+    (an ``int`` or ``float``; ``bool`` is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise StoreArgumentError(f"{name} must be a number of seconds, not {_show(value)}")
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_SECONDS:
+            raise StoreArgumentError(f"{name} must be 0..{MAX_SECONDS:g} seconds, not {value}")
+        return float(value)
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise StoreArgumentError(f"{name} must be 0..{MAX_SECONDS:g} seconds, not {value!r}")
+    return value
+
+
+def check_amount(value: object, name: str = "amount") -> int:
+    """An ``add`` amount: an integer (negative counts down), 64-bit."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreArgumentError(f"{name} must be an integer, not {_show(value)}")
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise StoreArgumentError(f"{name} must be a 64-bit integer, not {_show(value)}")
+    return value
+
+
+def check_version(value: object, name: str = "version") -> int:
+    """A store version: an integer 0 .. :data:`MAX_INT`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise StoreArgumentError(f"{name} must be an integer >= 0, not {_show(value)}")
+    return value
+
+
+def check_keys(keys: object, name: str = "keys") -> list[str]:
+    """A list (or tuple) of keys; a string is not a list of its characters."""
+    if not isinstance(keys, list | tuple):
+        raise StoreArgumentError(f"{name} must be a list of strings, not {_show(keys)}")
+    return [check_key(k, f"each of {name}") for k in keys]
+
+
+def check_items(items: object, name: str = "items") -> dict[str, str]:
+    """A mapping of keys to values, both strings."""
+    if not isinstance(items, Mapping):
+        raise StoreArgumentError(f"{name} must map strings to strings, not {_show(items)}")
+    return {
+        check_key(k, f"each key of {name}"): check_text(v, f"each value of {name}")
+        for k, v in items.items()
+    }
 
 
 @runtime_checkable
@@ -125,11 +228,14 @@ class MemoryStore:
         self._bump(key)
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        key, value = check_key(key), check_text(value)
+        ttl = None if ttl is None else check_seconds(ttl, "ttl")
         with self._cond:
             self._expire()
             self._put(key, value, ttl)
 
     def refresh(self, key: str, ttl: float) -> bool:
+        key, ttl = check_key(key), check_seconds(ttl, "ttl")
         with self._cond:
             self._expire()
             entry = self._data.get(key)
@@ -139,12 +245,14 @@ class MemoryStore:
             return True
 
     def get(self, key: str) -> str | None:
+        key = check_key(key)
         with self._cond:
             self._expire()
             entry = self._data.get(key)
             return entry.value if entry else None
 
     def add(self, key: str, amount: int) -> int:
+        key, amount = check_key(key), check_amount(amount)
         with self._cond:
             self._expire()
             entry = self._data.get(key)
@@ -158,6 +266,9 @@ class MemoryStore:
     def compare_set(
         self, key: str, expected: str | None, desired: str, ttl: float | None = None
     ) -> tuple[bool, str | None]:
+        key, desired = check_key(key), check_text(desired, "desired")
+        expected = check_optional_text(expected, "expected")
+        ttl = None if ttl is None else check_seconds(ttl, "ttl")
         with self._cond:
             self._expire()
             entry = self._data.get(key)
@@ -168,6 +279,7 @@ class MemoryStore:
             return True, desired
 
     def delete(self, key: str) -> bool:
+        key = check_key(key)
         with self._cond:
             self._expire()
             if self._data.pop(key, None) is None:
@@ -176,6 +288,7 @@ class MemoryStore:
             return True
 
     def delete_prefix(self, prefix: str) -> int:
+        prefix = check_key(prefix, "prefix")
         with self._cond:
             self._expire()
             doomed = [k for k in self._data if k.startswith(prefix)]
@@ -185,17 +298,20 @@ class MemoryStore:
             return len(doomed)
 
     def multi_get(self, keys: Sequence[str]) -> list[str | None]:
+        keys = check_keys(keys)
         with self._cond:
             self._expire()
             return [self._data[k].value if k in self._data else None for k in keys]
 
     def multi_set(self, items: Mapping[str, str]) -> None:
+        items = check_items(items)
         with self._cond:
             self._expire()
             for key, value in items.items():
                 self._put(key, value, None)
 
     def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        prefix = check_key(prefix, "prefix")
         with self._cond:
             self._expire()
             found = {k: e.value for k, e in self._data.items() if k.startswith(prefix)}
@@ -209,6 +325,8 @@ class MemoryStore:
         return min(times) if times else None
 
     def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
+        prefix, version = check_key(prefix, "prefix"), check_version(version)
+        timeout = check_seconds(timeout, "timeout")
         self._wait_until(
             lambda: self._changed_since(prefix, version),
             timeout,
@@ -217,6 +335,7 @@ class MemoryStore:
         return self._version
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
+        keys, timeout = check_keys(keys), check_seconds(timeout, "timeout")
         self._wait_until(
             lambda: all(k in self._data for k in keys),
             timeout,

@@ -6,18 +6,29 @@ agent needs (importing asyncio costs ~11 ms), is :mod:`elastic_runner.rendezvous
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from elastic_runner.rendezvous.store import (
+    StoreArgumentError,
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
+    check_seconds,
 )
-from elastic_runner.rendezvous.tcp_wire import HEADER, MAX_FRAME, BadFrame, decode, encode
+from elastic_runner.rendezvous.tcp_wire import (
+    HEADER,
+    IDLE_TIMEOUT,
+    MAX_FRAME,
+    BadFrame,
+    decode,
+    encode,
+)
 
 __all__ = ["TCPStoreClient"]
 
@@ -34,6 +45,12 @@ class TCPStoreClient:
     (nobody listens: the hosting agent is gone, it will not come back) is a
     :class:`StoreError`; no answer (a cut link, a frozen host: it may heal) is a
     :class:`StoreUnavailableError`, which the rendezvous retries until its join timeout.
+
+    ``ssl_context`` (a client context) speaks TLS, checking the server's certificate
+    against ``server_hostname`` (default ``host``: the hosting agent reaches its own
+    store over loopback but checks the name the other nodes use). A connection idle for
+    half the server's idle timeout, or that the server closed, is replaced before the
+    next request, without counting as lost.
     """
 
     def __init__(
@@ -44,9 +61,14 @@ class TCPStoreClient:
         connect_timeout: float = 30.0,
         request_timeout: float = 60.0,
         reconnect_timeout: float | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self._host, self._port, self._token = host, port, token
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname or host
         #: How long to try the first connection (the host agent may start later) and a
         #: new one after a connection was lost (a dead host does not come back).
         self._connect_timeout = connect_timeout
@@ -71,7 +93,9 @@ class TCPStoreClient:
     def _conn(self) -> socket.socket:
         sock: socket.socket | None = getattr(self._local, "sock", None)
         if sock is not None:
-            return sock
+            if not self._stale(sock):
+                return sock
+            self._drop(sock)
         patience = self._reconnect_timeout if self._connected_once else self._connect_timeout
         start = time.monotonic()
         if self._connected_once:
@@ -102,14 +126,79 @@ class TCPStoreClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._local.sock = sock
+        if self._ssl is not None:
+            sock = self._handshake(sock, wait)
         with self._lock:
             self._all.append(sock)
-        self._request(sock, "hello", token=self._token)
+        try:
+            self._request(sock, "hello", token=self._token)
+        except BaseException:
+            self._drop(sock)
+            raise
+        self._local.sock = sock
         self._connected_once = True
         with self._lock:
             self._lost_since = None
         return sock
+
+    def _handshake(self, sock: socket.socket, wait: float) -> socket.socket:
+        """``sock`` with TLS on it: a certificate that does not verify, or a peer that
+        does not speak TLS, is a :class:`StoreError` (no retry helps); a connection
+        closed during the handshake may be a busy store (retried)."""
+        assert self._ssl is not None
+        sock.settimeout(wait)
+        try:
+            return self._ssl.wrap_socket(sock, server_hostname=self._server_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise StoreError(
+                f"cannot verify the rendezvous store at {self.address}: "
+                f"{exc.verify_message or exc.reason} (rdzv.ca_cert: the CA that signed "
+                "the hosting agent's rdzv.cert)"
+            ) from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            sock.close()
+            raise StoreUnavailableError(
+                f"the rendezvous store at {self.address} closed the connection during "
+                f"the TLS handshake ({exc}): is it serving TLS (rdzv.cert and rdzv.key "
+                "on the hosting agent)?"
+            ) from None
+        except ssl.SSLError as exc:
+            sock.close()
+            raise StoreError(
+                f"TLS with the rendezvous store at {self.address} failed: "
+                f"{exc.reason or exc} (is it serving TLS: rdzv.cert and rdzv.key on the "
+                "hosting agent?)"
+            ) from None
+        except OSError as exc:  # a timeout, a reset: the way there may heal
+            sock.close()
+            raise StoreUnavailableError(
+                f"cannot reach the rendezvous store at {self.address}: {exc}"
+            ) from None
+
+    def _stale(self, sock: socket.socket) -> bool:
+        """Whether this thread's connection must be replaced before its next request:
+        idle long enough that the server may be closing it, or already closed by it
+        (readable before a request was sent: its end of stream, or a parting word)."""
+        if time.monotonic() - getattr(self._local, "used", 0.0) > IDLE_TIMEOUT / 2:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Forget and close a connection of this thread."""
+        if getattr(self._local, "sock", None) is sock:
+            self._local.sock = None
+        with self._lock:
+            if sock in self._all:
+                self._all.remove(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def _request(
         self, sock: socket.socket, op: str, wait_s: float | None = None, **args: Any
@@ -131,26 +220,36 @@ class TCPStoreClient:
                 raise StoreError(f"oversized answer from {self.address}")
             answer = decode(_recv_exactly(sock, size))
         except BadFrame as exc:
-            self._local.sock = None
+            self._drop(sock)
             raise StoreError(f"lost the rendezvous store at {self.address}: {exc}") from None
         except OSError as exc:  # the connection is lost; reconnecting tells more
-            self._local.sock = None
+            self._drop(sock)
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no answer within {sock.gettimeout() or 0:g} s")
-            with contextlib.suppress(OSError):
-                sock.close()
+            hint = ""
+            if op == "hello" and self._ssl is None:
+                hint = " (at hello: if the store serves TLS, set rdzv.ca_cert)"
             raise StoreUnavailableError(
-                f"lost the rendezvous store at {self.address}: {exc}"
+                f"lost the rendezvous store at {self.address}: {exc}{hint}"
             ) from None
+        self._local.used = time.monotonic()
         if not answer.get("ok"):
+            error = str(answer.get("error"))[:1000]
             if answer.get("timeout"):
-                raise StoreTimeoutError(answer.get("error", "timed out"))
-            raise StoreError(f"store at {self.address}: {answer.get('error')}")
+                raise StoreTimeoutError(error)
+            if answer.get("busy"):
+                raise StoreUnavailableError(
+                    f"the rendezvous store at {self.address} refuses connections: {error}"
+                )
+            if answer.get("invalid"):
+                raise StoreArgumentError(f"store at {self.address}: {error}")
+            raise StoreError(f"store at {self.address}: {error}")
         return answer.get("result")
 
     def _call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         if timeout is not None:
-            args["timeout"] = timeout
+            # checked here too: it also sets how long this client waits for the answer
+            args["timeout"] = timeout = check_seconds(timeout, "timeout")
         return self._request(self._conn(), op, wait_s=timeout, **args)
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
@@ -181,10 +280,10 @@ class TCPStoreClient:
         return int(self._call("delete_prefix", prefix=prefix))
 
     def multi_get(self, keys: Sequence[str]) -> list[str | None]:
-        return list(self._call("multi_get", keys=list(keys)))
+        return list(self._call("multi_get", keys=_as_list(keys)))
 
     def multi_set(self, items: Mapping[str, str]) -> None:
-        self._call("multi_set", items=dict(items))
+        self._call("multi_set", items=dict(items) if isinstance(items, Mapping) else items)
 
     def scan(self, prefix: str) -> tuple[dict[str, str], int]:
         found, version = self._call("scan", prefix=prefix)
@@ -194,7 +293,7 @@ class TCPStoreClient:
         return int(self._call("wait_for_change", timeout=timeout, prefix=prefix, version=version))
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
-        self._call("wait", timeout=timeout, keys=list(keys))
+        self._call("wait", timeout=timeout, keys=_as_list(keys))
 
     def close(self) -> None:
         with self._lock:
@@ -202,6 +301,12 @@ class TCPStoreClient:
                 with contextlib.suppress(OSError):
                     sock.close()
             self._all.clear()
+
+
+def _as_list(keys: Sequence[str]) -> Any:
+    """Keys as a JSON list; anything else (a string, a set) as it is, for the server to
+    refuse or the encoder to reject: a string is not a list of its characters."""
+    return list(keys) if isinstance(keys, list | tuple) else keys
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -12,11 +12,22 @@ Use it from a backend's tests::
             server.stop()
 
 Each call of ``make_store()`` must return a new client of the same store.
+
+:class:`StoreSuite` includes the bad arguments every store must refuse (NaN or infinite
+times to live, no amount): with a :class:`StoreError` (best:
+:class:`~elastic_runner.rendezvous.store.StoreArgumentError`; not a timeout),
+``TypeError``, ``ValueError`` or ``OverflowError``, changing nothing, and the store
+goes on. :class:`StrictStoreSuite` adds what the built-in stores refuse too (negative,
+NaN or infinite times anywhere, amounts that are not 64-bit integers, keys and values
+that are not text, a string given as a list of keys, ...): a store that checks its
+arguments with the ``check_*`` functions of :mod:`elastic_runner.rendezvous.store`
+passes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +35,59 @@ from typing import Any
 
 import pytest
 
-from elastic_runner.rendezvous.store import Store, StoreTimeoutError
+from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError
 
-__all__ = ["StoreSuite"]
+__all__ = ["StoreSuite", "StrictStoreSuite"]
+
+#: What a refusal may raise (a StoreTimeoutError is not one: it says the wait ran).
+REFUSED = (StoreError, TypeError, ValueError, OverflowError)
+NAN, INF = math.nan, math.inf
+
+Call = Callable[[Store], object]
+
+#: Refused by every store: (what, call). Nothing may be written under ``bad/``.
+BAD_ARGUMENTS: list[tuple[str, Call]] = [
+    ("set ttl=nan", lambda s: s.set("bad/k", "v", ttl=NAN)),
+    ("set ttl=inf", lambda s: s.set("bad/k", "v", ttl=INF)),
+    ("set ttl=-inf", lambda s: s.set("bad/k", "v", ttl=-INF)),
+    ("compare_set ttl=nan", lambda s: s.compare_set("bad/k", None, "v", ttl=NAN)),
+    ("add amount=None", lambda s: s.add("bad/n", None)),  # type: ignore[arg-type]
+]
+#: Refused by the built-in stores (:class:`StrictStoreSuite`); not yet by every backend.
+STRICT_BAD_ARGUMENTS: list[tuple[str, Call]] = [
+    ("set ttl=-1", lambda s: s.set("bad/k", "v", ttl=-1)),
+    ("compare_set ttl=-1", lambda s: s.compare_set("bad/k", None, "v", ttl=-1.0)),
+    ("refresh ttl=nan", lambda s: s.refresh("ttl/k", NAN)),
+    ("refresh ttl=inf", lambda s: s.refresh("ttl/k", INF)),
+    ("refresh ttl=-1", lambda s: s.refresh("ttl/k", -1)),
+    ("add amount=nan", lambda s: s.add("bad/n", NAN)),  # type: ignore[arg-type]
+    ("add amount='1'", lambda s: s.add("bad/n", "1")),  # type: ignore[arg-type]
+    ("add amount=1.5", lambda s: s.add("bad/n", 1.5)),  # type: ignore[arg-type]
+    ("add amount=True", lambda s: s.add("bad/n", True)),
+    ("add amount=2**64", lambda s: s.add("bad/n", 2**64)),
+    ("wait_for_change timeout=nan", lambda s: s.wait_for_change("bad/", 0, NAN)),
+    ("wait_for_change timeout=inf", lambda s: s.wait_for_change("bad/", 0, INF)),
+    ("wait_for_change timeout=-1", lambda s: s.wait_for_change("bad/", 0, -1)),
+    ("wait_for_change version=-1", lambda s: s.wait_for_change("bad/", -1, 0.1)),
+    ("wait timeout=nan", lambda s: s.wait(["bad/k"], NAN)),
+    ("wait timeout=inf", lambda s: s.wait(["bad/k"], INF)),
+    ("wait timeout=-1", lambda s: s.wait(["bad/k"], -1)),
+    ("wait keys='bad/k'", lambda s: s.wait("bad/k", 0.1)),
+    ("set key=1", lambda s: s.set(1, "v")),  # type: ignore[arg-type]
+    ("set key=None", lambda s: s.set(None, "v")),  # type: ignore[arg-type]
+    ("set value=1", lambda s: s.set("bad/k", 1)),  # type: ignore[arg-type]
+    ("set value=None", lambda s: s.set("bad/k", None)),  # type: ignore[arg-type]
+    ("get key=1", lambda s: s.get(1)),  # type: ignore[arg-type]
+    ("compare_set expected=1", lambda s: s.compare_set("bad/k", 1, "v")),  # type: ignore[arg-type]
+    ("compare_set desired=None", lambda s: s.compare_set("bad/k", None, None)),  # type: ignore[arg-type]
+    ("delete key=1", lambda s: s.delete(1)),  # type: ignore[arg-type]
+    ("delete_prefix prefix=None", lambda s: s.delete_prefix(None)),  # type: ignore[arg-type]
+    ("scan prefix=1", lambda s: s.scan(1)),  # type: ignore[arg-type]
+    ("multi_get keys='bad/k'", lambda s: s.multi_get("bad/k")),
+    ("multi_get keys=[1]", lambda s: s.multi_get([1])),  # type: ignore[list-item]
+    ("multi_set items={'bad/k': 1}", lambda s: s.multi_set({"bad/k": 1})),  # type: ignore[dict-item]
+    ("multi_set items=[pairs]", lambda s: s.multi_set([("bad/k", "v")])),  # type: ignore[arg-type]
+]
 
 MakeStore = Callable[[], Store]
 
@@ -174,6 +235,53 @@ class StoreSuite:
         assert time.monotonic() - t0 < 0.5
         client.set("z/done", "1")
         thread.join(5)
+
+    # -- bad arguments: refused, nothing changes, the store goes on ------------------------
+
+    @pytest.mark.parametrize(("what", "call"), BAD_ARGUMENTS, ids=[w for w, _ in BAD_ARGUMENTS])
+    def test_refuses_bad_arguments(self, store: Store, what: str, call: Call) -> None:
+        _assert_refused(store, what, call, self.TTL)
+
+
+class StrictStoreSuite(StoreSuite):
+    """:class:`StoreSuite` plus the stricter argument checks of the built-in stores."""
+
+    @pytest.mark.parametrize(
+        ("what", "call"), STRICT_BAD_ARGUMENTS, ids=[w for w, _ in STRICT_BAD_ARGUMENTS]
+    )
+    def test_refuses_bad_arguments_strictly(self, store: Store, what: str, call: Call) -> None:
+        _assert_refused(store, what, call, self.TTL)
+
+
+def _assert_refused(store: Store, what: str, call: Call, ttl: float) -> None:
+    """``call(store)`` raises one of :data:`REFUSED` (within 5 s: a wait that accepted an
+    infinite timeout must not hang the suite), writes nothing under ``bad/``, and the
+    store answers afterwards."""
+    store.set("ttl/k", "1", ttl=max(10 * ttl, 5.0))
+    store.set("bad/n", "7")
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            call(store)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert outcome, f"{what}: not refused (still waiting after 5 s)"
+    assert outcome[0] is not None, f"{what}: accepted"
+    refusal = outcome[0]
+    assert isinstance(refusal, REFUSED) and not isinstance(refusal, StoreTimeoutError), (
+        f"{what}: {type(refusal).__name__}: {refusal}"
+    )
+    assert store.get("bad/k") is None, f"{what}: written anyway"
+    assert store.get("bad/n") == "7", f"{what}: changed the counter"
+    store.set("after", what)  # the store (and this client) goes on
+    assert store.get("after") == what
 
 
 def _ignore(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -11,8 +11,8 @@ from elastic_runner_prometheus import PrometheusMetrics
 from elastic_runner_prometheus.handler import prometheus_name
 from elastic_runner_prometheus.scrape import scrape
 
+from elastic_runner.addresses import address_towards
 from elastic_runner.metrics import MetricHandler
-from elastic_runner.rendezvous.network import address_towards
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
 
 
