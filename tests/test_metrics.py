@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from elastic_runner.errors import ConfigError
 from elastic_runner.metrics import METRICS, MetricHandler, MetricKind, NoMetrics
-from elastic_runner.metrics.builtin import ConsoleMetrics, JsonlMetrics
+from elastic_runner.metrics.builtin import (
+    ConsoleMetrics,
+    JsonlMetrics,
+    JsonlMetricsConfig,
+    _jsonl,
+)
+from elastic_runner.spec import RunContext
 from elastic_runner.testing.metric_handler_suite import MetricHandlerSuite
+from tests.test_logs import fill, tmpfs
 
 
 class Recorder:
@@ -103,3 +112,33 @@ class TestConsoleMetrics(MetricHandlerSuite):
         stream = io.StringIO()
         ConsoleMetrics(stream).put("workers.failures", 1, {"kind": "EXIT_CODE"})
         assert stream.getvalue() == "[metric] workers.failures{kind=EXIT_CODE} 1\n"
+
+
+# -- disk faults --------------------------------------------------------------------------
+
+
+def test_metrics_on_a_full_disk_are_one_warning_then_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tmpfs(tmp_path / "disk") as disk:
+        handler = JsonlMetrics(disk / "metrics.jsonl")
+        handler.put("workers.running", 0)
+        fill(disk)
+        for n in range(1, 200):  # well past the page the file has
+            handler.put("workers.running", n, {"pad": "x" * 100})
+        handler.close()
+        lines = (disk / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert 1 <= len(lines) < 200 and all(line.endswith("\n") for line in lines)
+    assert [json.loads(line)["value"] for line in lines] == list(range(len(lines)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert (
+        "metrics.jsonl: No space left on device (ENOSPC); metric values are dropped"
+        in (warnings[0])
+    )
+
+
+def test_a_metrics_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    context = RunContext("rid", tmp_path, "node0")
+    with pytest.raises(ConfigError, match=r"^metrics.file=no/m.jsonl: cannot open .*ENOENT"):
+        _jsonl(JsonlMetricsConfig(file="no/m.jsonl"), context)

@@ -7,13 +7,14 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO
 
 from elastic_runner.config import EventsConfig
+from elastic_runner.errors import ConfigError
 from elastic_runner.events.api import Event
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.spec import RunContext
+from elastic_runner.workers.logs import JsonlFile, describe_os_error
 
 __all__ = [
     "ConsoleEventSink",
@@ -43,15 +44,17 @@ class NullEventsConfig(EventsConfig):
 
 
 class JsonlEventSink:
-    """Appends each event as a JSON line; flushed per event so a crash loses nothing."""
+    """Appends each event as a JSON line, written whole at once so a crash loses nothing.
+
+    A disk fault does not stop the run: the first failed write (a full disk, an I/O error)
+    is one warning, then events are dropped (the file keeps only whole lines)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = JsonlFile(self.path, "events are dropped from now on (the run goes on)")
 
     def emit(self, event: Event) -> None:
-        self._file.write(event.to_json() + "\n")
-        self._file.flush()
+        self._file.append(event.to_json())
 
     def close(self) -> None:
         self._file.close()
@@ -78,7 +81,13 @@ class NullEventSink:
 
 
 def _jsonl(config: JsonlEventsConfig, context: RunContext) -> JsonlEventSink:
-    return JsonlEventSink(context.run_dir / config.file)
+    path = context.run_dir / config.file
+    try:
+        return JsonlEventSink(path)
+    except OSError as exc:  # at start, before any worker: the user can fix it
+        raise ConfigError(
+            "events.file", config.file, f"cannot open {path}: {describe_os_error(exc)}"
+        ) from None
 
 
 @hookimpl

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import IO
 
 from elastic_runner.config import MetricsConfig
+from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.metrics.api import METRICS, MetricKind, NoMetrics
 from elastic_runner.registry import ComponentSpec
+from elastic_runner.spec import RunContext
+from elastic_runner.workers.logs import JsonlFile, describe_os_error
 
 __all__ = [
     "ConsoleMetrics",
@@ -69,12 +72,15 @@ class ConsoleMetrics:
 
 
 class JsonlMetrics:
-    """Appends ``{"name", "value", "labels", "kind", "timestamp"}`` per value; flushed per
-    line, so a crash loses nothing."""
+    """Appends ``{"name", "value", "labels", "kind", "timestamp"}`` per value; each line
+    written whole at once, so a crash loses nothing.
+
+    A disk fault does not stop the run: the first failed write (a full disk, an I/O error)
+    is one warning, then values are dropped (the file keeps only whole lines)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = JsonlFile(self.path, "metric values are dropped from now on (the run goes on)")
 
     def put(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
         info = METRICS.get(name)
@@ -85,11 +91,20 @@ class JsonlMetrics:
             "kind": info.kind.value if info else MetricKind.GAUGE.value,
             "timestamp": time.time(),
         }
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
+        self._file.append(json.dumps(record, separators=(",", ":")))
 
     def close(self) -> None:
         self._file.close()
+
+
+def _jsonl(config: JsonlMetricsConfig, context: RunContext) -> JsonlMetrics:
+    path = context.run_dir / config.file
+    try:
+        return JsonlMetrics(path)
+    except OSError as exc:  # at start, before any worker: the user can fix it
+        raise ConfigError(
+            "metrics.file", config.file, f"cannot open {path}: {describe_os_error(exc)}"
+        ) from None
 
 
 @hookimpl
@@ -100,10 +115,5 @@ def elastic_runner_metric_handlers() -> Sequence[ComponentSpec]:
         ComponentSpec(
             "console", lambda c, ctx: ConsoleMetrics(), ConsoleMetricsConfig, "lines on stderr"
         ),
-        ComponentSpec(
-            "jsonl",
-            lambda c, ctx: JsonlMetrics(ctx.run_dir / c.file),
-            JsonlMetricsConfig,
-            "metrics.jsonl in the run directory",
-        ),
+        ComponentSpec("jsonl", _jsonl, JsonlMetricsConfig, "metrics.jsonl in the run directory"),
     ]

@@ -15,6 +15,7 @@ train.py:42``), for the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from typing import TypeVar
 
 import psutil
 
+from elastic_runner.workers.logs import WriteFaults
+
 __all__ = ["STACK_MODES", "StackDump", "StackDumper", "find_py_spy"]
 
 K = TypeVar("K")
@@ -38,6 +41,8 @@ STACKS_DIR_ENV = "ELASTIC_RUNNER_STACKS_DIR"
 STACKS_SIGNAL_ENV = "ELASTIC_RUNNER_STACKS_SIGNAL"
 DUMP_SIGNAL = int(signal.SIGRTMIN) + 5
 _SITE_DIR = Path(__file__).with_name("stackdump")
+#: Where a dump that could not be saved went (:attr:`StackDump.path`).
+STDERR = Path("<stderr>")
 #: Bounds of the wait for faulthandler's files: there is no completion event (the
 #: handler writes from a signal handler), so the agent waits until each file stops growing.
 _SETTLE, _GIVE_UP = 0.02, 3.0
@@ -70,19 +75,30 @@ def _main_frame(text: str) -> str | None:
 
 
 class StackDumper:
-    """Dumps the stacks of a worker's process tree into a file of the run directory."""
+    """Dumps the stacks of a worker's process tree into a file of the run directory.
+
+    A disk fault costs the file, not the stacks: a dump that cannot be saved is printed on
+    the agent's stderr instead (its :attr:`StackDump.path` is :data:`STDERR`), after one
+    warning per error; a directory for faulthandler's files that cannot be made means no
+    faulthandler dump for that worker (one warning per error)."""
 
     def __init__(self, mode: str = "auto") -> None:
         self.py_spy = find_py_spy() if mode in ("auto", "py-spy") else None
         if mode == "auto":
             mode = "py-spy" if self.py_spy else "faulthandler"
         self.mode = mode
+        self._faults = WriteFaults("stack dumps go to stderr instead")
+        self._dir_faults = WriteFaults("no faulthandler stack dumps for the workers there")
 
     def worker_env(self, stacks_dir: Path, env: dict[str, str]) -> dict[str, str]:
         """What to add to a worker's environment (faulthandler mode only)."""
         if self.mode != "faulthandler":
             return {}
-        stacks_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            stacks_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._dir_faults.failed(stacks_dir, exc)
+            return {}
         path = os.pathsep.join(p for p in (str(_SITE_DIR), env.get("PYTHONPATH")) if p)
         return {
             "PYTHONPATH": path,
@@ -113,11 +129,23 @@ class StackDumper:
         for key, (_, _, path) in targets.items():
             text = texts.get(key, "")
             if text.strip():
-                path.write_text(text)
-                out[key] = StackDump(path, text, self.mode)
+                out[key] = StackDump(self._save(path, text), text, self.mode)
             else:
                 out[key] = None
         return out
+
+    def _save(self, path: Path, text: str) -> Path:
+        """Where the dump is: ``path``, or :data:`STDERR` when it cannot be written there."""
+        try:
+            path.write_text(text)
+        except OSError as exc:
+            self._faults.failed(path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()  # no torn dump
+            sys.stderr.write(f"[elastic-run] stacks for {path}:\n{text.rstrip()}\n")
+            sys.stderr.flush()
+            return STDERR
+        return path
 
     def _py_spy(self, trees: Mapping[K, list[psutil.Process]]) -> dict[K, str]:
         assert self.py_spy
@@ -150,7 +178,10 @@ class StackDumper:
                 path = stacks_dir / f"{proc.pid}.txt"
                 if not path.exists():  # not a Python process that armed the handler
                     continue
-                offsets[path] = path.stat().st_size
+                try:
+                    offsets[path] = path.stat().st_size
+                except OSError:
+                    continue
                 try:
                     os.kill(proc.pid, DUMP_SIGNAL)
                 except ProcessLookupError:
@@ -163,15 +194,22 @@ class StackDumper:
         while pending and time.monotonic() < deadline:
             time.sleep(_SETTLE)
             for path in list(pending):
-                size = path.stat().st_size
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    pending.discard(path)
+                    continue
                 if size > offsets[path] and size == sizes[path]:
                     pending.discard(path)  # grew, then did not change for one settle period
                 sizes[path] = size
         parts: dict[K, list[str]] = {}
         for path, start in offsets.items():
-            with open(path, "rb") as f:
-                f.seek(start)
-                text = f.read().decode(errors="replace")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    text = f.read().decode(errors="replace")
+            except OSError:  # gone, or an I/O error: no dump from this process
+                continue
             if text.strip():
                 parts.setdefault(owner[path], []).append(f"== pid {path.stem} ==\n{text}")
         return {key: "\n".join(texts) for key, texts in parts.items()}
