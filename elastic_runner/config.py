@@ -9,10 +9,17 @@ subclasses of the group's base schema, provided by plugins through the component
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import math
 import os
 import re
+import resource
 import signal
+import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -22,6 +29,8 @@ from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.spec import RestartPolicy
 
 __all__ = [
+    "MAX_SECONDS",
+    "REDACTED",
     "ConfigError",
     "ElasticRunConfig",
     "EventsConfig",
@@ -29,16 +38,29 @@ __all__ = [
     "JobConfig",
     "LogsConfig",
     "MetricsConfig",
+    "RedactingFilter",
     "RendezvousConfig",
     "TimerConfig",
     "ValidConfig",
     "WatchdogConfig",
+    "check_nproc_per_node",
+    "describe_config_error",
+    "is_secret_name",
+    "may_hold_secrets",
+    "one_line",
+    "parse_env",
+    "parse_log_prefix",
     "parse_memory",
     "parse_nnodes",
     "parse_nproc_per_node",
+    "parse_run_id",
+    "parse_seconds",
     "parse_signals",
+    "redact",
+    "redact_text",
     "register_configs",
     "validate",
+    "write_private",
 ]
 
 
@@ -64,7 +86,8 @@ class JobConfig:
     role: str = "default"
     #: An int >= 1, ``cpu`` (the machine's CPU count) or ``auto`` (same, without GPUs).
     nproc_per_node: Any = 1
-    #: Extra environment variables for the workers.
+    #: Extra environment variables for the workers: names ``[A-Za-z_][A-Za-z0-9_]*``,
+    #: string values without NUL.
     env: dict[str, str] = field(default_factory=dict)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -75,6 +98,8 @@ class RendezvousConfig:
 
     backend: str = MISSING
     #: The job's id (TORCHELASTIC_RUN_ID), shared by all nodes; fresh per run when unset.
+    #: 1 to 128 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or digit:
+    #: no ``/``, so no job's keys in a shared store are ever under another job's.
     id: str | None = None
 
 
@@ -82,7 +107,8 @@ class RendezvousConfig:
 class LogsConfig:
     """Worker output: per attempt and rank files in the run directory, teed to console."""
 
-    #: Prefix of each console line; may use {role}, {rank}, {local_rank}, {node}.
+    #: Prefix of each console line; may use {role}, {rank}, {local_rank}, {node} (with a
+    #: format spec, e.g. {rank:>3}); at most 200 characters once formatted.
     prefix: str = "[{role}{local_rank}]:"
     #: Copy worker output to the console (files always get everything).
     tee: bool = True
@@ -319,6 +345,149 @@ def parse_signals(key: str, names: list[str]) -> frozenset[int]:
     return frozenset(out)
 
 
+#: Most seconds a duration key takes (about 11.6 days): a longer wait overflows the
+#: kernel's and the event loop's timers (epoll takes at most 2**31 - 1 ms).
+MAX_SECONDS = 1_000_000.0
+
+#: Duration keys of any schema (a plugin's too) are recognised by their name's ending.
+_SECONDS_NAME = re.compile(r"(^|_)(timeout|interval|window|uptime)$")
+
+
+def parse_seconds(
+    key: str, value: object, *, positive: bool = False, maximum: float = MAX_SECONDS
+) -> float:
+    """A duration in seconds: a finite number >= 0 (> 0 when ``positive``), at most
+    ``maximum``. NaN and the infinities are refused (NaN passes every ``< 0`` test)."""
+    allowed = (
+        f"expected seconds {'>' if positive else '>='} 0 (a finite number up to {maximum:.0f})"
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, value, allowed)
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or seconds > maximum:
+        raise ConfigError(key, value, allowed)
+    if positive and seconds == 0:
+        raise ConfigError(key, value, allowed)
+    return seconds
+
+
+#: ``rdzv.id``: the job's keys are ``rdzv/<id>/...`` in a store several jobs may share; an
+#: id with ``/`` could put one job's keys under another's (``team`` and ``team/exp1``).
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def parse_run_id(value: object) -> str | None:
+    """``rdzv.id``: ``None`` (or empty) when unset, else 1..128 of ``[A-Za-z0-9._-]``,
+    starting with a letter or digit."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
+        raise ConfigError(
+            "rdzv.id",
+            value,
+            "expected 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (no '/'), e.g. rdzv.id=team.exp1",
+        )
+    return value
+
+
+#: Fields ``logs.prefix`` may use, with sample values of the types the agent passes.
+_PREFIX_SAMPLE = {"role": "default", "rank": 0, "local_rank": 0, "node": "node"}
+#: Most characters of ``logs.prefix`` once formatted (beyond the values' own length).
+MAX_PREFIX = 200
+
+
+def parse_log_prefix(value: str) -> str:
+    """``logs.prefix``: a ``str.format`` template of ``{role}``, ``{rank}``,
+    ``{local_rank}`` and ``{node}`` only (a format spec allowed, no attribute or index,
+    no nested field), at most ``MAX_PREFIX`` characters once formatted."""
+    key = "logs.prefix"
+    fields = ", ".join(f"{{{name}}}" for name in _PREFIX_SAMPLE)
+    braces = "write {{ and }} for a literal brace"
+    try:
+        parsed = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ConfigError(key, value, f"not a valid template ({exc}); {braces}") from None
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if name not in _PREFIX_SAMPLE:
+            raise ConfigError(key, value, f"unknown field {{{name}}}; allowed: {fields} ({braces})")
+        if "{" in (spec or ""):
+            raise ConfigError(key, value, f"nested fields are not allowed ({braces})")
+        # checked before formatting: "{rank:>20000000}" would build a 20 MB string
+        if any(int(n) > MAX_PREFIX for n in re.findall(r"\d+", spec or "")):
+            raise ConfigError(key, value, f"a width over {MAX_PREFIX} characters")
+    try:
+        sample = value.format(**_PREFIX_SAMPLE)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ConfigError(key, value, f"cannot be formatted ({exc}); fields: {fields}") from None
+    if len(sample) > MAX_PREFIX:
+        raise ConfigError(key, value, f"longer than {MAX_PREFIX} characters once formatted")
+    return value
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Longest ``NAME=value`` the kernel passes to a new process (MAX_ARG_STRLEN, with its NUL).
+_MAX_ENV_ENTRY = 128 * 1024 - 1
+
+
+def parse_env(env: object) -> dict[str, str]:
+    """``job.env``: names ``[A-Za-z_][A-Za-z0-9_]*``, values strings without NUL that the
+    kernel can pass (``NAME=value`` under 128 KiB); a list, a mapping or null is refused
+    (a mapping given whole, ``+job.env={X:[1]}``, reaches here unconverted)."""
+    if not isinstance(env, dict):
+        raise ConfigError("job.env", env, "expected a mapping of variable names to strings")
+    out = {}
+    for name, value in env.items():
+        key = f"job.env.{name}"
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ConfigError(
+                "job.env",
+                repr(name),
+                "expected variable names of letters, digits and '_', not starting with a digit",
+            )
+        secret = is_secret_name(name)
+        if not isinstance(value, str):  # OmegaConf makes scalars strings, not these
+            shown = REDACTED if secret else value
+            raise ConfigError(key, shown, "expected a string (not a list, mapping or null)")
+        if "\0" in value:
+            raise ConfigError(key, REDACTED if secret else repr(value), "contains a NUL character")
+        if len(os.fsencode(f"{name}={value}")) > _MAX_ENV_ENTRY:
+            raise ConfigError(
+                key,
+                REDACTED if secret else f"({len(value)} characters)",
+                "too long: NAME=value must be under 128 KiB",
+            )
+        out[name] = value
+    return out
+
+
+#: Workers per usable CPU above which ``job.nproc_per_node`` is refused as a mistake.
+MAX_WORKERS_PER_CPU = 32
+
+
+def check_nproc_per_node(n: int) -> None:
+    """Refuse more workers than this user may run (``RLIMIT_NPROC``, ``ulimit -u``) or
+    more than ``MAX_WORKERS_PER_CPU`` per CPU this process may use: each is one line,
+    before any worker starts (instead of a fork failing half-way)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft != resource.RLIM_INFINITY and n + 1 > soft:  # the agent counts too
+        raise ConfigError(
+            "job.nproc_per_node",
+            n,
+            f"more workers than this user may run (process limit, ulimit -u: {soft})",
+        )
+    cpus = len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    if n > MAX_WORKERS_PER_CPU * cpus:
+        raise ConfigError(
+            "job.nproc_per_node",
+            n,
+            f"more than {MAX_WORKERS_PER_CPU} workers per CPU ({cpus} CPU(s) here: at most "
+            f"{MAX_WORKERS_PER_CPU * cpus})",
+        )
+
+
 @dataclass(frozen=True)
 class ValidConfig:
     """A run configuration that passed :func:`validate`, with the values that needed
@@ -339,12 +508,18 @@ class ValidConfig:
 
 def validate(cfg: ElasticRunConfig) -> ValidConfig:
     """Checks that need no filesystem (ranges and combinations of keys); the first bad
-    value raises :class:`ConfigError`."""
+    value raises :class:`ConfigError`. Beyond the keys named here, every float of every
+    schema (a plugin's too) must be finite, a duration key's (``*timeout``,
+    ``*interval``, ``*window``, ``*uptime``) within ``0..MAX_SECONDS``, and no string
+    may hold a NUL character."""
     min_nodes, max_nodes = parse_nnodes(cfg.nnodes)
     nproc = parse_nproc_per_node(cfg.job.nproc_per_node)
+    check_nproc_per_node(nproc)
     memory_limit = parse_memory("job.limits.memory", cfg.job.limits.memory)
     forward = parse_signals("signals.forward", cfg.signals.forward)
+    parse_run_id(cfg.rdzv.id)
     for key, value in (
+        ("stop_timeout", cfg.stop_timeout),
         ("restart.backoff.initial", cfg.restart.backoff.initial),
         ("restart.backoff.max", cfg.restart.backoff.max),
         ("restart.min_uptime", cfg.restart.min_uptime),
@@ -354,12 +529,10 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ("watchdog.heartbeat_timeout", cfg.watchdog.heartbeat_timeout),
         ("health.restart_window", cfg.health.restart_window),
     ):
-        if value < 0:
-            raise ConfigError(key, value, "expected seconds >= 0")
-    if cfg.restart.backoff.factor < 1:
-        raise ConfigError(
-            "restart.backoff.factor", cfg.restart.backoff.factor, "expected a number >= 1"
-        )
+        parse_seconds(key, value)
+    factor = cfg.restart.backoff.factor
+    if not (isinstance(factor, int | float) and math.isfinite(factor) and 1 <= factor <= 100):
+        raise ConfigError("restart.backoff.factor", factor, "expected a number from 1 to 100")
     if cfg.job.limits.memory is not None and cfg.resources.interval == 0:
         raise ConfigError(
             "resources.interval", 0, "job.limits.memory needs sampling: expected seconds > 0"
@@ -367,6 +540,9 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
     live = str(cfg.logs.live).lower()
     if live not in ("auto", "true", "false"):
         raise ConfigError("logs.live", cfg.logs.live, "allowed: auto, true, false")
+    parse_log_prefix(cfg.logs.prefix)
+    if cfg.logs.console_ranks is not None and any(r < 0 for r in cfg.logs.console_ranks):
+        raise ConfigError("logs.console_ranks", cfg.logs.console_ranks, "expected ranks >= 0")
     stack_modes = ("auto", "py-spy", "faulthandler", "none")
     if cfg.watchdog.stacks not in stack_modes:
         raise ConfigError(
@@ -380,10 +556,12 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         )
     if cfg.max_restarts < 0:
         raise ConfigError("max_restarts", cfg.max_restarts, "expected an integer >= 0")
-    if cfg.stop_timeout < 0:
-        raise ConfigError("stop_timeout", cfg.stop_timeout, "expected seconds >= 0")
-    if not cfg.job.role or not cfg.job.role.strip():
-        raise ConfigError("job.role", cfg.job.role, "expected a non-empty name")
+    role = cfg.job.role
+    if not role or not role.strip() or len(role) > 128 or not role.isprintable():
+        raise ConfigError(
+            "job.role", role, "expected a non-empty name of at most 128 printable characters"
+        )
+    parse_env(cfg.job.env)
     if cfg.job.entrypoint and cfg.job.module:
         raise ConfigError(
             "job.module", cfg.job.module, "set job.entrypoint or job.module, not both"
@@ -395,6 +573,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
             "required: a .py file or an executable on PATH (or job.module=<module>), "
             "e.g. job.entrypoint=train.py, or a preset: +job=hello",
         )
+    _check_values(cfg, "")
     restart = cfg.restart
     return ValidConfig(
         config=cfg,
@@ -412,3 +591,169 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ),
         live=live,
     )
+
+
+def _check_values(node: object, path: str) -> None:
+    """Every float finite (a duration key's within ``0..MAX_SECONDS``) and no string with
+    a NUL, in every schema, plugins' included: the rules no single key's check covers."""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            _check_value(getattr(node, f.name), f"{path}{f.name}", f.name)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_value(v, f"{path}{k}", str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_value(v, f"{path[:-1]}[{i}]", "")
+
+
+def _check_value(value: object, key: str, name: str) -> None:
+    if isinstance(value, float):
+        if _SECONDS_NAME.search(name):
+            parse_seconds(key, value)
+        elif not math.isfinite(value):
+            raise ConfigError(key, value, "expected a finite number")
+    elif isinstance(value, str):
+        if "\0" in value:
+            shown = REDACTED if is_secret_name(name) else repr(value)
+            raise ConfigError(key, shown, "contains a NUL character")
+    elif isinstance(value, dict | list) or dataclasses.is_dataclass(value):
+        _check_values(value, f"{key}.")
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+#: What a secret value is replaced by in every file the run writes.
+REDACTED = "***"
+_SECRET_LAST_WORDS = frozenset(
+    {"token", "password", "passwd", "passphrase", "secret", "secrets", "credentials"}
+)
+_SECRET_PARTS = ("secret", "api_key", "apikey", "access_key", "private_key")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a config field or environment variable named ``name`` holds a secret:
+    its last word is ``token``, ``password``, ``passwd``, ``passphrase``, ``secret`` or
+    ``credentials`` (``rdzv.token``, ``rdzv.password``, ``HF_TOKEN``), or it contains
+    ``secret``, ``api_key``, ``access_key`` or ``private_key`` (``AWS_SECRET_ACCESS_KEY``,
+    ``WANDB_API_KEY``). A path to a secret (``rdzv.key``, a TLS key file; ``token_file``)
+    is not one: the file keeps its own permissions."""
+    low = re.sub(r"[^a-z0-9]+", "_", name.lower())  # api-key, api.key: api_key
+    words = [w for w in low.split("_") if w]
+    return bool(words) and (
+        words[-1] in _SECRET_LAST_WORDS or any(part in low for part in _SECRET_PARTS)
+    )
+
+
+#: A value: quoted, a list or mapping, else up to a space, a separator or ": " (so that
+#: ``rdzv.token=x: message`` keeps its message; ``host:port`` stays whole); a comma not
+#: followed by another ``key=`` goes on (a sweep: ``rdzv.token=a,b``).
+_VALUE = (
+    r"""("[^"]*"|'[^']*'|\[[^\]]*\]|\{[^}]*\}|"""
+    r"""(?:[^\s,;&'"\]}:]|:(?!\s|$)|,(?![+~]{0,2}[A-Za-z_][\w.@/-]*[=:]))+)"""
+)
+#: ``key=value`` (an override, an argument ``--api-token=x``) and ``key: value``.
+_ASSIGNMENT = re.compile(r"(?<![\w.-])(-{0,2}[A-Za-z_][\w.-]*)(\s*[=:]\s*)" + _VALUE)
+#: Credentials in a URL: ``scheme://user:password@host``.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s/@]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the value of every ``key=value`` or ``key: value`` whose key's last
+    part is a secret name (:func:`is_secret_name`) replaced by ``***``, and the password
+    of every ``scheme://user:password@host``: for overrides, arguments, log lines."""
+    if not isinstance(text, str) or ("=" not in text and ":" not in text):
+        return text
+
+    def hide(m: re.Match[str]) -> str:
+        key, sep, value = m.groups()
+        if is_secret_name(key.rpartition(".")[2]):
+            return f"{key}{sep}{REDACTED}"
+        if len(value) > 1 and value[0] in "[{'\"":  # job.args=["--api-token=x"]
+            return f"{key}{sep}{value[0]}{redact_text(value[1:])}"
+        return m.group(0)
+
+    return _URL_PASSWORD.sub(rf"\1{REDACTED}@", _ASSIGNMENT.sub(hide, text))
+
+
+#: Anything :func:`redact` or :func:`redact_text` may hide contains one of these: text
+#: without any needs no parsing.
+_SECRET_HINT = re.compile(
+    r"token|passw|passphrase|secret|credentials|api[^a-z0-9]?key|(access|private)[^a-z0-9]key|"
+    r"://[^\s/@]*:",
+    re.IGNORECASE,
+)
+
+
+def may_hold_secrets(text: str) -> bool:
+    """False when ``text`` surely holds nothing :func:`redact` would hide (a quick test
+    before parsing a file)."""
+    return _SECRET_HINT.search(text) is not None
+
+
+def redact(data: Any) -> Any:
+    """A copy of a YAML/JSON-like tree with every secret hidden: the value of a mapping
+    key that names a secret (its last dotted part, :func:`is_secret_name`) unless unset
+    (``None`` or empty), and the secrets in strings (:func:`redact_text`)."""
+    if isinstance(data, dict):
+        return {
+            k: (
+                REDACTED
+                if is_secret_name(str(k).rpartition(".")[2]) and v not in (None, "")
+                else redact(v)
+            )
+            for k, v in data.items()
+        }
+    if isinstance(data, list | tuple):
+        return [redact(v) for v in data]
+    if isinstance(data, str):
+        return redact_text(data)
+    return data
+
+
+def describe_config_error(exc: ConfigError) -> str:
+    """The one line of a :class:`ConfigError`, its value hidden when the key names a
+    secret, a control character in it escaped (``rdzv.id=a\\nb``)."""
+    if is_secret_name(str(exc.key).rpartition(".")[2]) and exc.value not in (None, ""):
+        return one_line(redact_text(f"{exc.key}={REDACTED}: {exc.allowed}"))
+    return one_line(redact_text(str(exc)))
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character (a newline, a NUL, an escape
+    sequence) written as its Python escape: one line, and nothing for a terminal to
+    interpret."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600, also when it existed),
+    through a temporary file renamed over it: whole or absent, never torn."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that hides secrets in each record's message (:func:`redact_text`):
+    on the handlers of Hydra's log and elastic-run's, which echo overrides."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's to report, not ours
+            return True
+        hidden = redact_text(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from elastic_runner.addresses import address_towards
-from elastic_runner.config import RendezvousConfig
+from elastic_runner.config import RendezvousConfig, parse_run_id, parse_seconds
 from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.network import parse_endpoints
@@ -92,24 +92,21 @@ def settings_from(
     node_rank: int | None = None,
     close_timeout: float | None = None,
 ) -> RendezvousSettings:
-    """Validated settings from a backend's config (one clear error per bad key)."""
-    if close_timeout is not None and close_timeout < 0:
-        raise ConfigError("rdzv.close_timeout", close_timeout, "expected seconds >= 0")
+    """Validated settings from a backend's config (one clear error per bad key): the
+    run id as ``rdzv.id`` allows, every duration a finite number of seconds (the
+    heartbeat interval above 0)."""
+    if close_timeout is not None:
+        parse_seconds("rdzv.close_timeout", close_timeout)
     if not config.id:
         raise ConfigError(
             "rdzv.id",
             None,
             f"rdzv={config.backend} needs a job id shared by all nodes, e.g. rdzv.id=myjob",
         )
-    for key in (
-        "join_timeout",
-        "last_call_timeout",
-        "heartbeat_interval",
-        "heartbeat_timeout",
-        "exit_barrier_timeout",
-    ):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"rdzv.{key}", getattr(config, key), "expected seconds >= 0")
+    parse_run_id(config.id)
+    for key in ("join_timeout", "last_call_timeout", "heartbeat_timeout", "exit_barrier_timeout"):
+        parse_seconds(f"rdzv.{key}", getattr(config, key))
+    parse_seconds("rdzv.heartbeat_interval", config.heartbeat_interval, positive=True)
     if config.heartbeat_timeout <= config.heartbeat_interval:
         raise ConfigError(
             "rdzv.heartbeat_timeout",
