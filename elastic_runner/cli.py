@@ -17,20 +17,31 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from elastic_runner.config import ElasticRunConfig, register_configs, validate
+from elastic_runner.config import (
+    ElasticRunConfig,
+    describe_config_error,
+    redact,
+    register_configs,
+    validate,
+)
 from elastic_runner.errors import ConfigError
-from elastic_runner.hydra_errors import describe_hydra_error
+from elastic_runner.hydra_errors import (
+    check_run_dir,
+    describe_hydra_error,
+    describe_run_dir_error,
+)
 from elastic_runner.plugins import LoadedPlugins, PluginLoadWarning, load_plugins
 from elastic_runner.registry import ComponentKind, PluginError
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.run import run
 from elastic_runner.spec import RunResult
 from elastic_runner.sweep import PointResult
+from elastic_runner.workers.logs import guard_log_files
 
 __all__ = ["main", "run_job"]
 
@@ -69,11 +80,16 @@ def main() -> None:
 
         started = time.monotonic()
         hydra_cfg = HydraConfig.get()
+        guard_log_files(logging.getLogger())  # elastic-run.log on a full disk: one warning
+        if problem := check_run_dir(hydra_cfg.runtime.output_dir):  # before any worker
+            print(f"elastic-run: error: {problem}", file=sys.stderr, flush=True)
+            codes.append(EXIT_CONFIG_ERROR)  # and no result.json: it cannot be written
+            return
         try:
             outcome = run_job(cfg, plugins, base_env)
         except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
             message = (
-                str(exc)
+                describe_config_error(exc)
                 if isinstance(exc, ConfigError)
                 else describe_hydra_error(exc, sys.argv[1:], plugins.broken)
             )
@@ -86,25 +102,29 @@ def main() -> None:
                 hydra_cfg.runtime.output_dir,
                 error=message,
             )
-        outcome.overrides = list(hydra_cfg.overrides.task)
+        # unresolved (an override may hold "${...}"), secrets as ***
+        outcome.overrides = redact(OmegaConf.to_container(hydra_cfg.overrides.task))
         outcome.seconds = round(time.monotonic() - started, 3)
         outcome.num = OmegaConf.select(hydra_cfg, "job.num", default=None)  # type: ignore[arg-type]
-        with contextlib.suppress(OSError):
-            outcome.write()
+        outcome.write()  # whatever happened; a failure is one line, the exit code stays
         codes.append(outcome.exit_code)
 
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
+    job_dirs: list[str] = []
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        with _skip_mode_probe(sys.argv[1:]):
+        with _skip_mode_probe(sys.argv[1:]), _remember_job_dirs(job_dirs):
             hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(
                 task
             )()
     except ConfigError as exc:
-        _config_error(str(exc))
+        _config_error(describe_config_error(exc))
     except Exception as exc:
-        message = describe_hydra_error(exc, sys.argv[1:], plugins.broken)
+        # Hydra makes the run directory and writes into it before the task runs
+        message = describe_run_dir_error(exc, job_dirs) or describe_hydra_error(
+            exc, sys.argv[1:], plugins.broken
+        )
         if message is None:
             raise
         _config_error(message)
@@ -182,6 +202,43 @@ def _skip_mode_probe(argv: list[str]) -> Iterator[None]:
         yield
     finally:
         Hydra.get_mode = probe  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _remember_job_dirs(dirs: list[str]) -> Iterator[None]:
+    """Keep in ``dirs`` the directories Hydra is making, the job's run directory first,
+    then the sweep's: Hydra forgets them when making or writing one fails, and the
+    one-line error names the directory."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    def select(cfg: DictConfig, key: str) -> str | None:
+        with contextlib.suppress(Exception):  # not set yet, or not resolvable
+            found = OmegaConf.select(cfg, key, default=None)
+            return str(found) if found else None
+        return None
+
+    compose, set_config = Hydra.compose_config, HydraConfig.set_config
+
+    def composed(self: Hydra, *args: Any, **kwargs: Any) -> DictConfig:
+        cfg = compose(self, *args, **kwargs)
+        sweep = kwargs.get("run_mode") == RunMode.MULTIRUN
+        dirs[:] = [d for d in [select(cfg, "hydra.sweep.dir" if sweep else "hydra.run.dir")] if d]
+        return cfg
+
+    def job_set(self: HydraConfig, cfg: DictConfig) -> None:
+        set_config(self, cfg)
+        if (output_dir := select(cfg, "hydra.runtime.output_dir")) and output_dir not in dirs:
+            dirs.insert(0, output_dir)
+
+    Hydra.compose_config = composed  # type: ignore[method-assign]
+    HydraConfig.set_config = job_set  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.compose_config = compose  # type: ignore[method-assign]
+        HydraConfig.set_config = set_config  # type: ignore[method-assign]
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -41,9 +41,16 @@ from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.signals import handle_signals
 from elastic_runner.spec import RunContext, RunResult, WorkerExit, WorkerSpec, WorkerState
 from elastic_runner.timer.api import TimerServer
+from elastic_runner.timer.server import FileTimerServer, worker_trees
+from elastic_runner.workers.cgroup import contain
 from elastic_runner.workers.command import resolve_command
 from elastic_runner.workers.guardian import Guardian
-from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
+from elastic_runner.workers.logs import (
+    CollapsingConsole,
+    Console,
+    WorkerLogPaths,
+    describe_os_error,
+)
 from elastic_runner.workers.resources import ResourceMonitor
 from elastic_runner.workers.supervisor import ProcessSupervisor
 
@@ -138,14 +145,23 @@ class _Assembly:
             max_restarts=conf.max_restarts,
             stop_timeout=conf.stop_timeout,
         )
-        _write_config(context.run_dir / CONFIG_FILE, conf, context.run_id)
+        try:  # a record for the user, not needed by the run: a disk fault is a warning
+            _write_config(context.run_dir / CONFIG_FILE, conf, context.run_id)
+        except OSError as exc:
+            log.warning(
+                "cannot write %s: %s; the run goes on without it",
+                context.run_dir / CONFIG_FILE,
+                describe_os_error(exc),
+            )
+            with contextlib.suppress(OSError):  # no torn copy
+                (context.run_dir / CONFIG_FILE).unlink()
         # Last: it may host a store and reach the other nodes. The agent leaves the job
         # when its loop ends; the shutdown here covers a failure before that.
         rdzv: RendezvousHandler = self._component(
             stack, ComponentKind.RENDEZVOUS, conf.rdzv, "shutdown"
         )
         view = self._live_view(status, rdzv)
-        supervisor = _supervisor(conf.logs, view)
+        supervisor = _supervisor(conf.logs, view, self.valid.memory_limit)
         stack.callback(supervisor.close)
         log.info(
             "run %s: %d worker(s) of %s; run directory: %s",
@@ -155,7 +171,10 @@ class _Assembly:
             context.run_dir,
         )
         # Sweeps the workers if this agent dies, fences them if it stops renewing its lease.
-        guardian = Guardian(supervisor.marker, context.run_id)
+        # It removes the timer's FIFO too if this agent is killed.
+        remove = getattr(timer, "owned_paths", ())
+        cgroup = str(supervisor.cgroup.path) if supervisor.cgroup else None
+        guardian = Guardian(supervisor.marker, context.run_id, remove, cgroup=cgroup)
         stack.callback(guardian.close)
         self.agent = agent = ElasticAgent(
             spec,
@@ -164,7 +183,7 @@ class _Assembly:
             context=context,
             events=FanOutSink([events, status]),
             metrics=metrics,
-            base_env=self.base_env,
+            base_env=_without_secrets(self.base_env, conf.rdzv),
             log_prefix=conf.logs.prefix,
             forward_signals=self.valid.forward_signals,
             restart_policy=self.valid.restart_policy,
@@ -176,6 +195,8 @@ class _Assembly:
             lease_listener=guardian.lease,
         )
         status.watch(supervisor.activity, lambda: agent.usage)
+        if isinstance(timer, FileTimerServer):  # timers only for this run's workers' trees
+            timer.accept_pids(worker_trees(supervisor.marker))
         timer.start()
         ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
         stack.enter_context(handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored))
@@ -235,9 +256,11 @@ def _health_server(status: RunStatus, host: str, port: int) -> HealthServer:
     return server
 
 
-def _supervisor(logs: LogsConfig, view: LiveView | None) -> ProcessSupervisor:
+def _supervisor(
+    logs: LogsConfig, view: LiveView | None, memory_limit: int | None
+) -> ProcessSupervisor:
     """The process supervisor, its console teeing worker output (through the live view
-    when there is one)."""
+    when there is one), its workers in a cgroup of the run where the machine allows."""
     console: Console | None = None
     if logs.tee:
         fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
@@ -247,8 +270,10 @@ def _supervisor(logs: LogsConfig, view: LiveView | None) -> ProcessSupervisor:
             if logs.collapse
             else Console(fds, sink=sink)
         )
+    marker = uuid.uuid4().hex
+    cgroup = contain(f"elastic-run.{os.getpid()}.{marker[:8]}", memory_limit)
     return ProcessSupervisor(
-        marker=uuid.uuid4().hex, console=console, console_ranks=logs.console_ranks
+        marker=marker, console=console, console_ranks=logs.console_ranks, cgroup=cgroup
     )
 
 
@@ -281,11 +306,28 @@ def _rendezvous_failed(
 
 
 def _write_config(path: Path, config: Any, run_id: str) -> None:
-    """The resolved configuration as YAML, with the run id filled in. libyaml where PyYAML
-    has it: OmegaConf's pure-Python dumper cost about 6 ms of every start."""
+    """The resolved configuration as YAML, with the run id filled in and every secret
+    replaced by ``***`` (``rdzv.token``, ``rdzv.password``, a ``job.env`` variable such
+    as ``HF_TOKEN``: :func:`~elastic_runner.config.redact`); readable by its owner only.
+    libyaml where PyYAML has it: OmegaConf's pure-Python dumper cost about 6 ms of every
+    start."""
     import yaml
 
-    data = dataclasses.asdict(config)
+    from elastic_runner.config import redact, write_private
+
+    data = redact(dataclasses.asdict(config))
     data["rdzv"]["id"] = run_id
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    path.write_text(str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)))
+    write_private(path, str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)))
+
+
+#: The variable a rendezvous token may come from when no other source is given.
+_TOKEN_ENV = "ELASTIC_RUNNER_RDZV_TOKEN"
+
+
+def _without_secrets(env: Mapping[str, str], rdzv: Any) -> dict[str, str]:
+    """The agent's environment for its workers, less the variables that carry the
+    rendezvous token (``$ELASTIC_RUNNER_RDZV_TOKEN``, ``rdzv.token_env``): a worker
+    needs no key to the store, and should not be able to end the job with it."""
+    secret = {_TOKEN_ENV, getattr(rdzv, "token_env", None) or _TOKEN_ENV}
+    return {k: v for k, v in env.items() if k not in secret}

@@ -208,7 +208,13 @@ class RestartPolicy:
 
     def delay(self, restart: int) -> float:
         """Seconds to wait before restart number ``restart`` (1, 2, ...)."""
-        return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (restart - 1))
+        if self.backoff_initial <= 0:
+            return 0.0
+        try:
+            grown = self.backoff_initial * self.backoff_factor ** (restart - 1)
+        except OverflowError:  # factor**k past a float (restart 1026 at factor 2)
+            return self.backoff_max
+        return min(self.backoff_max, grown)
 
     def why_not_restart(self, uptime: float, restart_count: int, max_restarts: int) -> str | None:
         """Why a group that failed ``uptime`` seconds after it started, having spent

@@ -138,3 +138,12 @@ def test_a_run_that_succeeds_closes_everything_too(tmp_path: Path, plugins: Load
     assert (tmp_path / "run" / "config.yaml").read_text().count(result.run_id) == 1
     assert (tmp_path / "run" / "events.jsonl").stat().st_size > 0
     assert _port_is_free(config.health.port)
+
+
+def test_workers_do_not_inherit_the_rendezvous_token() -> None:
+    from elastic_runner.run import _without_secrets
+
+    env = {"PATH": "/bin", "ELASTIC_RUNNER_RDZV_TOKEN": "s3cr3t", "MY_TOKEN": "s3cr3t"}
+    assert _without_secrets(env, LocalRendezvousConfig()) == {"PATH": "/bin", "MY_TOKEN": "s3cr3t"}
+    rdzv = TcpRendezvousConfig(endpoint="127.0.0.1:1", id="x", token_env="MY_TOKEN")
+    assert _without_secrets(env, rdzv) == {"PATH": "/bin"}

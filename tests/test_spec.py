@@ -42,3 +42,12 @@ def test_restart_backoff_grows_and_is_capped() -> None:
     policy = RestartPolicy(backoff_initial=0.5, backoff_factor=2, backoff_max=3)
     assert [policy.delay(k) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
     assert RestartPolicy().delay(5) == 0.0
+
+
+def test_backoff_delay_stays_at_its_max_however_many_restarts() -> None:
+    from elastic_runner.spec import RestartPolicy
+
+    policy = RestartPolicy(backoff_initial=1, backoff_factor=2, backoff_max=60)
+    assert [policy.delay(k) for k in (1, 2, 3, 7, 8)] == [1, 2, 4, 60, 60]
+    assert policy.delay(5000) == 60  # 2.0**4999 overflows a float
+    assert RestartPolicy().delay(5000) == 0.0

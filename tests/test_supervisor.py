@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,9 +15,11 @@ import psutil
 import pytest
 
 from elastic_runner.spec import WorkerExit
+from elastic_runner.workers.cgroup import RunCgroup
 from elastic_runner.workers.launcher import WorkerLaunch
 from elastic_runner.workers.logs import Console, WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor
+from tests.test_logs import fill, tmpfs
 
 
 def _launch(tmp_path: Path, rank: int, code: str, prefix: str = "") -> WorkerLaunch:
@@ -196,3 +200,125 @@ def test_spawn_error_stops_what_was_started(supervisor: ProcessSupervisor, tmp_p
     with pytest.raises(FileNotFoundError):
         supervisor.start([good, bad])
     assert supervisor.running == []
+
+
+# -- containment by cgroup --------------------------------------------------------------
+
+#: A worker whose child clears its environment and leaves the session (no marker to find
+#: it by, no process group to reach); it records the child's pid, then exits 0.
+_ESCAPE = (
+    "import os, subprocess, sys, time\n"
+    "p = subprocess.Popen(['env', '-i', 'setsid', 'sleep', '300'])\n"
+    "while open(f'/proc/{p.pid}/cmdline', 'rb').read().split(b'\\0')[0] != b'sleep':\n"
+    "    time.sleep(0.005)\n"
+    "print(p.pid, flush=True)\n"
+)
+
+
+@pytest.fixture
+def contained(tmp_path: Path) -> Iterator[ProcessSupervisor]:
+    from tests.test_cgroup import unavailable
+
+    if (why := unavailable()) is not None:
+        pytest.skip(f"cgroup containment is unavailable on this machine: {why}")
+    cgroup = RunCgroup.create(f"elastic-run-test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    sup = ProcessSupervisor(marker=f"test-{uuid.uuid4().hex}", cgroup=cgroup)
+    yield sup
+    sup.close()
+    assert not cgroup.path.exists()
+
+
+def test_a_descendant_that_escaped_is_killed_at_the_end_of_the_attempt(
+    contained: ProcessSupervisor, tmp_path: Path
+) -> None:
+    assert contained.cgroup is not None
+    for attempt in (1, 2):
+        logs = tmp_path / str(attempt)
+        pids = contained.start([_launch(logs, 0, _ESCAPE), _launch(logs, 1, _ESCAPE)])
+        exits: list[WorkerExit] = []
+        while len(exits) < 2:
+            exits += contained.wait(timeout=10)
+        assert [e.returncode for e in exits] == [0, 0]
+        escaped = [int((logs / str(rank) / "stdout.log").read_text()) for rank in (0, 1)]
+        for rank, pid in enumerate(escaped):
+            leaf = contained.cgroup.path / f"attempt-{attempt}" / f"rank-{rank}"
+            assert str(pid) in (leaf / "cgroup.procs").read_text().split()
+        assert pids[0] not in escaped
+        contained.stop(signal.SIGTERM, 1)
+        assert all(_gone(pid) for pid in escaped)
+        assert not (contained.cgroup.path / f"attempt-{attempt}").exists()
+
+
+def test_a_worker_whose_cgroup_cannot_be_made_runs_outside_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "not-a-cgroup").mkdir()
+    not_a_cgroup = RunCgroup(tmp_path / "not-a-cgroup")  # a plain directory
+    sup = ProcessSupervisor(marker=f"test-{uuid.uuid4().hex}", cgroup=not_a_cgroup)
+    code = "import subprocess; p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True)"
+    with caplog.at_level(logging.WARNING):
+        sup.start([_launch(tmp_path, 0, code), _launch(tmp_path, 1, code)])
+        exits: list[WorkerExit] = []
+        while len(exits) < 2:
+            exits += sup.wait(timeout=10)
+        assert [e.returncode for e in exits] == [0, 0]
+        sup.stop(signal.SIGTERM, 1)  # the marker sweep still works
+        leftovers = [int((tmp_path / str(rank) / "stdout.log").read_text()) for rank in (0, 1)]
+        assert all(_gone(pid) for pid in leftovers)
+        sup.close()
+    warnings = [r.getMessage() for r in caplog.records if "outside the run's cgroup" in r.message]
+    assert len(warnings) == 1, warnings  # once, not per worker
+
+
+# -- disk faults --------------------------------------------------------------------------
+
+_TALKER = (
+    "import sys\n"
+    "for i in range(300):\n"
+    "    print(f'line {i}', flush=i % 7 == 0)\n"
+    "print('to stderr', file=sys.stderr)\n"
+)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_full_disk_costs_the_logs_not_the_workers(
+    supervisor: _Supervisor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tmpfs(tmp_path / "disk") as disk:
+        fill(disk)
+        supervisor.start([_launch(disk, r, _TALKER, f"[a{r}]: ") for r in (0, 1)])
+        exits: list[WorkerExit] = []
+        deadline = time.monotonic() + 10
+        while len(exits) < 2 and time.monotonic() < deadline:
+            exits += supervisor.wait(timeout=10)
+        supervisor.stop(signal.SIGTERM, 1)
+        assert sorted((e.local_rank, e.returncode, e.stopped_by_agent) for e in exits) == [
+            (0, 0, False),
+            (1, 0, False),
+        ]
+        lines = supervisor.console_read().decode().splitlines()
+        for r in (0, 1):  # the console got everything
+            assert [x for x in lines if x.startswith(f"[a{r}]: line")] == [
+                f"[a{r}]: line {i}" for i in range(300)
+            ]
+            assert f"[a{r}]: to stderr" in lines
+            assert (disk / str(r) / "stdout.log").read_bytes() == b""
+    [warning] = _warnings(caplog)
+    assert "stdout.log: No space left on device (ENOSPC)" in warning
+
+
+def test_a_log_directory_that_cannot_be_made_costs_the_logs_not_the_worker(
+    supervisor: _Supervisor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")
+    supervisor.start([_launch(tmp_path / "file", 0, _TALKER, "[a0]: ")])
+    exits: list[WorkerExit] = []
+    while not exits:
+        exits += supervisor.wait(timeout=10)
+    assert [(e.returncode, e.stopped_by_agent) for e in exits] == [(0, False)]
+    assert "[a0]: line 299" in supervisor.console_read().decode().splitlines()
+    [warning] = _warnings(caplog)
+    assert f"cannot write {tmp_path / 'file' / '0'}: Not a directory (ENOTDIR)" in warning

@@ -5,8 +5,9 @@ agent that stopped renewing its lease (frozen, or cut off from the rendezvous st
 The agent starts it with a pipe on its stdin. It writes ``lease <t>`` lines (``t`` in
 ``time.monotonic()``, one clock for every process of the machine; ``lease -``: no lease)
 as its membership of the job is renewed, and ``done`` at a clean exit. End of file without
-``done`` means the agent died: the guardian then kills every process that carries the
-agent's marker (see :mod:`elastic_runner.workers.tree`). A lease that runs out before the
+``done`` means the agent died: the guardian then kills every process in the run's cgroup
+when it has one (see :mod:`elastic_runner.workers.cgroup`), then every process that carries
+the agent's marker (see :mod:`elastic_runner.workers.tree`). A lease that runs out before the
 agent renews it means the other nodes may be re-forming without this one: the guardian
 SIGKILLs the marked processes at once, even when the agent itself cannot act (a
 SIGSTOPped agent's workers would otherwise run beside the new world). It runs in its own
@@ -19,8 +20,12 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 __all__ = ["Guardian", "main"]
+
+#: The run's cgroup (:mod:`elastic_runner.workers.cgroup`), in the guardian's environment.
+_CGROUP_ENV = "ELASTIC_RUNNER_GUARDIAN_CGROUP"
 
 
 #: What the guardian runs while it waits: no ``site``, no package, only the pipe (it
@@ -50,14 +55,20 @@ while True:
             lease = None if line[6:] == b"-" else float(line[6:])
 if data == b"done":
     os._exit(0)
-sys.exit(run("main"))
+sys.exit(run("main", *sys.argv[4:]))
 """
 
 
 class Guardian:
     """The agent's handle on its guardian process."""
 
-    def __init__(self, marker: str, run_id: str) -> None:
+    def __init__(
+        self, marker: str, run_id: str, remove: Sequence[str] = (), *, cgroup: str | None = None
+    ) -> None:
+        """``remove``: paths the agent removes at a clean exit (the timer FIFO and its
+        private directory) that the guardian removes after its sweep if the agent died.
+        ``cgroup``: the run's cgroup, killed and removed first if the agent died."""
+        env = {**os.environ, _CGROUP_ENV: cgroup} if cgroup else None
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -68,11 +79,13 @@ class Guardian:
                 marker,
                 run_id,
                 os.pathsep.join(p for p in sys.path if p),
+                *remove,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
+            env=env,
         )
 
     @property
@@ -102,11 +115,12 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """Sweep every process carrying ``marker`` (the agent of run ``argv[1]`` died)."""
-    marker, run_id = argv
+    """Sweep every process carrying ``marker`` (the agent of run ``argv[1]`` died), then
+    remove the paths that follow (files, then the directories they emptied)."""
+    marker, run_id, *remove = argv
     from elastic_runner.workers.tree import kill_processes, marked_processes
 
-    killed: set[int] = set()
+    killed: set[int] = _kill_cgroup()
     stuck = kill_processes(
         lambda: marked_processes(marker),
         timeout=10,
@@ -116,6 +130,12 @@ def main(argv: list[str]) -> int:
         _say(f"agent of run {run_id} died; killed {len(killed)} process(es) it left behind")
     if stuck:
         _say(f"could not kill (stuck in the kernel?): pids {stuck}")
+    for path in remove:
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
     return 0
 
 
@@ -142,6 +162,23 @@ def fence(argv: list[str]) -> int:
             f"off from the rendezvous store): killed {killed} worker process(es)"
         )
     return 0
+
+
+def _kill_cgroup() -> set[int]:
+    """Kill every process in the run's cgroup, if it has one (whatever environment or
+    session they gave themselves), and remove it; the pids killed."""
+    path = os.environ.get(_CGROUP_ENV)
+    if not path:
+        return set()
+    from pathlib import Path
+
+    from elastic_runner.workers.cgroup import kill, remove
+
+    found, stuck = kill(Path(path), timeout=10)
+    if stuck:
+        _say(f"could not kill processes in {path} (stuck in the kernel?): pids {stuck}")
+    remove(Path(path))
+    return set(found)
 
 
 def _say(message: str) -> None:

@@ -5,7 +5,10 @@ exits, so detection is immediate and nothing polls), each worker's stdout and st
 (teed line by line), and a wake pipe that signal handlers and other threads write to.
 
 Each worker leads its own process group and gets PR_SET_PDEATHSIG=SIGKILL, so a dying
-agent takes its workers along and a stop reaches shell grandchildren too.
+agent takes its workers along and a stop reaches shell grandchildren too. Where the run has
+a cgroup (:mod:`elastic_runner.workers.cgroup`), each worker moves itself into a cgroup of
+its attempt before ``exec``, and the attempt ends by killing that cgroup: no descendant
+escapes by leaving its session or clearing its environment.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import subprocess
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from elastic_runner.progress import HEARTBEAT_FD_ENV
 from elastic_runner.spec import WorkerActivity, WorkerExit
+from elastic_runner.workers.cgroup import RunCgroup
 from elastic_runner.workers.launcher import WorkerLaunch
-from elastic_runner.workers.logs import Console, LineTee
+from elastic_runner.workers.logs import Console, LineTee, WriteFaults
 from elastic_runner.workers.tree import (
     MARKER_ENV,
     become_subreaper,
@@ -63,11 +68,14 @@ class _Proc:
         return self.popen.pid
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None]:
+def _child_setup(parent_pid: int, cgroup_procs: int | None = None) -> Callable[[], None]:
     def setup() -> None:
         # Runs in the child between fork and exec: only async-signal-safe-ish work.
         os.setpgid(0, 0)
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if cgroup_procs is not None:  # into its cgroup before it can fork: all its
+            with contextlib.suppress(OSError):  # descendants start there (the agent checks)
+                os.write(cgroup_procs, b"0")
         if os.getppid() != parent_pid:  # the agent died before prctl took effect
             os._exit(1)
 
@@ -92,7 +100,9 @@ class ProcessSupervisor:
     Teed output goes to ``console`` (``None`` = files only), from the global ranks in
     ``console_ranks`` (``None`` = all). ``marker`` is put in every worker's environment
     (as ``ELASTIC_RUNNER_AGENT``); every stop ends by killing this process's descendants
-    that carry it. Not thread-safe except :meth:`wake`.
+    that carry it. With a ``cgroup`` (which it then owns and closes), each attempt's
+    workers start in cgroups of their own and a stop first kills every process in them.
+    Not thread-safe except :meth:`wake`.
     """
 
     def __init__(
@@ -103,11 +113,19 @@ class ProcessSupervisor:
         console_ranks: Collection[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        cgroup: RunCgroup | None = None,
     ) -> None:
         self.marker = marker
+        self.cgroup = cgroup
+        #: Attempts started (each :meth:`start`), and whether the last one's cgroup is live.
+        self._attempt = 0
+        self._attempt_live = False
+        self._uncontained_warned = False
         become_subreaper()
         self._console = console
         self._console_ranks = None if console_ranks is None else frozenset(console_ranks)
+        #: Failed writes of worker logs: one warning per error, then that file is dropped.
+        self._log_faults = WriteFaults.worker_logs()
         self._clock = clock
         self._wall_clock = wall_clock
         self._sel = selectors.DefaultSelector()
@@ -123,6 +141,8 @@ class ProcessSupervisor:
         """Start every worker; returns {local_rank: pid}. On a spawn error, workers
         already started are stopped and the error is raised."""
         started: dict[int, int] = {}
+        self._attempt += 1
+        self._attempt_live = self.cgroup is not None
         if self._console:
             self._console.expect(sum(1 for la in launches if self._to_console(la)))
         try:
@@ -190,6 +210,12 @@ class ProcessSupervisor:
             )
             self._forget(proc)
         self._sweep_groups()
+        if self.cgroup is not None and self._attempt_live:
+            self._attempt_live = False
+            stuck = self.cgroup.end_attempt(self._attempt, timeout=_KILL_WAIT)
+            if stuck:
+                log.error("could not kill processes in the attempt's cgroup: %s", stuck)
+        # Second net: processes outside the cgroup (a worker that could not enter it).
         stuck = kill_processes(lambda: marked_descendants(self.marker), timeout=_KILL_WAIT)
         if stuck:
             log.error("could not kill leftover processes (stuck in the kernel?): %s", stuck)
@@ -199,8 +225,13 @@ class ProcessSupervisor:
         return exits
 
     def close(self) -> None:
-        if self._procs:
+        if self._procs or self._attempt_live:
             self.stop(signal.SIGKILL, 0)
+        if self.cgroup is not None:
+            stuck = self.cgroup.close(timeout=_KILL_WAIT)
+            if stuck:
+                log.error("could not kill processes in the run's cgroup: %s", stuck)
+            reap_orphans(())
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -208,12 +239,18 @@ class ProcessSupervisor:
     # -- internals ----------------------------------------------------------------------
 
     def _spawn(self, launch: WorkerLaunch) -> int:
-        launch.logs.dir.mkdir(parents=True, exist_ok=True)
+        try:  # a disk fault costs the worker its log files, never its life
+            launch.logs.dir.mkdir(parents=True, exist_ok=True)
+            logs_ok = True
+        except OSError as exc:
+            self._log_faults.failed(launch.logs.dir, exc)
+            logs_ok = False
         env = {**launch.env, MARKER_ENV: self.marker}
         beat_r = beat_w = None
         if launch.heartbeat:
             beat_r, beat_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             env[HEARTBEAT_FD_ENV] = str(beat_w)
+        leaf, procs_fd = self._worker_cgroup(launch.local_rank)
         try:
             popen = subprocess.Popen(
                 list(launch.argv),
@@ -221,7 +258,7 @@ class ProcessSupervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                preexec_fn=_child_setup(os.getpid()),
+                preexec_fn=_child_setup(os.getpid(), procs_fd),
                 close_fds=True,
                 pass_fds=() if beat_w is None else (beat_w,),
             )
@@ -230,8 +267,13 @@ class ProcessSupervisor:
                 if fd is not None:
                     os.close(fd)
             raise
+        finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
         if beat_w is not None:
             os.close(beat_w)
+        if leaf is not None:
+            self._check_contained(popen.pid, leaf)
         pidfd = os.pidfd_open(popen.pid)
         proc = _Proc(launch, popen, pidfd, last_output=self._clock(), heartbeat_fd=beat_r)
         if beat_r is not None:
@@ -245,13 +287,58 @@ class ProcessSupervisor:
             assert stream is not None
             fd = stream.fileno()
             os.set_blocking(fd, False)
-            tee = LineTee(path, console, number, launch.global_rank, prefix)
+            tee = LineTee(
+                path if logs_ok else None,
+                console,
+                number,
+                launch.global_rank,
+                prefix,
+                self._log_faults,
+            )
             proc.streams[fd] = (stream, tee)
             self._sel.register(fd, selectors.EVENT_READ, proc)
         self._sel.register(pidfd, selectors.EVENT_READ, proc)
         self._procs[launch.local_rank] = proc
         self._pgids.add(popen.pid)
         return popen.pid
+
+    def _worker_cgroup(self, local_rank: int) -> tuple[Path | None, int | None]:
+        """The cgroup a worker starts in and its ``cgroup.procs``, opened for the child to
+        write itself into (``None``s without a cgroup, or if it cannot be made)."""
+        if self.cgroup is None:
+            return None, None
+        try:
+            leaf = self.cgroup.worker(self._attempt, local_rank)
+            return leaf, os.open(leaf / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._warn_uncontained(f"cannot make its cgroup: {exc.strerror or exc}")
+            return None, None
+
+    def _check_contained(self, pid: int, leaf: Path) -> None:
+        """The child moved itself into ``leaf`` (else move it now, late: what it forked
+        already is outside, for the marker sweep)."""
+        assert self.cgroup is not None
+        where = "/" + str(leaf.relative_to(self.cgroup.path.parent))
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:  # a zombie's too: its last cgroup
+                if any(ln.startswith("0::") and ln.rstrip("\n").endswith(where) for ln in f):
+                    return
+            (leaf / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            self._warn_uncontained(f"cannot move it into {leaf}: {exc.strerror or exc}")
+
+    def _oom_killed(self, local_rank: int) -> bool:
+        cgroup = self.cgroup
+        return bool(cgroup and cgroup.memory_max and cgroup.oom_kills(self._attempt, local_rank))
+
+    def _warn_uncontained(self, why: str) -> None:
+        if not self._uncontained_warned:
+            self._uncontained_warned = True
+            log.warning(
+                "a worker runs outside the run's cgroup (%s); its leftovers are found by "
+                "the ELASTIC_RUNNER_AGENT marker only",
+                why,
+            )
 
     def _to_console(self, launch: WorkerLaunch) -> bool:
         return self._console_ranks is None or launch.global_rank in self._console_ranks
@@ -320,6 +407,12 @@ class ProcessSupervisor:
     def _reap(self, proc: _Proc) -> WorkerExit:
         timestamp = self._wall_clock()
         returncode, max_rss = _wait_exited(proc.popen)  # the pidfd is readable: it has exited
+        if returncode < 0 and self._oom_killed(proc.launch.local_rank):
+            log.warning(
+                "worker local_rank %d was killed by the kernel at its memory.max "
+                "(job.limits.memory)",
+                proc.launch.local_rank,
+            )
         # Output written before the exit comes before the exit in every report.
         for fd in list(proc.streams):
             self._read(proc, fd)

@@ -4,6 +4,7 @@ sequential sweep gets the same fixed ports (health endpoint, rendezvous store)."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
     elastic_run: ElasticRunner, tmp_path: Path, points: list[str], error: str
 ) -> None:
     argv, _, _ = elastic_run.command()
+    tmp = tmp_path / "tmp"  # the points' private timer directories go here
+    tmp.mkdir()
     health, store = free_port(), free_port()
     sweep = tmp_path / "sweep"
     done = subprocess.run(
@@ -53,6 +56,7 @@ def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     first, second = (json.loads((sweep / p / "result.json").read_text()) for p in "01")
     assert error in first["error"], done.stderr
@@ -61,5 +65,5 @@ def test_a_point_that_fails_building_its_rendezvous_frees_its_ports(
     assert second["exit_code"] == 0, done.stderr
     assert "cannot listen" not in done.stderr
     assert done.returncode == first["exit_code"]
-    assert not list(Path("/tmp").glob("elastic-runner-timer-assembly-*"))
+    assert not list(tmp.glob("elastic-runner-timer-*"))  # each point's timer FIFO is gone
     assert_nothing_survives({"assembly"})

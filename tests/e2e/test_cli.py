@@ -294,6 +294,29 @@ BAD_INPUTS = [
     (["+job=hello", "job.limits.memory=lots"], "job.limits.memory=lots: expected a size"),
     (["+job=hello", "restart.backoff.factor=0.5"], "restart.backoff.factor=0.5: expected"),
     (["+job=hello", "restart.min_uptime=-2"], "restart.min_uptime=-2.0: expected seconds"),
+    # hostile or mistaken values (issue 14): NaN passed every "< 0" check, an infinity
+    # crashed at start, a bad template or environment was a traceback
+    (["+job=hello", "stop_timeout=nan"], "stop_timeout=nan: expected seconds >= 0 (a finite"),
+    (["+job=hello", "restart.backoff.initial=nan"], "restart.backoff.initial=nan: expected"),
+    (["+job=hello", "resources.interval=inf"], "resources.interval=inf: expected seconds >= 0"),
+    (["+job=hello", "watchdog.heartbeat_timeout=1e300"], "heartbeat_timeout=1e+300: expected"),
+    (["+job=hello", "restart.backoff.factor=nan"], "restart.backoff.factor=nan: expected"),
+    (["+job=hello", "logs.prefix='{nope}'"], "logs.prefix={nope}: unknown field {nope}; allowed"),
+    (["+job=hello", "logs.prefix='{rank:>20000000}'"], "a width over 200 characters"),
+    (["+job=hello", "+job.env={X:[1,2]}"], "job.env.X=[1, 2]: expected a string"),
+    (["+job=hello", "job.nproc_per_node=10000"], "job.nproc_per_node=10000: more than 32"),
+    (["+job=hello", "logs.prefix=${local_rank}"], "logs.prefix=${local_rank}: Interpolation"),
+    (["+job=hello", "job.args=[${local_rank}]"], "local rank in job.args is %local_rank%"),
+    (["+job=hello", "logs=null"], "logs=null: expected the name of an option of group 'logs'"),
+    (["+job=hello", "rdzv=5"], "rdzv=5: expected the name of an option of group 'rdzv'"),
+    (
+        ["+job=hello", "rdzv=tcp", "rdzv.endpoint=127.0.0.1:1", "rdzv.heartbeat_interval=0"],
+        "rdzv.heartbeat_interval=0.0: expected seconds > 0",
+    ),
+    (
+        ["+job=hello", "rdzv=etcd", "rdzv.endpoint=127.0.0.1:1", "rdzv.request_timeout=inf"],
+        "rdzv.request_timeout=inf: expected seconds >= 0",
+    ),
 ]
 
 
@@ -308,6 +331,46 @@ def test_bad_input_gives_one_line_and_exit_2(
     assert lines[0].startswith("elastic-run: error: ")
     assert message in lines[0]
     assert not list(run.run_dir.glob("attempt_*")), "no worker may start"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ('"A=B": c', "job.env='A=B': expected variable names of letters, digits and '_'"),
+        ('X: "a\\0b"', "job.env.X='a\\x00b': contains a NUL character"),
+        ("X: [1, 2]", "job.env.X=[1, 2]: expected a string"),
+    ],
+)
+def test_a_preset_environment_no_override_can_spell_is_one_line(
+    elastic_run: ElasticRunner, tmp_path: Path, env: str, message: str
+) -> None:
+    """Names with ``=`` and values with NUL come from a config file (``--config-dir``)."""
+    (tmp_path / "conf" / "job").mkdir(parents=True)
+    preset = f"module: elastic_runner.demo.hello\nenv:\n  {env}\n"
+    (tmp_path / "conf" / "job" / "bad.yaml").write_text(preset)
+    run = elastic_run("--config-dir", str(tmp_path / "conf"), "+job=bad")
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"elastic-run: error: {message}"), lines
+    assert not list(run.run_dir.glob("attempt_*"))
+
+
+def test_more_workers_than_the_process_limit_is_one_line(elastic_run: ElasticRunner) -> None:
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (8, 8))
+
+    argv, run_dir, _ = elastic_run.command("+job=hello", "job.nproc_per_node=8")
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, preexec_fn=low_limit, cwd=run_dir.parent
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "elastic-run: error: job.nproc_per_node=8: more workers than this user may run "
+        "(process limit, ulimit -u: 8)"
+    ]
+    assert not list(run_dir.glob("attempt_*"))
 
 
 def test_resnet_preset_without_torch_fails_with_install_hint(

@@ -82,11 +82,14 @@ def test_etcd_restart_does_not_restart_workers(
     elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
 ) -> None:
     job = _job(elastic_run, tmp_path, etcd_server, "2")
+    # The lease (heartbeat_timeout less one interval, from the last refresh) must outlast
+    # the outage: etcd down for a second, then a second or two to start and answer.
+    job.rdzv = [*job.rdzv, "rdzv.heartbeat_timeout=6"]
     for _ in range(2):
         job.start(nproc=1, probe=("--sleep", "4"))
     wait_for(lambda: len(probe_records(job.out)) == 2)
     etcd_server.kill()
-    time.sleep(1)  # etcd down for a second, less than the heartbeat timeout
+    time.sleep(1)  # etcd down for a second, well inside the lease
     etcd_server.start()
     results = job.finish()
     assert [code for code, _ in results] == [0, 0], results
