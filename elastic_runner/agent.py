@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from elastic_runner.attempt import Attempt
+from elastic_runner.blocking_calls import BlockingCalls, Stopped
 from elastic_runner.events import EventEmitter, EventSink, names
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
@@ -59,55 +58,12 @@ __all__ = ["ElasticAgent", "WorkerLauncher"]
 log = logging.getLogger(__name__)
 
 
-T = TypeVar("T")
-
-
 class _Refused(Exception):
     """A health check kept this node out of the next rendezvous."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.describe())
         self.refusal = refusal
-
-
-class _Stopped(Exception):
-    """A stop signal came while a rendezvous call was in progress."""
-
-
-class _CallThread:
-    """One daemon thread that runs the agent's blocking rendezvous calls in turn, each
-    handing its outcome to a callback. One for the whole run, not one per call: a store
-    client keeps a connection per thread."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[[], object], _Done] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
-
-    def submit(self, call: Callable[[], object], done: _Done) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="rdzv-call", daemon=True)
-            self._thread.start()
-        self._queue.put((call, done))
-
-    def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
-            call, done = item
-            try:
-                result: tuple[bool, object] = (True, call())
-            except BaseException as exc:  # handed to the agent's thread
-                result = (False, exc)
-            done(result)
-
-    def close(self, timeout: float = 1.0) -> None:
-        """End the thread (an abandoned call ends once the rendezvous has shut down)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-
-
-_Done = Callable[[tuple[bool, object]], None]
 
 
 class ElasticAgent:
@@ -159,7 +115,7 @@ class ElasticAgent:
         #: Until when this node's membership surely holds (see RendezvousHandler.on_lease).
         self._lease: float | None = None
         self._clock = clock
-        self._calls = _CallThread()
+        self._calls = BlockingCalls(launcher, lambda: self._stop_signal is not None)
         #: Set per round: GLOO_SOCKET_IFNAME where gloo's own choice would be loopback.
         self._network_env: dict[str, str] = {}
         self._stop_signal: int | None = None
@@ -211,7 +167,7 @@ class ElasticAgent:
                 reason=refused.refusal.reason,
             )
             return self._finish(WorkerState.FAILED, refused.refusal.describe())
-        except _Stopped:
+        except Stopped:
             assert self._stop_signal is not None
             return self._stop_by_signal(self._stop_signal)
         finally:
@@ -240,7 +196,7 @@ class ElasticAgent:
             if state == WorkerState.SUCCEEDED:
                 if self.group.group_world_size > 1:  # others to wait for
                     self._events.agent(names.EXIT_BARRIER)
-                if self._await(self._rdzv.exit_barrier):
+                if self._calls.run(self._rdzv.exit_barrier):
                     return self._finish(WorkerState.SUCCEEDED)
                 # the job re-forms (another node failed or left): run again with it
                 self._regroup(during="exit barrier")
@@ -270,40 +226,6 @@ class ElasticAgent:
                 self._regroup(during="run")
 
     # -- steps --------------------------------------------------------------------------
-
-    def _await(self, call: Callable[[], T]) -> T:
-        """``call`` (a rendezvous round, the exit barrier: it may wait for other nodes for
-        minutes) in a thread of its own, while this thread waits in the launcher: a stop
-        signal wakes it, and the run stops at once instead of when the call returns
-        (raises :class:`_Stopped`; the call is abandoned, ``leave`` ends it). The thread
-        wakes the launcher only while this one waits there, so no wake-up is left over
-        for the loop."""
-        outcome: list[tuple[bool, object]] = []
-        lock = threading.Lock()
-        waiting = False
-
-        def done(result: tuple[bool, object]) -> None:
-            with lock:
-                outcome.append(result)
-                if waiting:
-                    self._launcher.wake()
-
-        self._calls.submit(call, done)
-        while True:
-            with lock:
-                if outcome:
-                    break
-                waiting = True
-            if self._stop_signal is not None:
-                raise _Stopped
-            self._launcher.wait(None)
-            with lock:
-                waiting = False
-        ok, value = outcome[0]
-        if not ok:
-            assert isinstance(value, BaseException)
-            raise value
-        return value  # type: ignore[return-value]  # what call() returned: a T
 
     def _lease_lapsed(self, exits: list[WorkerExit]) -> bool:
         """This node's membership may have lapsed (no heartbeat got through for the
@@ -354,7 +276,7 @@ class ElasticAgent:
         self._events.agent(names.RENDEZVOUS_JOIN, next_attempt=group.attempt + 1)
         t0 = self._clock()
         node = NodeInfo(spec.role, spec.local_world_size)
-        info = self._await(lambda: self._rdzv.next_round(node, failed))
+        info = self._calls.run(lambda: self._rdzv.next_round(node, failed))
         # Only now: a notification about the round we left is stale; what concerns the new
         # round, the backend reports from here on.
         self._membership_changed = False
