@@ -237,3 +237,57 @@ def test_the_others_fail_naming_the_endpoint_when_the_store_host_is_cut_off(
 @pytest.fixture(autouse=True)
 def _namespaces_needed(netns_cluster: MakeCluster) -> None:
     """Every test here needs hosts (the fixture skips with the reason otherwise)."""
+
+
+def _has(job: HostJob, host: str, name: str) -> bool:
+    return any(e["name"] == name for e in job.events(host))
+
+
+def test_sigterm_ends_waits_for_other_hosts_at_once(
+    elastic_run: ElasticRunner, netns_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """On namespaced hosts: SIGTERM ends an agent waiting in a rendezvous and one waiting
+    in its exit barrier within 2 s (exit 143); the barrier peers of a node stopped by
+    SIGTERM leave at once."""
+    cluster = netns_cluster(3)
+    barrier = "rdzv.exit_barrier_timeout=600"
+    # 1. alone in a rendezvous for three (join_timeout 600 s)
+    job = HostJob(
+        elastic_run,
+        cluster,
+        tmp_path / "alone",
+        "3",
+        rdzv=["rdzv=tcp", f"rdzv.endpoint=host0:{PORT}", *FAST[:2], "rdzv.join_timeout=600"],
+    )
+    job.start(cluster["host0"])
+    wait_for(lambda: _has(job, "host0", "elastic_runner.rendezvous.join"))
+    t0 = time.monotonic()
+    job.agents["host0"].send_signal(signal.SIGTERM)
+    job.agents["host0"].communicate(timeout=30)
+    assert job.agents["host0"].returncode == 143
+    assert time.monotonic() - t0 < 2.0
+    # 2. host0 and host1 finish and wait in their barrier; host2 is stopped by SIGTERM
+    job = HostJob(elastic_run, cluster, tmp_path / "barrier", "3")
+    job.start(cluster["host0"], barrier)
+    job.start(cluster["host1"], barrier)
+    job.start(cluster["host2"], barrier, probe=("--sleep", "60", "--on-term"))
+    wait_for(lambda: all(_has(job, h, "elastic_runner.exit_barrier") for h in ("host0", "host1")))
+    t0 = time.monotonic()
+    job.agents["host2"].send_signal(signal.SIGTERM)
+    results = job.finish(timeout=30)
+    took = time.monotonic() - t0
+    assert results["host2"][0] == 143
+    assert results["host0"][0] == results["host1"][0] == 0, results
+    assert took < 2.0, f"the barrier peers left {took:.2f} s after the SIGTERM"
+    # 3. SIGTERM to an agent waiting in its barrier
+    job = HostJob(elastic_run, cluster, tmp_path / "waiting", "2:3")
+    job.start(cluster["host0"], barrier)
+    job.start(cluster["host1"], barrier, probe=("--sleep", "60", "--on-term"))
+    wait_for(lambda: _has(job, "host0", "elastic_runner.exit_barrier"))
+    t0 = time.monotonic()
+    job.agents["host0"].send_signal(signal.SIGTERM)
+    job.agents["host0"].communicate(timeout=30)
+    assert job.agents["host0"].returncode == 143
+    assert time.monotonic() - t0 < 2.0
+    job.stop()
+    assert_nothing_survives({job.run_id})
