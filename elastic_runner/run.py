@@ -37,6 +37,7 @@ from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.plugins import LoadedPlugins
 from elastic_runner.registry import ComponentKind, Registry
 from elastic_runner.rendezvous.api import RendezvousError, RendezvousHandler
+from elastic_runner.rendezvous.tcp import TOKEN_ENV
 from elastic_runner.report import format_report, write_nested_error_file
 from elastic_runner.signals import handle_signals
 from elastic_runner.spec import RunContext, RunResult, WorkerExit, WorkerSpec, WorkerState
@@ -321,13 +322,9 @@ def _write_config(path: Path, config: Any, run_id: str) -> None:
     write_private(path, str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)))
 
 
-#: The variable a rendezvous token may come from when no other source is given.
-_TOKEN_ENV = "ELASTIC_RUNNER_RDZV_TOKEN"
-
-
 def _without_secrets(env: Mapping[str, str], rdzv: Any) -> dict[str, str]:
     """The agent's environment for its workers, less the variables that carry the
     rendezvous token (``$ELASTIC_RUNNER_RDZV_TOKEN``, ``rdzv.token_env``): a worker
     needs no key to the store, and should not be able to end the job with it."""
-    secret = {_TOKEN_ENV, getattr(rdzv, "token_env", None) or _TOKEN_ENV}
+    secret = {TOKEN_ENV, getattr(rdzv, "token_env", None) or TOKEN_ENV}
     return {k: v for k, v in env.items() if k not in secret}

@@ -33,7 +33,7 @@ from elastic_runner.rendezvous.store import (
 )
 from elastic_runner.rendezvous.tcp_server import MAX_CONNECTIONS, StoreLimits, TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
-from elastic_runner.rendezvous.tcp_wire import MAX_HELLO, MAX_REQUEST
+from elastic_runner.rendezvous.tcp_wire import MAX_HELLO, MAX_REQUEST, read_frame
 from elastic_runner.testing.store_suite import StoreSuite, StrictStoreSuite
 
 
@@ -239,18 +239,7 @@ def _frame(message: object) -> bytes:
 
 
 def _answer(sock: socket.socket) -> dict[str, Any]:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    (size,) = struct.unpack(">I", exactly(4))
-    answer: dict[str, Any] = json.loads(exactly(size))
-    return answer
+    return read_frame(sock)
 
 
 def _raw(server: TCPStoreServer, token: str | None = "right") -> socket.socket:

@@ -21,14 +21,7 @@ from elastic_runner.rendezvous.store import (
     StoreUnavailableError,
     check_seconds,
 )
-from elastic_runner.rendezvous.tcp_wire import (
-    HEADER,
-    IDLE_TIMEOUT,
-    MAX_FRAME,
-    BadFrame,
-    decode,
-    encode,
-)
+from elastic_runner.rendezvous.tcp_wire import IDLE_TIMEOUT, BadFrame, encode, read_frame
 
 __all__ = ["TCPStoreClient"]
 
@@ -214,11 +207,7 @@ class TCPStoreClient:
         sock.settimeout((wait_s or 0) + self._request_timeout)
         try:
             sock.sendall(encode(payload))
-            header = _recv_exactly(sock, HEADER.size)
-            (size,) = HEADER.unpack(header)
-            if size > MAX_FRAME:
-                raise StoreError(f"oversized answer from {self.address}")
-            answer = decode(_recv_exactly(sock, size))
+            answer = read_frame(sock)
         except BadFrame as exc:
             self._drop(sock)
             raise StoreError(f"lost the rendezvous store at {self.address}: {exc}") from None
@@ -307,14 +296,3 @@ def _as_list(keys: Sequence[str]) -> Any:
     """Keys as a JSON list; anything else (a string, a set) as it is, for the server to
     refuse or the encoder to reject: a string is not a list of its characters."""
     return list(keys) if isinstance(keys, list | tuple) else keys
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(n - got)
-        if not chunk:
-            raise ConnectionError("connection closed")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)

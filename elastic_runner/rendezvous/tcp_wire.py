@@ -20,6 +20,7 @@ connection goes on.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "check_request",
     "decode",
     "encode",
+    "read_frame",
 ]
 
 #: Largest frame either side accepts: an answer (a ``scan`` of a large job) may be up to
@@ -155,3 +157,24 @@ def decode(body: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise BadFrame("a frame must hold a JSON object")
     return message
+
+
+def read_frame(sock: socket.socket, limit: int = MAX_FRAME) -> dict[str, Any]:
+    """One frame read from a blocking socket: :class:`BadFrame` when it announces more
+    than ``limit`` bytes or holds no JSON object, ``ConnectionError`` when the other side
+    closes first (the client's answers; raw clients in tests and benchmarks)."""
+    (size,) = HEADER.unpack(_exactly(sock, HEADER.size))
+    if size > limit:
+        raise BadFrame(f"frame of {size} bytes (max {limit})")
+    return decode(_exactly(sock, size))
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
