@@ -41,7 +41,10 @@ def test_unknown_option_lists_the_allowed_ones(error_of: Callable[..., str | Non
 
 def test_unknown_key_lists_the_keys_of_its_node(error_of: Callable[..., str | None]) -> None:
     line = error_of("+job=hello", "rdzv.prot=1")  # rdzv=local by default
-    assert line == "rdzv.prot=1: no such key; allowed keys at rdzv: backend, id, local_addr"
+    assert line == (
+        "rdzv.prot=1: no such key; allowed keys at rdzv: "
+        "backend, id, local_addr, master_addr, master_port"
+    )
 
 
 def test_wrong_type_names_key_and_value(error_of: Callable[..., str | None]) -> None:

@@ -4,6 +4,8 @@ key, nothing leaked when building fails, and where MASTER_ADDR comes from; plus 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from elastic_runner.rendezvous.kit import (
     parse_endpoints,
     store_rendezvous,
 )
+from elastic_runner.rendezvous.local import LocalRendezvous, LocalRendezvousConfig
 from elastic_runner.rendezvous.store import MemoryStore
 from elastic_runner.spec import RunContext
 
@@ -309,3 +312,125 @@ def test_tcp_master_addr_is_the_client_address(tmp_path: Path) -> None:
     finally:
         rdzv.shutdown()
     assert not _listening(port)
+
+
+# -- pinned MASTER_ADDR / MASTER_PORT (rdzv.master_addr, rdzv.master_port) ------------------
+
+
+def _pinned_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rdzv.master_port=" in r.getMessage()]
+
+
+def test_master_addr_wins_over_local_addr_and_master_port_is_given_as_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pinned = _free_port()
+    rdzv = store_rendezvous(
+        FakeConfig(local_addr="127.0.0.3", master_addr="trainer-0.example", master_port=pinned),
+        context(tmp_path),
+        Connector(local_addr="127.0.0.2"),
+        default_port=7000,
+    )
+    try:
+        first = rdzv.next_round(NodeInfo("default", 1))
+        again = rdzv.next_round(NodeInfo("default", 1), failed=True)
+    finally:
+        rdzv.shutdown()
+    # every round: the same pinned pair, not a free port per round
+    assert (first.master_addr, first.master_port) == ("trainer-0.example", pinned)
+    assert (again.master_addr, again.master_port) == ("trainer-0.example", pinned)
+    assert _pinned_warnings(caplog) == []  # the port is free: nothing to say
+
+
+def test_a_pinned_port_in_use_is_still_given_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rdzv = store_rendezvous(
+            FakeConfig(local_addr="127.0.0.1", master_port=port),
+            context(tmp_path),
+            Connector(),
+            default_port=7000,
+        )
+        try:
+            info = rdzv.next_round(NodeInfo("default", 1))
+        finally:
+            rdzv.shutdown()
+    assert info.master_port == port  # never silently another one
+    [warning] = _pinned_warnings(caplog)
+    assert warning.startswith(f"WARNING: rdzv.master_port={port} is in use on this machine")
+    assert warning.isprintable()
+
+
+def test_local_takes_the_pinned_master_port_and_master_addr(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pinned = _free_port()
+    made = LocalRendezvous.from_config(LocalRendezvousConfig(master_port=pinned), context(tmp_path))
+    infos = [made.next_round(NodeInfo("default", 1)) for _ in range(2)]
+    assert {(i.master_addr, i.master_port) for i in infos} == {("127.0.0.1", pinned)}
+    both = LocalRendezvousConfig(local_addr="127.0.0.2", master_addr="localhost")
+    info = LocalRendezvous.from_config(both, context(tmp_path)).next_round(NodeInfo("x", 1))
+    assert info.master_addr == "localhost"  # master_addr wins
+    assert info.master_port != pinned and 0 < info.master_port < 65536  # free, per round
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", pinned))
+        taken.listen()
+        assert made.next_round(NodeInfo("default", 1)).master_port == pinned
+    [warning] = _pinned_warnings(caplog)
+    assert f"rdzv.master_port={pinned} is in use" in warning
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"master_port": 0}, "rdzv.master_port=0: expected a port from 1 to 65535, or null"),
+        ({"master_port": 65536}, "rdzv.master_port=65536: expected a port from 1 to 65535"),
+        ({"master_port": True}, "rdzv.master_port=True: expected a port from 1 to 65535"),
+        ({"master_addr": "a b"}, "rdzv.master_addr=a b: expected a host name or IP address"),
+    ],
+)
+def test_bad_pinned_master_values_are_one_line_before_connecting(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    connect = Connector()
+    with pytest.raises(ConfigError) as caught:
+        store_rendezvous(FakeConfig(**changes), context(tmp_path), connect, default_port=7000)
+    assert str(caught.value).startswith(message)
+    assert connect.calls == []
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        LocalRendezvous.from_config(LocalRendezvousConfig(**changes), context(tmp_path))
+
+
+def test_a_master_port_on_the_agent_hosted_stores_port_is_refused(tmp_path: Path) -> None:
+    connect = Connector()
+    config = FakeConfig(endpoint="127.0.0.1:7001", master_port=7001)
+    with pytest.raises(ConfigError) as caught:
+        store_rendezvous(config, context(tmp_path), connect, default_port=1, agent_hosted=True)
+    assert str(caught.value) == (
+        "rdzv.master_port=7001: the rendezvous store listens on that port "
+        "(rdzv.endpoint=127.0.0.1:7001); the workers' store (torch's TCPStore on worker rank "
+        "0, at MASTER_PORT) needs another port"
+    )
+    assert connect.calls == []
+    # a store that no agent hosts (etcd, a plugin's server) may share the number
+    store_rendezvous(config, context(tmp_path), connect, default_port=1).shutdown()
+    assert connect.calls
+
+
+@pytest.mark.parametrize("backend", ["tcp", "static"])
+def test_tcp_and_static_refuse_their_stores_port_as_master_port(
+    tmp_path: Path, backend: str
+) -> None:
+    port = _free_port()
+    config = _tcp_config(port, master_port=port)
+    with pytest.raises(ConfigError, match=rf"^rdzv\.master_port={port}: the rendezvous store"):
+        if backend == "tcp":
+            tcp._tcp(config, context(tmp_path))
+        else:
+            fields = dataclasses.asdict(config) | {"backend": "static", "node_rank": 0}
+            tcp._static(tcp.StaticRendezvousConfig(**fields), context(tmp_path))
+    assert not _listening(port)  # refused before hosting anything

@@ -249,6 +249,34 @@ def test_static_node_rank_1_does_not_host_though_its_endpoint_is_local(
         rdzv.shutdown()
 
 
+def test_static_with_one_node_needs_no_id(
+    tmp_path: Path, handlers: list[DynamicRendezvous]
+) -> None:
+    # one node: nobody to agree with, so the run's fresh id is the job's (as for local)
+    port, run_id = _free_port(), uuid.uuid4().hex
+    handlers.append(
+        tcp._static(_static(f"127.0.0.1:{port}", 0, id=None), _context(tmp_path, 1, run_id))
+    )
+    [info] = _join_all(handlers)
+    assert (info.group_rank, info.group_world_size) == (0, 1)
+    client = TCPStoreClient("127.0.0.1", port)
+    try:
+        assert client.get(f"rdzv/{run_id}/round") == "0"  # the keys are the fresh id's
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("rdzv_id", [None, ""])
+def test_static_with_more_nodes_still_needs_an_id(tmp_path: Path, rdzv_id: str | None) -> None:
+    port = _free_port()
+    with pytest.raises(ConfigError) as caught:
+        tcp._static(_static(f"127.0.0.1:{port}", 0, id=rdzv_id), _context(tmp_path, 2))
+    assert str(caught.value) == (
+        "rdzv.id=(unset): rdzv=static needs a job id shared by all nodes, e.g. rdzv.id=myjob"
+    )
+    assert not _listening("127.0.0.1", port)
+
+
 @pytest.mark.parametrize(
     ("is_host", "node_rank", "endpoint_is_local", "hosts"),
     [

@@ -46,7 +46,15 @@ from elastic_runner.rendezvous.api import (
     RendezvousInfo,
     RendezvousTimeoutError,
 )
-from elastic_runner.rendezvous.network import find_free_port, reachable_address
+from elastic_runner.rendezvous.network import find_free_port, pinned_port, reachable_address
+from elastic_runner.rendezvous.records import (
+    CorruptKey,
+    count_of,
+    done_record,
+    join_record,
+    master_record,
+    round_of,
+)
 from elastic_runner.rendezvous.store import (
     Store,
     StoreError,
@@ -76,6 +84,8 @@ class RendezvousSettings:
     close_timeout: float | None = None
     #: Fixed group rank (static rendezvous); ``None`` = by join order.
     node_rank: int | None = None
+    #: MASTER_PORT group rank 0 publishes (``rdzv.master_port``); ``None``: a free one.
+    master_port: int | None = None
 
 
 class DynamicRendezvous:
@@ -161,7 +171,7 @@ class DynamicRendezvous:
             while not self._stop.is_set():
                 found, version = self._store.scan(p)
                 if (
-                    _round_of(found.get(p + "round"), n) != n
+                    round_of(found.get(p + "round"), n) != n
                     or found.get(f"{p}r{n}/failed")
                     or found.get(p + "failed")
                 ):
@@ -350,12 +360,12 @@ class DynamicRendezvous:
                 raise RendezvousError("this node is leaving the job")
             # The version first: a change made after it wakes the wait below.
             found, version = store.scan(p + "round")
-            n = _round_of(found.get(p + "round"), 0)  # garbage: a protocol error, one line
+            n = round_of(found.get(p + "round"), 0)  # garbage: a protocol error, one line
             if why := store.get(p + "failed"):
                 raise RendezvousError(f"the job failed on another node ({why})")
             done = store.get(f"{p}r{n}/done")
             if done is not None:
-                record = _done_record(n, done)
+                record = done_record(n, done)
                 if self.node_id in (m[0] for m in record):
                     self._progress = None
                     return self._complete(n, record)
@@ -440,7 +450,7 @@ class DynamicRendezvous:
         for k, v in joined.items():
             node_id = k.rsplit("/", 1)[1]
             if p + "alive/" + node_id in alive:
-                announced = _join_record(v)
+                announced = join_record(v)
                 if announced is None:  # not one this protocol writes: that node is not in
                     self._protocol_error(f"ignoring the malformed join record {k}: {v[:80]!r}")
                     continue
@@ -451,10 +461,12 @@ class DynamicRendezvous:
         """This node is in completed round ``n``; ``record`` lists [node id, role, workers,
         address] in group-rank order (all a node needs, in one read).
 
-        Group rank 0 advertises MASTER_ADDR: ``local_addr`` when it is a string (as
-        given: ``rdzv.local_addr``); else the address it joined with, unless that is a
-        loopback address while another member's is not (the store's host reaching its
-        own store over loopback): then its address towards that member."""
+        Group rank 0 publishes MASTER_ADDR: ``local_addr`` when it is a string (as
+        given: ``rdzv.master_addr``, else ``rdzv.local_addr``); else the address it joined
+        with, unless that is a loopback address while another member's is not (the store's
+        host reaching its own store over loopback): then its address towards that member.
+        And MASTER_PORT: ``rdzv.master_port`` as given, else a port free there now. Every
+        member reads both back, so a node whose own config differs still agrees."""
         p, store = self._p, self._store
         members = [str(m[0]) for m in record]
         nodes = tuple(NodeInfo(str(m[1]), int(m[2])) for m in record)
@@ -466,19 +478,21 @@ class DynamicRendezvous:
             else:
                 addrs = [str(m[3]) if len(m) > 3 and m[3] else "" for m in record]
                 addr = reachable_address(addrs[0] or self._addr(), [a for a in addrs[1:] if a])
-            store.set(master_key, json.dumps([addr, find_free_port(addr)]))
+            pinned = self._s.master_port
+            port = find_free_port(addr) if pinned is None else pinned_port(pinned)
+            store.set(master_key, json.dumps([addr, port]))
             store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
         store.wait([master_key], timeout=self._s.join_timeout)
         master = store.get(master_key)
         assert master is not None
-        addr, port = _master_record(master_key, master)
+        addr, port = master_record(master_key, master)
         with self._lock:
             self._round, self._members = n, members
         self._tell_lease()
         self._set_waiting(False)
         self._start_watcher()
         return RendezvousInfo(
-            n, group_rank, nodes, addr, port, restart_count=_count_of(store.get(p + "restarts"))
+            n, group_rank, nodes, addr, port, restart_count=count_of(store.get(p + "restarts"))
         )
 
     def _timeout_error(self, n: int) -> RendezvousTimeoutError:
@@ -619,8 +633,8 @@ class DynamicRendezvous:
         if why := found.get(p + "failed"):
             return f"the job failed on another node ({why})"
         try:
-            current = _round_of(found.get(p + "round"), n)
-        except _CorruptKey as exc:  # go on: lost nodes must still be noticed
+            current = round_of(found.get(p + "round"), n)
+        except CorruptKey as exc:  # go on: lost nodes must still be noticed
             self._protocol_error(str(exc))
             current = n
         if current != n:
@@ -643,88 +657,3 @@ class DynamicRendezvous:
             f"node {member} was lost: its liveness key expired, no heartbeat for "
             f"rdzv.heartbeat_timeout={self._s.heartbeat_timeout:g} s"
         )
-
-
-# -- what the protocol's keys hold: garbage there is a protocol error, never a crash -------
-
-
-class _CorruptKey(StoreError):
-    """A key of the job holds what this protocol never writes there (a bug, another
-    version, or a client that should not have been let in)."""
-
-
-def _round_of(value: str | None, default: int) -> int:
-    """The round number in the ``round`` key (``default`` when it is missing)."""
-    if value is None:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise _CorruptKey(f"the key 'round' holds {value[:60]!r}, not a round number")
-    return n
-
-
-def _done_record(n: int, value: str) -> list[list[Any]]:
-    """The completed round's record: [[node id, role, workers, address], ...]."""
-    try:
-        record = json.loads(value)
-    except (ValueError, RecursionError):
-        record = None
-    if (
-        not isinstance(record, list)
-        or not record
-        or not all(
-            isinstance(m, list)
-            and len(m) >= 3
-            and isinstance(m[0], str)
-            and isinstance(m[1], str)
-            and isinstance(m[2], int)
-            and not isinstance(m[2], bool)
-            and m[2] >= 0
-            and (len(m) < 4 or m[3] is None or isinstance(m[3], str))
-            for m in record
-        )
-    ):
-        raise _CorruptKey(f"the key 'r{n}/done' holds {value[:80]!r}, not a round's members")
-    return record
-
-
-def _join_record(value: str) -> dict[str, Any] | None:
-    """A node's announcement in a round, or ``None`` when it is not one."""
-    try:
-        record = json.loads(value)
-    except (ValueError, RecursionError):
-        return None
-    if not (
-        isinstance(record, dict)
-        and isinstance(record.get("role"), str)
-        and isinstance(record.get("nproc"), int)
-        and not isinstance(record.get("nproc"), bool)
-        and record["nproc"] >= 0
-        and (record.get("node_rank") is None or type(record.get("node_rank")) is int)
-        and (record.get("addr") is None or isinstance(record.get("addr"), str))
-    ):
-        return None
-    return record
-
-
-def _master_record(key: str, value: str | None) -> tuple[str, int]:
-    """MASTER_ADDR and MASTER_PORT as group rank 0 wrote them."""
-    try:
-        addr, port = json.loads(value or "")
-    except (ValueError, TypeError, RecursionError):
-        addr = port = None
-    if not isinstance(addr, str) or type(port) is not int or not 0 < port < 65536:
-        raise _CorruptKey(f"the key {key!r} holds {(value or '')[:80]!r}, not an address")
-    return addr, port
-
-
-def _count_of(value: str | None) -> int:
-    """The job's restart count."""
-    try:
-        return max(0, int(value or 0))
-    except ValueError:
-        shown = (value or "")[:60]
-        raise _CorruptKey(f"the key 'restarts' holds {shown!r}, not a count") from None

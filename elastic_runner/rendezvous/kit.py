@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from elastic_runner.addresses import address_towards
-from elastic_runner.config import RendezvousConfig, parse_run_id, parse_seconds
+from elastic_runner.config import (
+    RendezvousConfig,
+    parse_master_addr,
+    parse_master_port,
+    parse_run_id,
+    parse_seconds,
+)
 from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.network import parse_endpoints
@@ -51,7 +57,8 @@ class StoreRendezvousConfig(RendezvousConfig):
     endpoint: str = MISSING
     #: MASTER_ADDR when this node is group rank 0 (default: this node's address on the
     #: interface that reaches the store; if that is a loopback address while another
-    #: node's is not, the address on the interface that reaches that node).
+    #: node's is not, the address on the interface that reaches that node). The job-wide
+    #: ``master_addr`` wins when both are set.
     local_addr: str | None = None
     join_timeout: float = 600.0
     last_call_timeout: float = 30.0
@@ -94,7 +101,8 @@ def settings_from(
 ) -> RendezvousSettings:
     """Validated settings from a backend's config (one clear error per bad key): the
     run id as ``rdzv.id`` allows, every duration a finite number of seconds (the
-    heartbeat interval above 0)."""
+    heartbeat interval above 0), ``rdzv.master_addr`` and ``rdzv.master_port`` as
+    :func:`~elastic_runner.config.validate` allows them."""
     if close_timeout is not None:
         parse_seconds("rdzv.close_timeout", close_timeout)
     if not config.id:
@@ -113,6 +121,8 @@ def settings_from(
             config.heartbeat_timeout,
             f"must exceed rdzv.heartbeat_interval ({config.heartbeat_interval:g})",
         )
+    parse_master_addr(config.master_addr)
+    master_port = parse_master_port(config.master_port)
     return RendezvousSettings(
         run_id=context.run_id,
         min_nodes=context.min_nodes,
@@ -124,6 +134,7 @@ def settings_from(
         exit_barrier_timeout=config.exit_barrier_timeout,
         close_timeout=close_timeout,
         node_rank=node_rank,
+        master_port=master_port,
     )
 
 
@@ -137,19 +148,24 @@ def store_rendezvous(
     several_endpoints: str | None = None,
     node_rank: int | None = None,
     close_timeout: float | None = None,
+    agent_hosted: bool = False,
 ) -> DynamicRendezvous:
     """A :class:`DynamicRendezvous` on the store that ``connect`` reaches.
 
     Validates first, in this order: the number of endpoints (at most ``max_endpoints``;
     ``several_endpoints`` names where to go with more, e.g. ``"rdzv=etcd"``), each
     endpoint (a missing port is ``default_port``), then the settings
-    (:func:`settings_from`, with ``node_rank`` and ``close_timeout``). Only then calls
-    ``connect`` with the parsed endpoints; ``connect`` cleans up after itself if it
-    fails. MASTER_ADDR defaults to ``rdzv.local_addr``, else the connection's
-    ``local_addr``, else this machine's address towards the first endpoint (found when
-    the store is reached); either default, when it is a loopback address while another
-    node's is not, gives way to this machine's address towards that node. If building
-    fails after ``connect`` returned, the connection is closed before the error goes on.
+    (:func:`settings_from`, with ``node_rank`` and ``close_timeout``); with
+    ``agent_hosted`` (the store is served by one of the agents, at the endpoint's port,
+    maybe on group rank 0's machine), ``rdzv.master_port`` may not be that port. Only
+    then calls ``connect`` with the parsed endpoints; ``connect`` cleans up after itself
+    if it fails. MASTER_ADDR is ``rdzv.master_addr``, else ``rdzv.local_addr``, else
+    the connection's ``local_addr``, else this machine's address towards the first
+    endpoint (found when the store is reached); either default, when it is a loopback
+    address while another node's is not, gives way to this machine's address towards
+    that node. MASTER_PORT is ``rdzv.master_port``, else a free port per round. If
+    building fails after ``connect`` returned, the connection is closed before the error
+    goes on.
     """
     if max_endpoints is not None and len(config.endpoint.split(",")) > max_endpoints:
         # Counted before parsing: "a:1,b:2" to a one-endpoint backend is a wrong backend,
@@ -161,11 +177,26 @@ def store_rendezvous(
         )
     endpoints = parse_endpoints(config.endpoint, default_port)
     settings = settings_from(config, context, node_rank, close_timeout)
+    if agent_hosted and settings.master_port in {port for _, port in endpoints}:
+        # The agent hosting the store may be group rank 0's: worker rank 0 could not bind
+        # MASTER_PORT there. Refused whichever node hosts: the rule is the same on all.
+        raise ConfigError(
+            "rdzv.master_port",
+            settings.master_port,
+            f"the rendezvous store listens on that port (rdzv.endpoint={config.endpoint}); "
+            "the workers' store (torch's TCPStore on worker rank 0, at MASTER_PORT) needs "
+            "another port",
+        )
     connection = connect(endpoints)
     try:
-        # A string is used as it is (rdzv.local_addr); a function is a default that the
-        # rendezvous replaces when it is loopback and another node is elsewhere.
-        local_addr = config.local_addr or _default_addr(connection.local_addr, endpoints[0])
+        # A string is used as it is (rdzv.master_addr, else rdzv.local_addr); a function
+        # is a default that the rendezvous replaces when it is loopback and another node
+        # is elsewhere.
+        local_addr = (
+            config.master_addr
+            or config.local_addr
+            or _default_addr(connection.local_addr, endpoints[0])
+        )
         return DynamicRendezvous(
             connection.store,
             settings,

@@ -9,12 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from elastic_runner.config import RendezvousConfig, parse_nnodes
+from elastic_runner.config import (
+    RendezvousConfig,
+    parse_master_addr,
+    parse_master_port,
+    parse_nnodes,
+)
 from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
-from elastic_runner.rendezvous.network import find_free_port
+from elastic_runner.rendezvous.network import find_free_port, pinned_port
 from elastic_runner.spec import RunContext
 
 __all__ = ["LocalRendezvous", "LocalRendezvousConfig"]
@@ -23,17 +28,20 @@ __all__ = ["LocalRendezvous", "LocalRendezvousConfig"]
 @dataclass
 class LocalRendezvousConfig(RendezvousConfig):
     backend: str = "local"
-    #: MASTER_ADDR given to workers; loopback always works on one node.
+    #: MASTER_ADDR given to workers; loopback always works on one node. ``master_addr``
+    #: wins when both are set.
     local_addr: str = "127.0.0.1"
 
 
 class LocalRendezvous:
-    """Every round has one node: this one. Membership never changes."""
+    """Every round has one node: this one. Membership never changes. MASTER_PORT is
+    ``master_port`` when given (``rdzv.master_port``), else a free port per round."""
 
     backend = "local"
 
-    def __init__(self, local_addr: str = "127.0.0.1") -> None:
+    def __init__(self, local_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
         self._addr = local_addr
+        self._port = master_port
         self._round = -1
         self._restarts = 0
 
@@ -46,17 +54,19 @@ class LocalRendezvous:
                 f"{lo}:{hi}" if lo != hi else lo,
                 "rdzv=local runs one node: use 1, or rdzv=tcp / rdzv=static for several",
             )
-        return cls(config.local_addr)
+        port = parse_master_port(config.master_port)
+        return cls(parse_master_addr(config.master_addr) or config.local_addr, port)
 
     def next_round(self, node: NodeInfo, failed: bool = False) -> RendezvousInfo:
         self._round += 1
         self._restarts += failed
+        port = find_free_port(self._addr) if self._port is None else pinned_port(self._port)
         return RendezvousInfo(
             round=self._round,
             group_rank=0,
             nodes=(node,),
             master_addr=self._addr,
-            master_port=find_free_port(self._addr),
+            master_port=port,
             restart_count=self._restarts,
         )
 

@@ -1,20 +1,33 @@
 """This machine's addresses and ports, as rendezvous needs them: a free port for
-MASTER_PORT, the address other nodes reach us at for MASTER_ADDR (never a loopback address
-when some node is elsewhere), whether a host name is this machine (then the ``tcp``
-backend hosts its store here), and the ``host:port`` list of ``rdzv.endpoint``.
+MASTER_PORT (or a check of the one pinned by ``rdzv.master_port``), the address other
+nodes reach us at for MASTER_ADDR (never a loopback address when some node is
+elsewhere), whether a host name is this machine (then the ``tcp`` backend hosts its
+store here), and the ``host:port`` list of ``rdzv.endpoint``.
 
 No Hydra or OmegaConf behind it, so the protocol and every backend can use it cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import socket
 from collections.abc import Sequence
 
 from elastic_runner.addresses import address_towards, is_loopback
 from elastic_runner.errors import ConfigError
 
-__all__ = ["find_free_port", "is_local_address", "parse_endpoints", "reachable_address"]
+__all__ = [
+    "find_free_port",
+    "is_local_address",
+    "parse_endpoints",
+    "pinned_port",
+    "reachable_address",
+]
+
+log = logging.getLogger(__name__)
 
 
 def parse_endpoints(endpoint: str, default_port: int) -> list[tuple[str, int]]:
@@ -44,8 +57,56 @@ def find_free_port(host: str) -> int:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, 0))
+        except OSError:
+            # ``host`` may be no address of this machine (``rdzv.master_addr`` is given
+            # job-wide, e.g. a name that resolves elsewhere): a port free on every
+            # interface, as torch picks it, is free on the one the workers use.
+            s.bind(("::" if family == socket.AF_INET6 else "", 0))
         return int(s.getsockname()[1])
+
+
+def pinned_port(port: int) -> int:
+    """``port`` (``rdzv.master_port``), given as it is: after a warning when this machine
+    cannot bind it now, as worker rank 0 will have to (it is in use, or privileged).
+    Never another port: the user pinned this one, and torch gives it all the same."""
+    problem = _cannot_bind(port)
+    if problem is not None:
+        log.warning(
+            "WARNING: rdzv.master_port=%d %s on this machine (group rank 0's host): the "
+            "workers get MASTER_PORT=%d all the same (it is pinned), and worker rank 0 "
+            "will fail to bind it for torch's store unless that changes before it starts",
+            port,
+            problem,
+            port,
+        )
+    return port
+
+
+def _cannot_bind(port: int) -> str | None:
+    """Why a listening socket could not take ``port`` on every interface (as torch's
+    store on worker rank 0 does, with SO_REUSEADDR: a previous attempt's connections in
+    TIME_WAIT do not count), or ``None`` when it could."""
+    for family, wildcard in ((socket.AF_INET, ""), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here: nothing on it to clash with
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((wildcard, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:  # IPv6 disabled on every interface
+                    continue
+                if exc.errno == errno.EADDRINUSE:
+                    return "is in use"
+                return f"cannot be bound ({os.strerror(exc.errno) if exc.errno else exc})"
+    return None
 
 
 def reachable_address(own: str, peers: Sequence[str]) -> str:

@@ -22,6 +22,7 @@ the others against ``rdzv.ca_cert``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -314,6 +315,7 @@ def _tcp_store_rendezvous(
         several_endpoints="rdzv=etcd",
         node_rank=node_rank,
         close_timeout=config.close_timeout,
+        agent_hosted=True,
     )
 
 
@@ -332,6 +334,10 @@ def _static(config: StaticRendezvousConfig, context: RunContext) -> DynamicRende
         raise ConfigError(
             "rdzv.node_rank", config.node_rank, f"expected 0..{context.max_nodes - 1}"
         )
+    if not config.id and context.max_nodes == 1:
+        # No other node has to agree on the id: the run's fresh one will do (as with
+        # rdzv=local). With more nodes the kit still asks for one.
+        config = dataclasses.replace(config, id=context.run_id)
     return _tcp_store_rendezvous(config, context, node_rank=config.node_rank)
 
 

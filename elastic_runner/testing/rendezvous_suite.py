@@ -13,6 +13,7 @@ Use it from a backend's tests::
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ import pytest
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo, RendezvousTimeoutError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.store import Store
+from elastic_runner.testing.runner import free_port
 
 __all__ = ["RendezvousSuite"]
 
@@ -135,6 +137,31 @@ class RendezvousSuite:
         for t in threads:
             t.join(30)
         assert [i.restart_count for i in infos] == [1, 1]  # both failed, one restart
+
+    def test_group_rank_0_publishes_the_pinned_master_port(self, nodes: Any) -> None:
+        # rdzv.master_port set on group rank 0 (a fixed node_rank) and not, or otherwise,
+        # on the others: every node gets group rank 0's, in every round.
+        pinned = free_port()
+        handlers = [
+            nodes(3, 3, node_rank=0, master_port=pinned),
+            nodes(3, 3, node_rank=1),
+            nodes(3, 3, node_rank=2, master_port=pinned + 1 if pinned < 65535 else 1),
+        ]
+        for _ in range(2):
+            infos = self._join_all(handlers)
+            assert [i.group_rank for i in infos] == [0, 1, 2]
+            assert {(i.master_addr, i.master_port) for i in infos} == {("127.0.0.1", pinned)}
+        for handler in handlers:  # the last one out removes the job's keys: a new job
+            handler.shutdown()
+        # unset on group rank 0: a free port, whatever the others pinned (a port held
+        # here meanwhile, so that a free one cannot be it by chance)
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = held.getsockname()[1]
+            unpinned = [nodes(2, 2, node_rank=0), nodes(2, 2, node_rank=1, master_port=taken)]
+            ports = {i.master_port for i in self._join_all(unpinned)}
+        assert len(ports) == 1 and ports != {taken}
 
     def test_timeout_names_arrived_and_expected(self, nodes: Any) -> None:
         lonely = nodes(2, 3, join_timeout=0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from elastic_runner.testing.runner import wait_for
-from tests.conftest import ElasticRunner, free_port, probe_job, probe_records
+from tests.conftest import (
+    ElasticRunner,
+    assert_nothing_survives,
+    free_port,
+    probe_job,
+    probe_records,
+)
 
 FAST = [
     "rdzv.heartbeat_interval=0.2",
@@ -386,3 +393,65 @@ def test_static_hosts_on_node_rank_0_whatever_the_endpoint_resolves_to(
     envs = {rec["env"]["GROUP_RANK"]: rec["env"] for rec in probe_records(job.out).values()}
     assert sorted(envs) == ["0", "1"]
     assert {e["MASTER_ADDR"] for e in envs.values()} == {"127.0.0.1"}
+
+
+def _run_without_id(
+    elastic_run: ElasticRunner, *overrides: str
+) -> tuple[subprocess.CompletedProcess[str], Path, str]:
+    """``elastic-run`` with no ``rdzv.id`` (the runner always passes one). The agent gets
+    a marker ``TORCHELASTIC_RUN_ID`` of its own (returned), so that it is found if it
+    survives; its workers get the run's fresh id, whatever the agent inherited."""
+    argv, run_dir, marker = elastic_run.command(*overrides)
+    done = subprocess.run(
+        [arg for arg in argv if not arg.startswith("rdzv.id=")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=elastic_run.tmp_path,
+        env={**os.environ, "TORCHELASTIC_RUN_ID": marker},
+    )
+    return done, run_dir, marker
+
+
+def test_static_with_one_node_needs_no_id(elastic_run: ElasticRunner, probe_out: Path) -> None:
+    port = free_port()
+    done, run_dir, marker = _run_without_id(
+        elastic_run,
+        *probe_job(probe_out, nproc=2),
+        "rdzv=static",
+        "nnodes=1",
+        f"rdzv.endpoint=127.0.0.1:{port}",
+        "rdzv.node_rank=0",
+        *FAST,
+    )
+    run_id = json.loads((run_dir / "result.json").read_text())["run_id"]
+    elastic_run.run_ids.add(run_id)
+    assert done.returncode == 0, done.stderr
+    assert run_id != marker and len(run_id) == 32  # fresh per run, as with rdzv=local
+    envs = [rec["env"] for rec in probe_records(probe_out).values()]
+    assert [e["TORCHELASTIC_RUN_ID"] for e in envs] == [run_id, run_id]
+    assert not _listening(port)  # the store it hosted is closed
+    assert_nothing_survives({marker, run_id})
+
+
+def test_static_with_more_nodes_still_needs_an_id(
+    elastic_run: ElasticRunner, probe_out: Path
+) -> None:
+    port = free_port()
+    done, run_dir, marker = _run_without_id(
+        elastic_run,
+        *probe_job(probe_out),
+        "rdzv=static",
+        "nnodes=2",
+        f"rdzv.endpoint=127.0.0.1:{port}",
+        "rdzv.node_rank=0",
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "elastic-run: error: rdzv.id=(unset): rdzv=static needs a job id shared by all "
+        "nodes, e.g. rdzv.id=myjob"
+    ]
+    assert not list(run_dir.glob("attempt_*")) and not probe_records(probe_out)
+    assert not _listening(port)  # refused before hosting the store
+    assert_nothing_survives({marker})
