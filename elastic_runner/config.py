@@ -24,11 +24,14 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from elastic_runner.accelerators import detect_gpus
 from elastic_runner.errors import ConfigError
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.spec import RestartPolicy
+from elastic_runner.workers.command import NO_PYTHON_WITH_MODULE
 
 __all__ = [
+    "CONSOLE_STREAMS",
     "MAX_SECONDS",
     "REDACTED",
     "ConfigError",
@@ -48,8 +51,11 @@ __all__ = [
     "is_secret_name",
     "may_hold_secrets",
     "one_line",
+    "parse_console_streams",
     "parse_env",
     "parse_log_prefix",
+    "parse_master_addr",
+    "parse_master_port",
     "parse_memory",
     "parse_nnodes",
     "parse_nproc_per_node",
@@ -77,14 +83,25 @@ class LimitsConfig:
 class JobConfig:
     """What each worker runs (``+job=<preset>`` fills it from ``conf/job/``)."""
 
-    #: A ``.py`` file (run as ``<agent's python> -u path``) or an executable on PATH.
+    #: A ``.py`` file (run as ``<agent's python> -u path``) or an executable on PATH;
+    #: ``python`` says otherwise.
     entrypoint: str | None = None
     #: A Python module run as ``<agent's python> -u -m module`` (instead of entrypoint).
     module: str | None = None
+    #: How the entrypoint runs: null = by its name (``.py`` with python, anything else
+    #: as an executable); true = always ``<python> -u path`` (torchrun's default);
+    #: false = always as a program (torchrun's ``--no-python``; not with ``module``).
+    python: bool | None = None
     #: Arguments; ``%local_rank%`` is replaced by each worker's local rank.
     args: list[str] = field(default_factory=list)
+    #: ``ROLE_NAME``: at most 128 printable characters, empty allowed (TorchX passes
+    #: ``--role ''`` to torchrun).
     role: str = "default"
-    #: An int >= 1, ``cpu`` (the machine's CPU count) or ``auto`` (same, without GPUs).
+    #: An int >= 1, or as torchrun: ``cpu`` (the CPUs this process may use), ``gpu`` (the
+    #: GPUs visible to it: NVIDIA's in /proc/driver/nvidia/gpus, /dev/nvidia<N> or
+    #: ``nvidia-smi -L``, AMD's in the KFD topology or /dev/dri with /dev/kfd, narrowed by
+    #: ``CUDA_VISIBLE_DEVICES`` and its kin; none is an error) or ``auto`` (the GPUs when
+    #: there are any, else the CPUs). See :mod:`elastic_runner.accelerators`.
     nproc_per_node: Any = 1
     #: Extra environment variables for the workers: names ``[A-Za-z_][A-Za-z0-9_]*``,
     #: string values without NUL.
@@ -101,6 +118,16 @@ class RendezvousConfig:
     #: 1 to 128 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or digit:
     #: no ``/``, so no job's keys in a shared store are ever under another job's.
     id: str | None = None
+    #: MASTER_ADDR of every worker of the job, as given (torch's ``master_addr``); wins
+    #: over a backend's ``local_addr``. Group rank 0 publishes its value: all nodes agree.
+    master_addr: str | None = None
+    #: MASTER_PORT of every worker of the job, as given (torch's ``master_port``), even
+    #: when it is in use (a warning then); null: group rank 0 picks a free port per round.
+    master_port: int | None = None
+
+
+#: ``logs.console_streams`` names, with the file descriptor each is written to.
+CONSOLE_STREAMS = {"stdout": 1, "stderr": 2}
 
 
 @dataclass
@@ -114,6 +141,12 @@ class LogsConfig:
     tee: bool = True
     #: Global ranks whose output reaches the console (null = all); files keep all ranks.
     console_ranks: list[int] | None = None
+    #: Local ranks whose output reaches the console (null = all; torchrun's
+    #: ``--local-ranks-filter``); a line needs both this and ``console_ranks`` to allow it.
+    console_local_ranks: list[int] | None = None
+    #: Streams that reach the console: ``stdout``, ``stderr`` (empty: none, as with
+    #: ``tee: false``); files get both whatever this says.
+    console_streams: list[str] = field(default_factory=lambda: list(CONSOLE_STREAMS))
     #: Print a line that several ranks print alike once: ``[ranks 0-7]: epoch 1 done``.
     collapse: bool = False
     #: Seconds a line waits for the same line from other ranks before it is printed.
@@ -288,13 +321,23 @@ def parse_nnodes(value: object) -> tuple[int, int]:
     return lo, hi
 
 
+#: Logs what a word in ``job.nproc_per_node`` came to, once per run (validate runs once).
+_nproc_log = logging.getLogger(__name__)
+
+
 def parse_nproc_per_node(value: object) -> int:
-    """An int >= 1, or ``cpu``/``auto`` for this machine's usable CPU count."""
-    allowed = "expected an integer >= 1, 'cpu' or 'auto'"
+    """An int >= 1, or a word as torchrun takes it: ``cpu`` (the CPUs this process may
+    use), ``gpu`` (the GPUs visible to it, :func:`~elastic_runner.accelerators.detect_gpus`;
+    none is a :class:`ConfigError` saying where they were looked for) or ``auto`` (the
+    GPUs when there are any, else the CPUs). A word's count, and why, is logged."""
+    allowed = "expected an integer >= 1, 'auto', 'gpu' or 'cpu'"
     if isinstance(value, bool):
         raise ConfigError("job.nproc_per_node", value, allowed)
-    if isinstance(value, str) and value.strip().lower() in ("cpu", "auto"):
-        return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    word = value.strip().lower() if isinstance(value, str) else ""
+    if word in ("cpu", "gpu", "auto"):
+        n, why = _count_for(word, value)
+        _nproc_log.info("job.nproc_per_node=%s: %s", word, why)
+        return n
     try:
         n = int(str(value).strip())
     except ValueError:
@@ -302,6 +345,22 @@ def parse_nproc_per_node(value: object) -> int:
     if n < 1:
         raise ConfigError("job.nproc_per_node", value, allowed)
     return n
+
+
+def _count_for(word: str, value: object) -> tuple[int, str]:
+    """The count a ``job.nproc_per_node`` word stands for, and why (for the log)."""
+    cpus = len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    cpu_count = f"{cpus} CPU{'' if cpus == 1 else 's'} (the CPUs this process may use)"
+    if word == "cpu":
+        return cpus, cpu_count
+    gpus = detect_gpus()  # only for a word: an integer never looks at the devices
+    if gpus.visible:
+        return gpus.visible, gpus.describe()
+    if word == "gpu":
+        raise ConfigError(
+            "job.nproc_per_node", value, f"{gpus.describe()}; use 'cpu' or an integer"
+        )
+    return cpus, f"{gpus.describe()}, so {cpu_count}"
 
 
 _SIZE_UNITS = {
@@ -374,6 +433,30 @@ def parse_seconds(
 #: ``rdzv.id``: the job's keys are ``rdzv/<id>/...`` in a store several jobs may share; an
 #: id with ``/`` could put one job's keys under another's (``team`` and ``team/exp1``).
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def parse_master_port(value: object) -> int | None:
+    """``rdzv.master_port``: ``None`` when unset, else a port 1..65535 (0 would be a
+    different port in every worker, and torch's store on worker rank 0 needs one)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError("rdzv.master_port", value, "expected a port from 1 to 65535, or null")
+    return value
+
+
+def parse_master_addr(value: object) -> str | None:
+    """``rdzv.master_addr``: ``None`` (or empty) when unset, else a host name or address
+    as the workers will be given it: no whitespace or control character."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(
+            "rdzv.master_addr",
+            value,
+            "expected a host name or IP address (no spaces), e.g. rdzv.master_addr=node0",
+        )
+    return value
 
 
 def parse_run_id(value: object) -> str | None:
@@ -504,6 +587,8 @@ class ValidConfig:
     restart_policy: RestartPolicy
     #: ``logs.live``: ``auto``, ``true`` or ``false``.
     live: str
+    #: ``logs.console_streams`` as file descriptors (1 = stdout, 2 = stderr).
+    console_streams: frozenset[int] = frozenset(CONSOLE_STREAMS.values())
 
 
 def validate(cfg: ElasticRunConfig) -> ValidConfig:
@@ -518,6 +603,8 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
     memory_limit = parse_memory("job.limits.memory", cfg.job.limits.memory)
     forward = parse_signals("signals.forward", cfg.signals.forward)
     parse_run_id(cfg.rdzv.id)
+    parse_master_addr(cfg.rdzv.master_addr)
+    parse_master_port(cfg.rdzv.master_port)
     for key, value in (
         ("stop_timeout", cfg.stop_timeout),
         ("restart.backoff.initial", cfg.restart.backoff.initial),
@@ -543,6 +630,10 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
     parse_log_prefix(cfg.logs.prefix)
     if cfg.logs.console_ranks is not None and any(r < 0 for r in cfg.logs.console_ranks):
         raise ConfigError("logs.console_ranks", cfg.logs.console_ranks, "expected ranks >= 0")
+    local_ranks = cfg.logs.console_local_ranks
+    if local_ranks is not None and any(r < 0 for r in local_ranks):
+        raise ConfigError("logs.console_local_ranks", local_ranks, "expected local ranks >= 0")
+    console_streams = parse_console_streams(cfg.logs.console_streams)
     stack_modes = ("auto", "py-spy", "faulthandler", "none")
     if cfg.watchdog.stacks not in stack_modes:
         raise ConfigError(
@@ -557,15 +648,20 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
     if cfg.max_restarts < 0:
         raise ConfigError("max_restarts", cfg.max_restarts, "expected an integer >= 0")
     role = cfg.job.role
-    if not role or not role.strip() or len(role) > 128 or not role.isprintable():
+    # Empty is torchrun's too (TorchX passes --role ''): ROLE_NAME='', prefix "[0]:".
+    if not isinstance(role, str) or len(role) > 128 or not role.isprintable():
         raise ConfigError(
-            "job.role", role, "expected a non-empty name of at most 128 printable characters"
+            "job.role", role, "expected at most 128 printable characters (may be empty)"
         )
     parse_env(cfg.job.env)
     if cfg.job.entrypoint and cfg.job.module:
         raise ConfigError(
             "job.module", cfg.job.module, "set job.entrypoint or job.module, not both"
         )
+    if cfg.job.python not in (None, True, False):  # OmegaConf's bool allows only these
+        raise ConfigError("job.python", cfg.job.python, "allowed: null, true, false")
+    if cfg.job.module and cfg.job.python is False:
+        raise ConfigError("job.python", "false", NO_PYTHON_WITH_MODULE)
     if not cfg.job.entrypoint and not cfg.job.module:
         raise ConfigError(
             "job.entrypoint",
@@ -590,7 +686,20 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
             on_startup_failure=restart.on_startup_failure,
         ),
         live=live,
+        console_streams=console_streams,
     )
+
+
+def parse_console_streams(value: object) -> frozenset[int]:
+    """``logs.console_streams``: a list of ``stdout`` and ``stderr`` (either, both or
+    none) -> their file descriptors."""
+    allowed = "expected a list of stdout and stderr (empty: none reaches the console)"
+    if not isinstance(value, list | tuple):
+        raise ConfigError("logs.console_streams", value, allowed)
+    bad = [name for name in value if name not in CONSOLE_STREAMS]
+    if bad:
+        raise ConfigError("logs.console_streams", bad[0], allowed)
+    return frozenset(CONSOLE_STREAMS[name] for name in value)
 
 
 def _check_values(node: object, path: str) -> None:

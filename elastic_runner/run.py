@@ -84,7 +84,8 @@ def run(
     everything built so far is closed; a rendezvous that cannot complete ends the run as
     failed (``ended_because`` says why)."""
     conf = valid.config
-    command = resolve_command(conf.job.entrypoint, conf.job.module, conf.job.args, env=base_env)
+    job = conf.job
+    command = resolve_command(job.entrypoint, job.module, job.args, python=job.python, env=base_env)
     run_id = conf.rdzv.id or uuid.uuid4().hex
     context = RunContext(run_id, run_dir, socket.gethostname(), valid.min_nodes, valid.max_nodes)
     lifecycle = Lifecycle(plugins.pm, context)
@@ -162,7 +163,9 @@ class _Assembly:
             stack, ComponentKind.RENDEZVOUS, conf.rdzv, "shutdown"
         )
         view = self._live_view(status, rdzv)
-        supervisor = _supervisor(conf.logs, view, self.valid.memory_limit)
+        supervisor = _supervisor(
+            conf.logs, view, self.valid.memory_limit, self.valid.console_streams
+        )
         stack.callback(supervisor.close)
         log.info(
             "run %s: %d worker(s) of %s; run directory: %s",
@@ -258,10 +261,14 @@ def _health_server(status: RunStatus, host: str, port: int) -> HealthServer:
 
 
 def _supervisor(
-    logs: LogsConfig, view: LiveView | None, memory_limit: int | None
+    logs: LogsConfig,
+    view: LiveView | None,
+    memory_limit: int | None,
+    console_streams: frozenset[int],
 ) -> ProcessSupervisor:
     """The process supervisor, its console teeing worker output (through the live view
-    when there is one), its workers in a cgroup of the run where the machine allows."""
+    when there is one) from the ranks and streams ``logs`` lets through, its workers in a
+    cgroup of the run where the machine allows."""
     console: Console | None = None
     if logs.tee:
         fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
@@ -274,7 +281,12 @@ def _supervisor(
     marker = uuid.uuid4().hex
     cgroup = contain(f"elastic-run.{os.getpid()}.{marker[:8]}", memory_limit)
     return ProcessSupervisor(
-        marker=marker, console=console, console_ranks=logs.console_ranks, cgroup=cgroup
+        marker=marker,
+        console=console,
+        console_ranks=logs.console_ranks,
+        console_local_ranks=logs.console_local_ranks,
+        console_streams=console_streams,
+        cgroup=cgroup,
     )
 
 

@@ -21,12 +21,16 @@ from elastic_runner.config import (
     ElasticRunConfig,
     JobConfig,
     RedactingFilter,
+    ValidConfig,
     check_nproc_per_node,
     describe_config_error,
     is_secret_name,
     may_hold_secrets,
+    parse_console_streams,
     parse_env,
     parse_log_prefix,
+    parse_master_addr,
+    parse_master_port,
     parse_nnodes,
     parse_nproc_per_node,
     parse_run_id,
@@ -71,7 +75,8 @@ def test_parse_nnodes_rejects(text: str) -> None:
         parse_nnodes(text)
 
 
-def test_parse_nproc_per_node() -> None:
+def test_parse_nproc_per_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ELASTIC_RUNNER_DEVICE_ROOT", str(tmp_path))  # no GPU, on any machine
     assert parse_nproc_per_node(4) == 4
     assert parse_nproc_per_node("2") == 2
     assert (
@@ -111,6 +116,77 @@ def test_entrypoint_and_module_are_exclusive(composed: Callable[..., DictConfig]
     assert isinstance(conf, ElasticRunConfig)
     with pytest.raises(ConfigError, match="not both"):
         validate(conf)
+
+
+def _valid(composed: Callable[..., DictConfig], *overrides: str) -> ValidConfig:
+    conf = OmegaConf.to_object(composed(*overrides))
+    assert isinstance(conf, ElasticRunConfig)
+    return validate(conf)
+
+
+def test_job_python_is_null_true_or_false_and_false_not_with_a_module(
+    composed: Callable[..., DictConfig],
+) -> None:
+    assert _valid(composed, "+job=hello").config.job.python is None
+    assert _valid(composed, "job.entrypoint=x", "job.python=true").config.job.python is True
+    assert _valid(composed, "job.entrypoint=x.py", "job.python=false").config.job.python is False
+    assert _valid(composed, "+job=hello", "job.python=true").config.job.python is True
+    with pytest.raises(ConfigError) as info:
+        _valid(composed, "+job=hello", "job.python=false")
+    assert str(info.value).startswith("job.python=false: not with job.module")
+    conf = OmegaConf.to_object(composed("+job=hello"))
+    assert isinstance(conf, ElasticRunConfig)
+    conf.job.python = "yes"  # type: ignore[assignment]  # as a program may set it
+    with pytest.raises(ConfigError, match=r"^job.python=yes: allowed: null, true, false"):
+        validate(conf)
+
+
+@pytest.mark.parametrize("role", ["", " ", "trainer", "a b", "é" * 128])
+def test_job_role_may_be_empty(composed: Callable[..., DictConfig], role: str) -> None:
+    assert _valid(composed, "+job=hello", f"job.role='{role}'").config.job.role == role
+
+
+@pytest.mark.parametrize("role", ["x" * 129, "a\nb", "\t", "a\x1b[2Jb"])
+def test_job_role_is_at_most_128_printable_characters(
+    composed: Callable[..., DictConfig], role: str
+) -> None:
+    conf = OmegaConf.to_object(composed("+job=hello"))
+    assert isinstance(conf, ElasticRunConfig)
+    conf.job.role = role
+    with pytest.raises(ConfigError) as info:
+        validate(conf)
+    assert str(info.value).endswith(": expected at most 128 printable characters (may be empty)")
+    assert str(info.value).startswith("job.role=")
+
+
+def test_console_local_ranks_and_streams(composed: Callable[..., DictConfig]) -> None:
+    valid = _valid(composed, "+job=hello")
+    assert valid.config.logs.console_local_ranks is None
+    assert valid.config.logs.console_streams == ["stdout", "stderr"]
+    assert valid.console_streams == {1, 2}
+    valid = _valid(
+        composed, "+job=hello", "logs.console_local_ranks=[0,3]", "logs.console_streams=[stderr]"
+    )
+    assert valid.config.logs.console_local_ranks == [0, 3]
+    assert valid.console_streams == {2}
+    assert _valid(composed, "+job=hello", "logs.console_streams=[]").console_streams == set()
+    with pytest.raises(ConfigError) as info:
+        _valid(composed, "+job=hello", "logs.console_local_ranks=[1,-1]")
+    assert str(info.value) == "logs.console_local_ranks=[1, -1]: expected local ranks >= 0"
+    for bad in ("[stdout,both]", "[1]", "[STDERR]"):
+        with pytest.raises(ConfigError) as info:
+            _valid(composed, "+job=hello", f"logs.console_streams={bad}")
+        assert str(info.value).endswith(
+            ": expected a list of stdout and stderr (empty: none reaches the console)"
+        )
+
+
+def test_parse_console_streams() -> None:
+    assert parse_console_streams(["stdout"]) == {1}
+    assert parse_console_streams(("stderr", "stdout", "stderr")) == {1, 2}
+    assert parse_console_streams([]) == frozenset()
+    with pytest.raises(ConfigError, match=r"^logs.console_streams=stdout: expected a list"):
+        parse_console_streams("stdout")
 
 
 # -- numbers -------------------------------------------------------------------------------
@@ -226,6 +302,70 @@ def test_run_id_is_checked_by_validate_and_by_store_backends(
     config = TcpRendezvousConfig(endpoint="127.0.0.1:1", id="team/exp1")
     with pytest.raises(ConfigError, match=r"^rdzv\.id=team/exp1: "):
         settings_from(config, RunContext("team/exp1", Path("."), "node", 1, 1))
+
+
+# -- rdzv.master_addr, rdzv.master_port --------------------------------------------------------
+
+
+def test_parse_master_port_and_addr() -> None:
+    assert parse_master_port(None) is None
+    assert parse_master_port(1) == 1 and parse_master_port(65535) == 65535
+    for bad in (0, -1, 65536, True, "29500", 1.5):
+        with pytest.raises(ConfigError) as caught:
+            parse_master_port(bad)
+        assert (
+            str(caught.value) == f"rdzv.master_port={bad}: expected a port from 1 to 65535, or null"
+        )
+    assert parse_master_addr(None) is None and parse_master_addr("") is None
+    for good in ("node0", "10.0.0.1", "::1", "trainer-0.svc.cluster.local"):
+        assert parse_master_addr(good) == good
+    for bad in ("a b", "node0\n", "\tx", 5):
+        with pytest.raises(ConfigError) as caught:
+            parse_master_addr(bad)
+        line = describe_config_error(caught.value)  # one line, whatever the value holds
+        assert line.startswith("rdzv.master_addr=") and ": expected a host name" in line
+        assert line.isprintable(), line
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        ("rdzv=local",),
+        ("rdzv=tcp", "rdzv.endpoint=127.0.0.1:29400", "rdzv.id=x"),
+        ("rdzv=etcd", "rdzv.endpoint=127.0.0.1:2379", "rdzv.id=x"),
+    ],
+)
+def test_every_backend_has_the_pinned_master_keys_and_validate_checks_them(
+    composed: Callable[..., DictConfig], backend: tuple[str, ...]
+) -> None:
+    conf = OmegaConf.to_object(composed("+job=hello", *backend))
+    assert isinstance(conf, ElasticRunConfig)
+    assert (conf.rdzv.master_addr, conf.rdzv.master_port) == (None, None)  # unset: as before
+    pinned = ("rdzv.master_addr=node0", "rdzv.master_port=29500")
+    conf = OmegaConf.to_object(composed("+job=hello", *backend, *pinned))
+    assert isinstance(conf, ElasticRunConfig)
+    assert (conf.rdzv.master_addr, conf.rdzv.master_port) == ("node0", 29500)
+    validate(conf)
+    for bad, line in (
+        ("rdzv.master_port=70000", "rdzv.master_port=70000: expected a port from 1 to 65535"),
+        ("rdzv.master_port=0", "rdzv.master_port=0: expected a port from 1 to 65535"),
+        ("rdzv.master_addr='a b'", "rdzv.master_addr=a b: expected a host name or IP address"),
+    ):
+        conf = OmegaConf.to_object(composed("+job=hello", *backend, bad))
+        assert isinstance(conf, ElasticRunConfig)
+        with pytest.raises(ConfigError) as caught:
+            validate(conf)
+        assert describe_config_error(caught.value).startswith(line)
+
+
+def test_store_backends_check_the_pinned_master_keys_too() -> None:
+    context = RunContext("job", Path("."), "node", 1, 1)
+    config = TcpRendezvousConfig(endpoint="127.0.0.1:1", id="job", master_port=29500)
+    assert settings_from(config, context).master_port == 29500
+    assert settings_from(TcpRendezvousConfig(endpoint="h:1", id="job"), context).master_port is None
+    config.master_port = 0
+    with pytest.raises(ConfigError, match=r"^rdzv\.master_port=0: expected a port"):
+        settings_from(config, context)
 
 
 # -- logs.prefix -----------------------------------------------------------------------------

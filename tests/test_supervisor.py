@@ -17,7 +17,7 @@ import pytest
 from elastic_runner.spec import WorkerExit
 from elastic_runner.workers.cgroup import RunCgroup
 from elastic_runner.workers.launcher import WorkerLaunch
-from elastic_runner.workers.logs import Console, WorkerLogPaths
+from elastic_runner.workers.logs import CollapsingConsole, Console, WorkerLogPaths
 from elastic_runner.workers.supervisor import ProcessSupervisor
 from tests.test_logs import fill, tmpfs
 
@@ -322,3 +322,112 @@ def test_a_log_directory_that_cannot_be_made_costs_the_logs_not_the_worker(
     assert "[a0]: line 299" in supervisor.console_read().decode().splitlines()
     [warning] = _warnings(caplog)
     assert f"cannot write {tmp_path / 'file' / '0'}: Not a directory (ENOTDIR)" in warning
+
+
+# -- what reaches the console --------------------------------------------------------------
+
+_BOTH_STREAMS = (
+    "import os, sys\n"
+    "print('common', flush=True)\n"
+    "print(f'out of {os.environ[\"R\"]}', flush=True)\n"
+    "print(f'err of {os.environ[\"R\"]}', file=sys.stderr, flush=True)\n"
+)
+
+
+def _ranked(tmp_path: Path, local_rank: int, global_rank: int) -> WorkerLaunch:
+    """A worker whose global rank differs from its local rank (a second node's)."""
+    return WorkerLaunch(
+        local_rank=local_rank,
+        global_rank=global_rank,
+        argv=[sys.executable, "-c", _BOTH_STREAMS],
+        env={**os.environ, "R": f"g{global_rank}"},
+        logs=WorkerLogPaths(tmp_path / str(local_rank)),
+        prefix=f"[{local_rank}]: ",
+    )
+
+
+def _run_to_the_end(sup: ProcessSupervisor, n: int) -> None:
+    exits: list[WorkerExit] = []
+    while len(exits) < n:
+        exits += sup.wait(timeout=10)
+    assert [e.returncode for e in exits] == [0] * n
+
+
+@pytest.mark.parametrize(
+    ("ranks", "local_ranks", "streams", "out", "err"),
+    [
+        # local ranks 0-2 are global ranks 10-12; a line needs both filters to allow it
+        (None, [1], (1, 2), ["[1]: common", "[1]: out of g11"], ["[1]: err of g11"]),
+        ([10, 11], [1, 2], (1, 2), ["[1]: common", "[1]: out of g11"], ["[1]: err of g11"]),
+        ([12], [0, 1], (1, 2), [], []),
+        (None, None, (2,), [], ["[0]: err of g10", "[1]: err of g11", "[2]: err of g12"]),
+        (
+            None,
+            [0, 2],
+            (1,),
+            ["[0]: common", "[0]: out of g10", "[2]: common", "[2]: out of g12"],
+            [],
+        ),
+        (None, None, (), [], []),
+    ],
+)
+def test_console_gets_the_local_ranks_ranks_and_streams_allowed_files_get_all(
+    tmp_path: Path,
+    ranks: list[int] | None,
+    local_ranks: list[int] | None,
+    streams: tuple[int, ...],
+    out: list[str],
+    err: list[str],
+) -> None:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+    sup = ProcessSupervisor(
+        marker=f"test-{uuid.uuid4().hex}",
+        console=Console({1: out_w, 2: err_w}),
+        console_ranks=ranks,
+        console_local_ranks=local_ranks,
+        console_streams=streams,
+    )
+    try:
+        sup.start([_ranked(tmp_path, r, 10 + r) for r in range(3)])
+        _run_to_the_end(sup, 3)
+        sup.stop(signal.SIGTERM, 1)
+    finally:
+        sup.close()
+    stdout = _read_all(out_r).decode().splitlines()
+    stderr = _read_all(err_r).decode().splitlines()
+    for fd in (out_r, out_w, err_r, err_w):
+        os.close(fd)
+    assert sorted(stdout) == sorted(out)
+    assert sorted(stderr) == sorted(err)
+    for r in range(3):  # the files keep every rank and both streams
+        logs = tmp_path / str(r)
+        assert (logs / "stdout.log").read_text() == f"common\nout of g{10 + r}\n"
+        assert (logs / "stderr.log").read_text() == f"err of g{10 + r}\n"
+
+
+def test_collapse_waits_only_for_the_ranks_that_reach_the_console(tmp_path: Path) -> None:
+    """A common line is complete once every console rank printed it: with local rank 2
+    filtered out it is printed for ranks 10-11 at once, not after the window."""
+    out_r, out_w = os.pipe()
+    os.set_blocking(out_r, False)
+    sup = ProcessSupervisor(
+        marker=f"test-{uuid.uuid4().hex}",
+        console=CollapsingConsole({1: out_w, 2: out_w}, window=60),
+        console_local_ranks=[0, 1],
+        console_streams=[1],
+    )
+    try:
+        sup.start([_ranked(tmp_path, r, 10 + r) for r in range(3)])
+        _run_to_the_end(sup, 3)
+        before_stop = _read_all(out_r).decode().splitlines()  # nothing flushed it yet
+        sup.stop(signal.SIGTERM, 1)
+        lines = before_stop + _read_all(out_r).decode().splitlines()
+    finally:
+        sup.close()
+        os.close(out_r)
+        os.close(out_w)
+    assert "[ranks 10-11]: common" in before_stop
+    assert sorted(lines) == ["[0]: out of g10", "[1]: out of g11", "[ranks 10-11]: common"]

@@ -97,10 +97,12 @@ class ProcessSupervisor:
     """Starts a group's processes, waits for them and stops them (honcho's manager, with an
     injectable clock).
 
-    Teed output goes to ``console`` (``None`` = files only), from the global ranks in
-    ``console_ranks`` (``None`` = all). ``marker`` is put in every worker's environment
-    (as ``ELASTIC_RUNNER_AGENT``); every stop ends by killing this process's descendants
-    that carry it. With a ``cgroup`` (which it then owns and closes), each attempt's
+    Teed output goes to ``console`` (``None`` = files only) from the workers whose global
+    rank is in ``console_ranks`` and whose local rank is in ``console_local_ranks``
+    (``None`` = all), and from their streams in ``console_streams`` (1 = stdout,
+    2 = stderr); the log files always get everything. ``marker`` is put in every worker's
+    environment (as ``ELASTIC_RUNNER_AGENT``); every stop ends by killing this process's
+    descendants that carry it. With a ``cgroup`` (which it then owns and closes), each attempt's
     workers start in cgroups of their own and a stop first kills every process in them.
     Not thread-safe except :meth:`wake`.
     """
@@ -111,6 +113,8 @@ class ProcessSupervisor:
         marker: str,
         console: Console | None = None,
         console_ranks: Collection[int] | None = None,
+        console_local_ranks: Collection[int] | None = None,
+        console_streams: Collection[int] = (1, 2),
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cgroup: RunCgroup | None = None,
@@ -124,6 +128,10 @@ class ProcessSupervisor:
         become_subreaper()
         self._console = console
         self._console_ranks = None if console_ranks is None else frozenset(console_ranks)
+        self._console_local_ranks = (
+            None if console_local_ranks is None else frozenset(console_local_ranks)
+        )
+        self._console_streams = frozenset(console_streams)
         #: Failed writes of worker logs: one warning per error, then that file is dropped.
         self._log_faults = WriteFaults.worker_logs()
         self._clock = clock
@@ -289,7 +297,7 @@ class ProcessSupervisor:
             os.set_blocking(fd, False)
             tee = LineTee(
                 path if logs_ok else None,
-                console,
+                console if number in self._console_streams else None,
                 number,
                 launch.global_rank,
                 prefix,
@@ -341,7 +349,15 @@ class ProcessSupervisor:
             )
 
     def _to_console(self, launch: WorkerLaunch) -> bool:
-        return self._console_ranks is None or launch.global_rank in self._console_ranks
+        """Whether any of the worker's output reaches the console: what the collapsing
+        console counts as its ranks (a line waits for each of them)."""
+        return (
+            bool(self._console_streams)
+            and (self._console_ranks is None or launch.global_rank in self._console_ranks)
+            and (
+                self._console_local_ranks is None or launch.local_rank in self._console_local_ranks
+            )
+        )
 
     def _poll(self, timeout: float | None) -> tuple[list[WorkerExit], bool]:
         exits: list[WorkerExit] = []
