@@ -1,6 +1,9 @@
 """``elastic-run``: Hydra composes the config, then one elastic run per job (per sweep point
 with ``--multirun``). The only module that knows Hydra's objects.
 
+``elastic-run [OVERRIDES...] torchrun ARGS...`` runs a torchrun command line
+(:mod:`elastic_runner.torchrun`): the same config, composed from torchrun's options.
+
 Exit codes: 0 success; 1 the job failed; 2 bad configuration (one line on stderr naming
 the key, the value and what is allowed); 128+N stopped by signal N.
 """
@@ -25,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from elastic_runner.config import (
     ElasticRunConfig,
     describe_config_error,
+    one_line,
     redact,
     register_configs,
     validate,
@@ -41,6 +45,13 @@ from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.run import run
 from elastic_runner.spec import RunResult
 from elastic_runner.sweep import PointResult
+from elastic_runner.torchrun.front import (
+    ConfigPatch,
+    TorchrunUsageError,
+    prepare,
+    split_torchrun_form,
+)
+from elastic_runner.torchrun.hints import misuse_hint
 from elastic_runner.workers.logs import guard_log_files
 
 __all__ = ["main", "run_job"]
@@ -51,6 +62,15 @@ EXIT_CONFIG_ERROR = 2
 def main() -> None:
     """Console entry point of ``elastic-run``."""
     base_env = dict(os.environ)
+    torchrun_form = split_torchrun_form(sys.argv[1:])
+    if torchrun_form is None:
+        if "--version" in sys.argv[1:]:  # Hydra's flag would print Hydra's version
+            from elastic_runner import __version__
+
+            print(f"elastic-run {__version__}")
+            sys.exit(0)
+        if hint := misuse_hint(sys.argv[1:]):
+            _config_error(hint)
     with warnings.catch_warnings():
         # one line each, below, instead of Python's two-line warning format
         warnings.simplefilter("ignore", PluginLoadWarning)
@@ -70,6 +90,17 @@ def main() -> None:
     except PluginError as exc:  # two plugins claim one name; a schema of the wrong base
         _config_error(str(exc))
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
+    patch: ConfigPatch | None = None
+    if torchrun_form is not None:
+        try:
+            sys.argv[1:], patch = prepare(
+                *torchrun_form,
+                environ=base_env,
+                backends=plugins.registry.names(ComponentKind.RENDEZVOUS),
+            )
+        except TorchrunUsageError as exc:
+            print(f"elastic-run torchrun: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CONFIG_ERROR)
     sys.argv[1:] = _quote_null_options(sys.argv[1:])
 
     codes: list[int] = []
@@ -86,13 +117,14 @@ def main() -> None:
             codes.append(EXIT_CONFIG_ERROR)  # and no result.json: it cannot be written
             return
         try:
-            outcome = run_job(cfg, plugins, base_env)
+            outcome = run_job(cfg, plugins, base_env, patch)
         except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
-            message = (
-                describe_config_error(exc)
-                if isinstance(exc, ConfigError)
-                else describe_hydra_error(exc, sys.argv[1:], plugins.broken)
-            )
+            message: str | None
+            if isinstance(exc, ConfigError):
+                message = describe_config_error(exc)
+                message = patch.describe(exc, message) if patch else message
+            else:
+                message = describe_hydra_error(exc, sys.argv[1:], plugins.broken)
             print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
             outcome = PointResult(
                 [],
@@ -139,8 +171,14 @@ def main() -> None:
     sys.exit(code)
 
 
-def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]) -> PointResult:
-    """One whole elastic run from a config Hydra composed; returns how it ended."""
+def run_job(
+    cfg: DictConfig,
+    plugins: LoadedPlugins,
+    base_env: Mapping[str, str],
+    patch: ConfigPatch | None = None,
+) -> PointResult:
+    """One whole elastic run from a config Hydra composed (and the values a torchrun
+    command line gives it); returns how it ended."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -149,6 +187,8 @@ def run_job(cfg: DictConfig, plugins: LoadedPlugins, base_env: Mapping[str, str]
     shared_terminal = str(hydra_cfg.mode) == "RunMode.MULTIRUN" and "BasicLauncher" not in str(
         OmegaConf.select(hydra_cfg, "launcher._target_", default="")  # type: ignore[arg-type]
     )
+    if patch is not None:
+        patch.apply(cfg)
     conf: ElasticRunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     result = run(
         validate(conf),

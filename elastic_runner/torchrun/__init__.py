@@ -1,0 +1,16 @@
+"""The torchrun front end: ``elastic-run torchrun ARGS...`` (or ``python -m
+elastic_runner.torchrun ARGS...``) runs any torchrun 2.x command line unchanged, with the
+``PET_*`` environment fallbacks of torchrun's options.
+
+:mod:`~elastic_runner.torchrun.options` reads the command line as torch 2.13's parser
+does; :mod:`~elastic_runner.torchrun.translate` maps it onto elastic-run's configuration;
+:mod:`~elastic_runner.torchrun.front` assembles the Hydra command line, so a torchrun line
+runs through the same composition, validation and run as ``elastic-run key=value ...``.
+"""
+
+from __future__ import annotations
+
+from elastic_runner.torchrun.options import TorchrunArgs, TorchrunUsageError, parse_torchrun_args
+from elastic_runner.torchrun.translate import Translation, translate
+
+__all__ = ["TorchrunArgs", "TorchrunUsageError", "Translation", "parse_torchrun_args", "translate"]
