@@ -428,6 +428,7 @@ class ElasticAgent:
         return self._stop_signal is None
 
     def _stop_workers(self, sig: int) -> None:
+        self._attempt.stopping()  # what the workers recorded until now predates the stop
         for exit_ in self._launcher.stop(sig, self.spec.stop_timeout):
             self._record_exit(exit_)
         if self.group.state != WorkerState.STOPPED:

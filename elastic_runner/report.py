@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from elastic_runner.error_file import write_error
+from elastic_runner.failures import stderr_traceback
 from elastic_runner.spec import Failure, RunResult, WorkerExit, WorkerSpec
 from elastic_runner.workers.resources import format_bytes
 
@@ -53,12 +54,24 @@ def _root_cause_details(failure: Failure, stderr: Path) -> list[str]:
         out.append(f"    traceback (from its {failure.traceback_source}):")
         out += _quoted(tb[-TRACEBACK_LINES:])
         if failure.traceback_source == "stderr":
-            tail = []  # the traceback is the end of its stderr
+            tail = _after_traceback(failure.traceback, stderr, tail)
     out.append(f"    stderr: {stderr}")
     if tail:
         out.append("    last lines of stderr:")
         out += _quoted(tail)
     return out
+
+
+def _after_traceback(traceback: str, stderr: Path, tail: list[str]) -> list[str]:
+    """The tail of a stderr whose traceback is quoted already: only the lines after it
+    (a warning at exit), none when it ends the log. The lines before it are no tail of
+    it. ``tail`` when the quoted one is not the log's last traceback (a later one, which
+    the agent's stop caused, is shown as it is)."""
+    found = stderr_traceback(stderr)
+    if found is None or found.text != traceback:
+        return tail
+    after = found.after[-TAIL_LINES:]
+    return after if any(line.strip() for line in after) else []
 
 
 def format_report(

@@ -167,7 +167,8 @@ class Failure:
     exit: WorkerExit
     kind: FailureKind
     timestamp: float
-    #: ``ValueError: bad batch`` from the error file, when the worker wrote one.
+    #: ``ValueError: bad batch``: from the error file, else the exception line of the
+    #: traceback in its stderr.
     message: str | None = None
     #: The Python traceback: from the error file, else the last one in the worker's stderr.
     traceback: str | None = None

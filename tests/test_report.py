@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from elastic_runner.failures import diagnose
 from elastic_runner.report import format_report, stderr_tail, write_nested_error_file
 from elastic_runner.spec import (
     Failure,
@@ -14,6 +15,7 @@ from elastic_runner.spec import (
     WorkerSpec,
     WorkerState,
 )
+from tests.test_failures import TORCH_STDERR
 
 
 def _result(tmp_path: Path) -> RunResult:
@@ -125,3 +127,70 @@ def test_nested_error_file_passes_the_root_cause_up(tmp_path: Path) -> None:
 
 def test_stderr_tail_of_missing_file_is_empty(tmp_path: Path) -> None:
     assert stderr_tail(tmp_path / "none") == []
+
+
+#: What torch's C++ side may print at exit, after the traceback (c10's log prefix).
+EXIT_WARNING = (
+    "[rank1]:[W1203 10:11:12.345678000 4242 ProcessGroup.cpp:1250] Warning: "
+    "destroy_process_group() was not called before program exit"
+)
+
+
+def _stderr_report(tmp_path: Path, stderr: str) -> list[str]:
+    (tmp_path / "err").write_text(stderr)
+    exit_ = WorkerExit(1, 1, 11, 1, timestamp=1.0)
+    failure = diagnose(exit_, error_file=tmp_path / "none.json", stderr=tmp_path / "err")
+    text = format_report(
+        RunResult(WorkerState.FAILED, 1, 0, [exit_], [failure], ended_because="x"),
+        WorkerSpec("r", 2, ("x",)),
+        tmp_path,
+        lambda e: tmp_path / "err",
+    )
+    lines = text.splitlines()
+    return lines[lines.index("    error: ValueError: boom") :]
+
+
+def test_a_torch_prefixed_traceback_is_reported_whole_with_what_followed(
+    tmp_path: Path,
+) -> None:
+    assert _stderr_report(tmp_path, TORCH_STDERR + EXIT_WARNING + "\n")[:9] == [
+        "    error: ValueError: boom",
+        "    traceback (from its stderr):",
+        "    | Traceback (most recent call last):",
+        '    |   File "/tmp/tq/x.py", line 6, in <module>',
+        '    |     raise ValueError("boom")',
+        "    | ValueError: boom",
+        f"    stderr: {tmp_path / 'err'}",
+        "    last lines of stderr:",
+        f"    | {EXIT_WARNING}",  # as written; what came before the traceback is no tail
+    ]
+
+
+def test_a_traceback_that_ends_stderr_is_not_repeated_as_its_tail(tmp_path: Path) -> None:
+    lines = _stderr_report(tmp_path, TORCH_STDERR + "\n\n")
+    assert lines[5] == "    | ValueError: boom"
+    assert lines[6] == f"    stderr: {tmp_path / 'err'}"
+    assert lines[7].startswith("  rank  result")  # the table: no tail
+
+
+def test_a_later_traceback_than_the_one_quoted_leaves_the_tail_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """A rank that failed before the agent stopped it, then printed another traceback
+    because of the stop: its error is the first; the tail shows the end of the log."""
+    before = TORCH_STDERR
+    later = "Traceback (most recent call last):\n  f\nKeyboardInterrupt\n"
+    (tmp_path / "err").write_text(before + later)
+    exit_ = WorkerExit(1, 1, 11, -15, timestamp=1.0, stopped_by_agent=True)
+    failure = diagnose(exit_, error_file=None, stderr=tmp_path / "err", stopped_after=len(before))
+    text = format_report(
+        RunResult(WorkerState.FAILED, 1, 0, [exit_], [failure], ended_because="x"),
+        WorkerSpec("r", 2, ("x",)),
+        tmp_path,
+        lambda e: tmp_path / "err",
+    )
+    lines = text.splitlines()
+    assert "    | ValueError: boom" in lines
+    table = next(i for i, line in enumerate(lines) if line.startswith("  rank  result"))
+    tail = lines[lines.index("    last lines of stderr:") + 1 : table]
+    assert tail == [f"    | {line}" for line in (before + later).splitlines()[-10:]]

@@ -10,7 +10,7 @@ Two ways, chosen by ``watchdog.stacks``:
   programs, for which the signal would be fatal) and collects the files.
 
 :func:`StackDump.function` names where the main thread was (``train_step at
-train.py:42``), for the report.
+train.py:42``, the innermost frame of the user's code), for the report.
 """
 
 from __future__ import annotations
@@ -55,22 +55,75 @@ class StackDump:
     tool: str
 
     def function(self) -> str | None:
-        """``func at file:line`` of the worker's main thread, innermost frame."""
+        """``func at file:line`` of the worker's main thread: its innermost frame of
+        user code (not ``python -m``'s runpy)."""
         return _main_frame(self.text)
 
 
+#: A process's header: py-spy's ``Process 42: python train.py``, the agent's own
+#: ``== pid 42 ==`` before each faulthandler file.
+_PROCESS = re.compile(r"^(?:Process (\d+):|== pid (\d+) ==)")
+#: A thread's header: py-spy's ``Thread 42 (idle): "MainThread"`` (no name when the
+#: worker never imported threading), faulthandler's ``Current thread 0x7f.. (most recent
+#: call first):``.
+_THREAD = re.compile(r'^(?:Current thread|Thread) (\w+) \(([^)]*)\)(?::? "(.*)"|:)?\s*$')
+#: A frame: faulthandler's ``  File "train.py", line 28 in step``, py-spy's
+#: ``    step (train.py:28)``. Both list the innermost frame first.
+_FRAME = re.compile(
+    r'^\s+File "(?P<fpath>.+)", line (?P<fline>\d+) in (?P<ffunc>.+)$'
+    r"|^\s+(?P<func>\S.*?) \((?P<path>.+):(?P<line>\d+)\)$"
+)
+#: Python's own machinery under the user's code: runpy for ``python -m`` (frozen since
+#: 3.11, ``runpy.py`` before) and the import system (frozen since 3.11).
+_MACHINERY = re.compile(r"<frozen [\w.]+>|(?:.*/)?runpy\.py")
+
+
+@dataclass
+class _Thread:
+    pid: int | None
+    tid: str
+    name: str | None
+    #: (function, file, line) of the frames that are not Python's machinery, innermost
+    #: first.
+    frames: list[tuple[str, str, str]]
+
+    @property
+    def is_main(self) -> bool:
+        """Any sign of the main thread: its name (py-spy, once threading is imported), its
+        id being the process's (py-spy gives the OS thread id), or its outermost frame of
+        user code being the script's (or ``-m`` module's) ``<module>`` (the only sign in
+        faulthandler's dumps)."""
+        return (
+            self.name == "MainThread"
+            or (self.pid is not None and self.tid == str(self.pid))
+            or (bool(self.frames) and self.frames[-1][0] == "<module>")
+        )
+
+
+def _threads(text: str) -> list[_Thread]:
+    threads: list[_Thread] = []
+    pid: int | None = None
+    for line in text.splitlines():
+        if m := _PROCESS.match(line):
+            pid = int(m.group(1) or m.group(2))
+        elif m := _THREAD.match(line):
+            threads.append(_Thread(pid, m.group(1), m.group(3), []))
+        elif threads and (m := _FRAME.match(line)):
+            path = m.group("fpath") or m.group("path")
+            if not _MACHINERY.fullmatch(path):
+                func = m.group("ffunc") or m.group("func")
+                threads[-1].frames.append((func.strip(), path, m.group("fline") or m.group("line")))
+    return threads
+
+
 def _main_frame(text: str) -> str | None:
-    # py-spy: Thread 123 (idle): "MainThread"\n    func (file:line)
-    m = re.search(r'"MainThread"\n\s+(\S.*?) \((.+):(\d+)\)', text)
-    if m:
-        return f"{m.group(1)} at {m.group(2)}:{m.group(3)}"
-    # faulthandler: blocks of '  File "f", line N in func', innermost first; the main
-    # thread's outermost frame is the script's <module>.
-    for block in re.split(r"\n(?=(?:Current thread|Thread) 0x)", text):
-        frames = re.findall(r'File "(.+)", line (\d+) in (.+)', block)
-        if frames and frames[-1][2].strip() == "<module>":
-            path, line, func = frames[0]
-            return f"{func.strip()} at {path}:{line}"
+    """``func at file:line``: the innermost frame of user code of the main thread of the
+    first process that shows one (the worker comes before its children); runpy's and the
+    import system's frames are never named."""
+    for thread in _threads(text):
+        if thread.frames and thread.is_main:
+            func, path, line = thread.frames[0]
+            return f"{func} at {path}:{line}"
     return None
 
 

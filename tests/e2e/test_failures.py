@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import TESTS, ElasticRunner
+from tests.conftest import TESTS, ElasticRunner, Run
 
 FAILER = TESTS / "workers" / "failer.py"
 
@@ -202,3 +203,108 @@ def test_collapse_prints_a_common_line_once(elastic_run: ElasticRunner) -> None:
     assert sorted(line for line in lines if "only" in line) == [
         f"[default{r}]: only {r}" for r in range(4)
     ]
+
+
+RANK_PREFIXED = TESTS / "workers" / "rank_prefixed.py"
+
+
+def _rank_prefixed(tmp_path: Path, mode: str) -> list[str]:
+    out = tmp_path / "marks"
+    out.mkdir()
+    return [
+        f"job.entrypoint={RANK_PREFIXED}",
+        f'job.args=["{out}","{mode}"]',
+        "job.nproc_per_node=4",
+        "stop_timeout=5",
+    ]
+
+
+def _worker_events(run: Run) -> dict[int, dict[str, Any]]:
+    """{rank: its exit event} of the run's only attempt."""
+    return {
+        e["rank"]: e
+        for e in run.events()
+        if e["source"] == "WORKER" and e["state"] in ("FAILED", "TERMINATED", "SUCCEEDED")
+    }
+
+
+def test_ranks_that_raised_the_same_error_before_the_stop_failed(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    """torch's ``[rankN]: `` prefixes: 3 of 4 ranks raise ``ValueError: boom``, rank 0
+    exits first, ranks 1 and 2 are stopped while stuck in their teardown, rank 3 is a
+    bystander."""
+    run = elastic_run(*_rank_prefixed(tmp_path, "boom"))
+    assert run.returncode == 1, run.stderr
+    report = _report(run.stderr)
+    assert report[0] == (
+        "elastic-run: job failed: 3 of 4 workers failed in the last of 1 attempt: "
+        "restarts used up (max_restarts=0)."
+    )
+    assert report[1].startswith("  root cause: rank 0 (local_rank 0, pid ")
+    assert report[1].split(": ", 2)[2].startswith("exit code 1 at ")
+    stderr0 = run.run_dir / "attempt_1/0/stderr.log"
+    raise_line = [
+        n
+        for n, line in enumerate(RANK_PREFIXED.read_text().splitlines(), 1)
+        if 'raise ValueError("boom")' in line
+    ][-1]  # rank 0's
+    at = report.index("    traceback (from its stderr):")
+    assert report[at - 1 : at + 7] == [
+        "    error: ValueError: boom",
+        "    traceback (from its stderr):",
+        "    | Traceback (most recent call last):",
+        f'    |   File "{RANK_PREFIXED}", line {raise_line}, in <module>',
+        '    |     raise ValueError("boom")',
+        "    | ValueError: boom",
+        f"    stderr: {stderr0}",
+        "    last lines of stderr:",
+    ]
+    # the tail: what rank 0 wrote after its traceback, as written (the traceback is above)
+    assert report[at + 7].startswith("    | [rank0]:[W1203 10:11:12.345678000 ")
+    assert report[at + 7].endswith(
+        "Warning: destroy_process_group() was not called before program exit"
+    )
+    assert report[at + 8].startswith("  also failed: rank ")
+    for rank in (1, 2):
+        line = next(r for r in report if r.startswith(f"  also failed: rank {rank} "))
+        assert "killed by SIGTERM; stopped by the agent after it had failed at " in line
+        assert report[report.index(line) + 1] == "    error: ValueError: boom"
+    assert "  stopped by the agent: ranks 3" in report
+    table = report[report.index(next(r for r in report if r.startswith("  rank  result"))) :]
+    assert [row.split()[1:3] for row in table[1:5]] == [
+        ["exit", "code"],
+        ["killed", "by"],
+        ["killed", "by"],
+        ["stopped", "(SIGTERM)"],
+    ]
+    # the events and result.json say the same
+    events = _worker_events(run)
+    assert {r: e["state"] for r, e in events.items()} == {
+        0: "FAILED",
+        1: "FAILED",
+        2: "FAILED",
+        3: "TERMINATED",
+    }
+    assert [events[r]["metadata"]["error"] for r in range(4)] == ["ValueError: boom"] * 3 + [None]
+    result = json.loads((run.run_dir / "result.json").read_text())
+    assert result["error"] == "rank 0: exit code 1: ValueError: boom"
+
+
+def test_the_same_error_raised_because_of_the_stop_is_no_failure(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    """Rank 0 raises KeyboardInterrupt; the others turn the agent's SIGTERM into a
+    KeyboardInterrupt of their own, printed after the stop: they stay stopped."""
+    run = elastic_run(*_rank_prefixed(tmp_path, "interrupt"))
+    assert run.returncode == 1, run.stderr
+    report = _report(run.stderr)
+    assert report[0].startswith("elastic-run: job failed: 1 of 4 workers failed")
+    assert report[1].startswith("  root cause: rank 0 (local_rank 0, pid ")
+    assert "    error: KeyboardInterrupt" in report
+    assert "  stopped by the agent: ranks 1, 2, 3" in report
+    for rank in (1, 2, 3):  # they did print the same error, after the stop
+        stderr = (run.run_dir / f"attempt_1/{rank}/stderr.log").read_text()
+        assert stderr.endswith(f"[rank{rank}]: KeyboardInterrupt\n"), stderr
+    events = _worker_events(run)
+    assert [events[r]["state"] for r in range(4)] == ["FAILED"] + ["TERMINATED"] * 3

@@ -188,3 +188,41 @@ def test_the_workers_own_sitecustomize_still_runs(
     assert run.returncode == 0, run.stderr
     assert marker.exists()
     assert list((run.run_dir / "attempt_1" / "0" / "faulthandler").glob("*.txt"))  # ours too
+
+
+@pytest.mark.parametrize(
+    "stacks",
+    [
+        "faulthandler",
+        pytest.param("py-spy", marks=pytest.mark.skipif(not HAS_PY_SPY, reason="no py-spy")),
+    ],
+)
+def test_a_hung_module_run_with_m_is_stuck_in_its_own_function(
+    elastic_run: ElasticRunner, tmp_path: Path, stacks: str
+) -> None:
+    """``job.module``: runpy's frames are outermost in the dump; the function named is
+    the module's own (py-spy names no thread here: the module never imports threading)."""
+    run = elastic_run(
+        "job.module=stuck_module",
+        f"+job.env.PYTHONPATH={TESTS / 'workers'}",
+        "+job.env.PYTHONDONTWRITEBYTECODE=1",  # no __pycache__ in the source tree
+        "job.nproc_per_node=1",
+        "max_restarts=1",
+        "watchdog.no_output_timeout=1",
+        f"watchdog.stacks={stacks}",
+    )
+    assert run.returncode == 0, run.stderr  # detected, stopped, restarted, succeeded
+    dump = (run.run_dir / "attempt_1/0/stacks.txt").read_text()
+    assert "_run_module_as_main" in dump  # runpy's frames are there, and not named
+    module = TESTS / "workers" / "stuck_module.py"
+    line = next(
+        n
+        for n, text in enumerate(module.read_text().splitlines(), 1)
+        if text.strip() == "time.sleep(1)"
+    )
+    where = f"{module}:{line}" if stacks == "faulthandler" else f"stuck_module.py:{line}"
+    hung = [ln for ln in run.stderr.splitlines() if "worker rank 0: hung: " in ln]
+    assert len(hung) == 1, run.stderr
+    assert f"; stuck in wait_for_collective at {where}; stacks: " in hung[0]
+    fired = [e for e in run.events() if e["name"] == "elastic_runner.watchdog.fired"]
+    assert [e["metadata"]["function"] for e in fired] == [f"wait_for_collective at {where}"]
