@@ -201,14 +201,29 @@ def test_other_agents_on_this_machine_become_clients(
     assert {info.master_addr for info in infos} == {"127.0.0.1"}
 
 
-def test_a_port_taken_by_another_program_is_not_hosted(tmp_path: Path) -> None:
+def test_a_port_taken_by_another_program_is_an_error_for_the_one_host(tmp_path: Path) -> None:
+    # rdzv.is_host=true and static's node rank 0 are the only host there is: waiting as a
+    # client of whatever holds the port would end only at join_timeout
     with socket.socket() as busy:
         busy.bind(("127.0.0.2", 0))  # on one address of this machine only
         busy.listen()
         port = busy.getsockname()[1]
-        rdzv = tcp._tcp(
-            _config(f"127.0.0.1:{port}", is_host=True, join_timeout=0.2), _context(tmp_path, 1)
-        )
+        in_use = rf"cannot host the rendezvous store on port {port} \(all interfaces\): "
+        with pytest.raises(RendezvousError, match=in_use + "Address already in use"):
+            tcp._tcp(
+                _config(f"127.0.0.1:{port}", is_host=True, join_timeout=0.2),
+                _context(tmp_path, 1),
+            )
+        with pytest.raises(RendezvousError, match=in_use):
+            tcp._static(_static(f"127.0.0.1:{port}", 0), _context(tmp_path, 2, run_id="busy"))
+
+
+def test_a_port_taken_on_this_machine_makes_an_auto_host_its_client(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rdzv = tcp._tcp(_config(f"127.0.0.1:{port}", join_timeout=0.2), _context(tmp_path, 1))
         try:
             with pytest.raises(RendezvousError, match=rf"127\.0\.0\.1:{port}"):
                 rdzv.next_round(NodeInfo("default", 1))  # a client of nothing
@@ -589,3 +604,33 @@ def test_a_store_host_with_too_few_descriptors_for_the_job_says_so(
         "open-file limit (ulimit -n 256), and 64 nodes need about 200: raise the limit on "
         "this machine (e.g. ulimit -n 65536)"
     )
+
+
+def test_a_node_leaving_an_agent_hosted_store_does_not_wait_for_it_to_close(
+    tmp_path: Path, handlers: list[DynamicRendezvous]
+) -> None:
+    # The host closes its store as soon as the last other node's liveness key is gone; a
+    # request after that delete would retry for heartbeat_timeout against nothing.
+    port = _free_port()
+    context = _context(tmp_path, 2, run_id=uuid.uuid4().hex[:8])
+    handlers.append(tcp._tcp(_config(f"127.0.0.1:{port}", heartbeat_timeout=5.0), context))
+    client = tcp._tcp(_config(f"127.0.0.1:{port}", heartbeat_timeout=5.0), context)
+    handlers.append(client)
+    _join_all(handlers)
+    host = threading.Thread(target=handlers[0].shutdown)
+    host.start()  # lingers until the client has left
+    store = client._store
+    delete = store.delete
+
+    def delete_then_let_the_host_close(key: str) -> Any:
+        done = delete(key)
+        if "/alive/" in key:
+            host.join(5)  # the host saw the key go, removed the job's keys and closed
+            assert not host.is_alive()
+        return done
+
+    store.delete = delete_then_let_the_host_close  # type: ignore[method-assign]
+    started = time.monotonic()
+    client.shutdown()
+    assert time.monotonic() - started < 2.0
+    assert not _listening("127.0.0.1", port)

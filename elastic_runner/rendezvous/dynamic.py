@@ -86,6 +86,9 @@ class RendezvousSettings:
     node_rank: int | None = None
     #: MASTER_PORT group rank 0 publishes (``rdzv.master_port``); ``None``: a free one.
     master_port: int | None = None
+    #: The store is served by one of the agents (``tcp``, ``static``), which removes the
+    #: job's keys once every other node has left, then closes it.
+    agent_hosted: bool = False
 
 
 class DynamicRendezvous:
@@ -258,6 +261,13 @@ class DynamicRendezvous:
         # The watcher may be inside a long store wait: closing the store below ends it.
 
         def leave_store() -> None:
+            if self._s.agent_hosted and not self._on_close:
+                # Another agent hosts the store and may close it the moment this key is
+                # gone: one more request would wait heartbeat_timeout (15 s) for a store
+                # that is no more. The host removes the job's keys.
+                self._store.delete(self._p + "waiting/" + self.node_id)
+                self._store.delete(self._p + "alive/" + self.node_id)
+                return
             self._store.delete(self._p + "alive/" + self.node_id)
             self._store.delete(self._p + "waiting/" + self.node_id)
             if self._on_close and self._left is None:

@@ -20,6 +20,7 @@ Its parts are public too, for a backend that needs them alone: :func:`settings_f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,7 +177,9 @@ def store_rendezvous(
             "rdzv.endpoint", config.endpoint, f"rdzv={config.backend} takes {takes}{elsewhere}"
         )
     endpoints = parse_endpoints(config.endpoint, default_port)
-    settings = settings_from(config, context, node_rank, close_timeout)
+    settings = dataclasses.replace(
+        settings_from(config, context, node_rank, close_timeout), agent_hosted=agent_hosted
+    )
     if agent_hosted and settings.master_port in {port for _, port in endpoints}:
         # The agent hosting the store may be group rank 0's: worker rank 0 could not bind
         # MASTER_PORT there. Refused whichever node hosts: the rule is the same on all.

@@ -225,8 +225,10 @@ def _host_store(
     try:
         server = TCPStoreServer(config.bind, port, token, ssl_context=ssl_context)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
+        if exc.errno == errno.EADDRINUSE and node_rank is None and config.is_host is None:
             return None  # another agent on this machine hosts it: be its client
+        # static's node rank 0 and rdzv.is_host=true are the only host: a busy port is an
+        # error now, not a wait for join_timeout against whatever holds it
         where = f"{config.bind}:{port}" if config.bind else f"port {port} (all interfaces)"
         if config.bind and isinstance(exc, socket.gaierror):
             why = f"cannot resolve rdzv.bind={config.bind} ({exc.strerror})"
