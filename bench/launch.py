@@ -20,6 +20,9 @@ worker of the second attempt records its start and exits 0. For elastic-run the 
 also splits (a) and (c) using the agent's own events (agent ready = its RENDEZVOUS event,
 spawned = its last START event).
 
+``er-torchrun`` is the same run through elastic-run's torchrun front end:
+``elastic-run torchrun --standalone --nproc-per-node N --max-restarts 1 _worker.py ...``.
+
 torchrun is ``<torch-python> -m torch.distributed.run --standalone --nproc-per-node N
 --max-restarts 1 _worker.py ...`` with its default monitor interval. It is compared when
 torch imports in ``--torch-python`` (default: ``/tmp/torchvenv/bin/python`` if it
@@ -65,6 +68,8 @@ WORKER = BENCH_DIR / "_worker.py"
 DEFAULT_TORCH_PYTHON = Path("/tmp/torchvenv/bin/python")
 
 ELASTIC = "elastic-run"
+#: ``elastic-run torchrun <torchrun's own line>``: the same run through the torchrun front end
+ELASTIC_TORCHRUN = "er-torchrun"
 TORCHRUN = "torchrun"
 
 #: Reference figures measured earlier for torchrun 2.13 on CPU (ms), shown for context.
@@ -159,6 +164,17 @@ def elastic_tool(elastic_run: str) -> Tool:
     return Tool(ELASTIC, argv, elastic_run)
 
 
+def elastic_torchrun_tool(elastic_run: str) -> Tool:
+    def argv(out: Path, run_dir: Path, mode: str, n: int) -> list[str]:
+        return [
+            elastic_run, f"hydra.run.dir={run_dir}", "torchrun", "--standalone",
+            "--nproc-per-node", str(n), "--max-restarts", "1",
+            str(WORKER), str(out), mode,
+        ]  # fmt: skip
+
+    return Tool(ELASTIC_TORCHRUN, argv, f"{elastic_run} torchrun (torchrun's command line)")
+
+
 def torchrun_tool(python: str, version: str) -> Tool:
     def argv(out: Path, run_dir: Path, mode: str, n: int) -> list[str]:
         return [
@@ -219,7 +235,7 @@ def _attempt_events(events: list[dict[str, Any]], name: str, attempt: int) -> li
 def _start_metrics(tool: Tool, launch: Launch, n: int) -> dict[str, float]:
     started = max(_expect(launch, "a0_r*.start", n))
     metrics = {"a": _ms(started - launch.t0)}
-    if tool.name == ELASTIC:
+    if tool.name in (ELASTIC, ELASTIC_TORCHRUN):
         events = _events(launch)
         ready = _attempt_events(events, "RENDEZVOUS", 1)[0]["timestamp"]
         spawned = max(e["timestamp"] for e in _attempt_events(events, "START", 1))
@@ -253,7 +269,7 @@ def _kill_metrics(tool: Tool, launch: Launch, n: int) -> dict[str, float]:
     metrics = {"c": _ms(restarted - killed)}
     if n > 1:
         metrics["b_term"] = _ms(min(_expect(launch, "a0_r*.term", n - 1)) - killed)
-    if tool.name == ELASTIC:
+    if tool.name in (ELASTIC, ELASTIC_TORCHRUN):
         events = _events(launch)
         failed = [e for e in _attempt_events(events, "FAILED", 1) if e["source"] == "WORKER"]
         if len(failed) != 1:
@@ -443,7 +459,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tools = [elastic_tool(args.elastic_run)]
+    tools = [elastic_tool(args.elastic_run), elastic_torchrun_tool(args.elastic_run)]
     notes: list[str] = []
     torch_python = args.torch_python
     if torch_python is None and DEFAULT_TORCH_PYTHON.exists():
@@ -456,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tools.append(torchrun_tool(torch_python, version))
     else:
         notes.append("no --torch-python: torchrun skipped")
-    have_torch = len(tools) > 1
+    have_torch = any(t.name == TORCHRUN for t in tools)
 
     started = time.monotonic()
     results = run_benchmark(tools, args.runs, args.warmup, args.timeout, args.keep)

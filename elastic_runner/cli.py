@@ -152,6 +152,10 @@ def main() -> None:
             )()
     except ConfigError as exc:
         _config_error(describe_config_error(exc))
+    except BrokenPipeError:  # `elastic-run --help | head`: the reader has gone, as for cat
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _exit_now(128 + signal.SIGPIPE)
     except Exception as exc:
         # Hydra makes the run directory and writes into it before the task runs
         message = describe_run_dir_error(exc, job_dirs) or describe_hydra_error(

@@ -187,7 +187,7 @@ class _Assembly:
             context=context,
             events=FanOutSink([events, status]),
             metrics=metrics,
-            base_env=_without_secrets(self.base_env, conf.rdzv),
+            base_env=_worker_base_env(self.base_env, conf),
             log_prefix=conf.logs.prefix,
             forward_signals=self.valid.forward_signals,
             restart_policy=self.valid.restart_policy,
@@ -332,6 +332,17 @@ def _write_config(path: Path, config: Any, run_id: str) -> None:
     data["rdzv"]["id"] = run_id
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     write_private(path, str(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True)))
+
+
+def _worker_base_env(env: Mapping[str, str], conf: Any) -> dict[str, str]:
+    """What workers inherit: the agent's environment less the token, plus what torch's
+    agent puts in its own environment for them: ``TORCHELASTIC_SIGNALS_TO_HANDLE``, the
+    signals that reach them as themselves (torchrun's ``--signals-to-handle``)."""
+    inherited = _without_secrets(env, conf.rdzv)
+    inherited["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(
+        f"SIG{name.upper().removeprefix('SIG')}" for name in conf.signals.forward
+    )
+    return inherited
 
 
 def _without_secrets(env: Mapping[str, str], rdzv: Any) -> dict[str, str]:
