@@ -3,7 +3,7 @@
 The options, their spellings, types, defaults and ``PET_*`` fallbacks are those of
 ``torch/distributed/run.py: get_args_parser`` (command line beats environment beats
 default), so a launcher's line means here what it means to torchrun. argparse does the
-parsing, as in torch, so abbreviations (``--max 3``) and the script's arguments after it
+parsing, as in torch, so abbreviations (``--max-r 3``) and the script's arguments after it
 (kept verbatim, even when they look like options) behave the same.
 
 Where torch's parser fails on input that launchers really send, this one accepts it:

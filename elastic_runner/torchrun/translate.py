@@ -18,20 +18,49 @@ The rules are torchrun 2.13's (``torch/distributed/run.py: run, config_from_args
 - ``static`` across nodes: torch's agent shares its store with the workers, at
   ``--master-port``; elastic-run's store speaks its own protocol, so it listens on the next
   port and the workers get ``MASTER_ADDR``/``MASTER_PORT`` exactly as under torchrun.
+  ``--nnodes MIN:MAX`` waits for MAX nodes, as torch's static rendezvous does. With one
+  node, ``rdzv=local`` pins the same ``MASTER_ADDR``/``MASTER_PORT``.
+- The run id is torch's (its default ``none`` too), letters, digits, ``.``, ``_`` and
+  ``-`` kept and any other character made ``_``; fresh where torch's is a uuid
+  (standalone, auto-standalone).
+- Endpoints are read as torch's ``parse_rendezvous_endpoint`` reads them (the port after
+  the last colon, ``[v6]:port``), but a bare IPv6 address that this would cut into a
+  host that is no address (``fe80::1``: ``fe80:``, port 1) is the host, whole.
+- ``--rdzv-conf`` keys become ``rdzv.*`` keys (``join_timeout``, ``last_call_timeout``,
+  ``close_timeout``, ``heartbeat_timeout``, ``is_host``; ``keep_alive_interval`` and
+  ``keep_alive_max_attempt`` the heartbeat; ``timeout`` for static and etcd; etcd's TLS
+  files); their values are checked as torch's rendezvous handler reads them, on one node
+  too. Other keys are ignored with a note.
+- ``--redirects``/``--tee``/``--local-ranks-filter`` become ``logs.console_streams`` and
+  ``logs.console_local_ranks`` (files always get everything); where local ranks show
+  different streams, each rank that shows any shows them all (a note says so).
+- ``--log-dir D`` puts the run directory at ``D/<run id>_<random>`` (torch's log
+  directory of the run); ``--log-dir ''`` is no log directory, as in torch.
+- The script's arguments reach the workers as torch's agent passes them (each a
+  ``string.Template`` given the local rank: ``${local_rank}``, ``$local_rank``, ``$$``);
+  elastic-run's own ``%local_rank%`` is replaced too (a note names an argument where
+  torch would leave a placeholder).
+- ``--signals-to-handle`` names that are no signal are dropped with a note (torch warns
+  and goes on).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
 import re
 import secrets
+import signal
 import string
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic_runner.spec import LOCAL_RANK_PLACEHOLDERS
+from elastic_runner.torchrun.console import console_values, log_prefix_from_template
 from elastic_runner.torchrun.options import IGNORED_OPTIONS, TorchrunArgs, TorchrunUsageError
 
-__all__ = ["Translation", "log_prefix_from_template", "translate"]
+__all__ = ["Translation", "hydra_quoted", "translate"]
 
 #: torch's default ports: the c10d store, etcd, and the static master.
 C10D_PORT = 29400
@@ -69,12 +98,6 @@ _CONF_IGNORED = frozenset(
     {"read_timeout", "store_type", "use_libuv", "timeout", "protocol", "etcd_prefix"}
 )
 
-#: torch's ``Std``: 0 none, 1 stdout, 2 stderr, 3 both; or ``local_rank:value,...``.
-_STD_VALUE = re.compile(r"^[0123]$")
-_STD_MAPPING = re.compile(r"^(\d:[0123],)*(\d:[0123])$")
-_STREAMS = {0: frozenset(), 1: frozenset({"stdout"}), 2: frozenset({"stderr"})}
-_STREAMS[3] = _STREAMS[1] | _STREAMS[2]
-
 _RUN_ID_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -103,33 +126,42 @@ def _parse_nnodes(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _split_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
-    """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``."""
-    endpoint = endpoint.strip()
-    if not endpoint:
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_endpoint(
+    endpoint: str, default_port: int, option: str = "--rdzv-endpoint"
+) -> tuple[str, int]:
+    """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, ``[v6]``;
+    the port is what follows the last colon. Where that would cut a bare IPv6 address
+    into a host that is none (``fe80::1`` -> ``fe80:`` and port 1, as torch does), the
+    whole address is the host."""
+    text = endpoint.strip()
+    if not text:
         return "localhost", default_port
-    if endpoint.startswith("[") and endpoint.endswith("]"):
-        host, rest = endpoint, None
+    rest: str | None = None
+    if text.startswith("[") and text.endswith("]"):
+        host = text
     else:
-        host, sep, rest_text = endpoint.rpartition(":")
-        host, rest = (host, rest_text) if sep else (endpoint, None)
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:  # an IPv6 address without brackets and no port
-            host, rest = endpoint, None
-    if host.startswith("[") and host.endswith("]"):
+        host, sep, rest = text.rpartition(":")
+        if not sep or (_is_ipv6(text) and not _is_ipv6(host.strip("[]"))):
+            host, rest = text, None
+    if len(host) > 1 and host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = default_port
     if rest is not None:
-        if not rest.isdigit() or int(rest) >= 2**16:
+        if not re.fullmatch(r"[0-9]{1,5}", rest) or int(rest) >= 2**16:
             raise TorchrunUsageError(
-                f"--rdzv-endpoint={endpoint!r}: the port must be an integer from 0 to 65535"
+                f"{option}={endpoint!r}: the port must be an integer from 0 to 65535"
             )
         port = int(rest)
     if not re.fullmatch(r"[\w.:-]+", host):
-        raise TorchrunUsageError(
-            f"--rdzv-endpoint={endpoint!r}: {host!r} is not a host name or address"
-        )
+        raise TorchrunUsageError(f"{option}={endpoint!r}: {host!r} is not a host name or address")
     return host, port
 
 
@@ -173,86 +205,6 @@ def _conf_value(key: str, text: str, kind: type) -> Any:
     return text
 
 
-def _streams(option: str, text: str) -> dict[int, frozenset[str]] | frozenset[str]:
-    """torch's ``Std.from_str``: the streams per local rank, or for every rank."""
-    if _STD_VALUE.match(text):
-        return _STREAMS[int(text)]
-    if _STD_MAPPING.match(text):
-        return {int(r): _STREAMS[int(v)] for r, v in (item.split(":") for item in text.split(","))}
-    raise TorchrunUsageError(
-        f"{option}={text!r}: expected 0 (none), 1 (stdout), 2 (stderr), 3 (both) or "
-        "local_rank:value pairs such as 0:3,1:0"
-    )
-
-
-def _console(args: TorchrunArgs, values: dict[str, Any], notes: list[str]) -> None:
-    """Which local ranks' streams reach the console: torchrun shows a stream unless
-    ``--redirects`` sends it to files only, or ``--tee`` copies it back."""
-    redirects = _streams("--redirects", args.redirects)
-    tee = _streams("--tee", args.tee)
-    if isinstance(redirects, frozenset) and isinstance(tee, frozenset):
-        shown = (_STREAMS[3] - redirects) | tee
-        values["logs.console_streams"] = sorted(shown)
-    else:
-        ranks = set(redirects if isinstance(redirects, dict) else ()) | set(
-            tee if isinstance(tee, dict) else ()
-        )
-
-        def of(spec: dict[int, frozenset[str]] | frozenset[str], rank: int) -> frozenset[str]:
-            return spec.get(rank, frozenset()) if isinstance(spec, dict) else spec
-
-        per_rank = {r: (_STREAMS[3] - of(redirects, r)) | of(tee, r) for r in ranks}
-        others = (
-            _STREAMS[3] - (redirects if isinstance(redirects, frozenset) else frozenset())
-        ) | (tee if isinstance(tee, frozenset) else frozenset())
-        union = frozenset().union(others, *per_rank.values())
-        values["logs.console_streams"] = sorted(union)
-        if any(s != union for s in per_rank.values()) or others != union:
-            notes.append(
-                "--redirects/--tee per local rank: the console shows "
-                f"{' and '.join(sorted(union)) or 'nothing'} of every rank that shows any "
-                "(files get everything)"
-            )
-            silent = {r for r, s in per_rank.items() if not s}
-            if silent and not others:
-                values["logs.console_local_ranks"] = sorted(set(per_rank) - silent)
-    if args.local_ranks_filter:
-        try:
-            ranks_filter = sorted({int(r) for r in args.local_ranks_filter.split(",")})
-        except ValueError:
-            raise TorchrunUsageError(
-                f"--local-ranks-filter={args.local_ranks_filter!r}: expected a comma-separated "
-                "list of integers, e.g. --local-ranks-filter=0,1,2"
-            ) from None
-        previous = values.get("logs.console_local_ranks")
-        values["logs.console_local_ranks"] = (
-            ranks_filter if previous is None else sorted(set(previous) & set(ranks_filter))
-        )
-
-
-def log_prefix_from_template(template: str) -> str:
-    """``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE`` (``string.Template`` of ``role_name``,
-    ``rank``, ``local_rank``) as a ``logs.prefix`` (``str.format`` of ``role``, ``rank``,
-    ``local_rank``). Other ``$names`` stay as written, as torch's ``safe_substitute``
-    leaves them."""
-    fields = {"role_name": "{role}", "rank": "{rank}", "local_rank": "{local_rank}"}
-    out: list[str] = []
-    pattern = string.Template.pattern
-    last = 0
-    for match in pattern.finditer(template):
-        out.append(template[last : match.start()].replace("{", "{{").replace("}", "}}"))
-        name = match.group("named") or match.group("braced")
-        if match.group("escaped") is not None:
-            out.append("$")
-        elif name in fields:
-            out.append(fields[name])
-        else:
-            out.append(match.group(0).replace("{", "{{").replace("}", "}}"))
-        last = match.end()
-    out.append(template[last:].replace("{", "{{").replace("}", "}}"))
-    return "".join(out)
-
-
 def _run_id(text: str, notes: list[str]) -> str:
     """torch takes any run id; elastic-run's keys need ``[A-Za-z0-9._-]``, at most 128."""
     cleaned = _RUN_ID_CHAR.sub("_", text)[:128]
@@ -276,15 +228,19 @@ def _rendezvous(
     if args.standalone:
         if {"rdzv_backend", "rdzv_endpoint", "rdzv_id"} & args.given:
             notes.append("--standalone: --rdzv-backend, --rdzv-endpoint and --rdzv-id are ignored")
+        _apply_conf(args, "tcp", {}, [])  # torch's c10d reads it: its values must be good
         return "local"  # a fresh run id, as torch's uuid4
     if backend == "static":
         if not endpoint and args.master_port is None and hi == 1:
+            _apply_conf(args, "tcp", {}, [])
             return "local"  # torch's auto-standalone
-        addr, port = (
-            _split_endpoint(endpoint, -1)
-            if endpoint
-            else (args.master_addr, MASTER_PORT if args.master_port is None else args.master_port)
-        )
+        if endpoint:
+            addr, port = _split_endpoint(endpoint, -1)
+        else:  # torch's endpoint is then "master_addr:master_port", read as any other
+            master_port = MASTER_PORT if args.master_port is None else args.master_port
+            addr, port = _split_endpoint(
+                f"{args.master_addr}:{master_port}", -1, "--master-addr/--master-port"
+            )
         if port < 0:
             raise TorchrunUsageError(
                 f"--rdzv-endpoint={endpoint!r}: a port is required with the static backend "
@@ -298,6 +254,7 @@ def _rendezvous(
         values["rdzv.master_port"] = port
         values["rdzv.id"] = _run_id(args.rdzv_id, notes)
         if hi == 1:
+            _apply_conf(args, "static", {}, [])
             return "local"
         if lo != hi:
             notes.append(f"--nnodes={args.nnodes}: the static backend waits for {hi} nodes")
@@ -330,10 +287,10 @@ def _rendezvous(
         raise TorchrunUsageError(f"--rdzv-backend={backend!r}: unknown backend; known: {known}")
     default_port = ETCD_PORT if choice == "etcd" else C10D_PORT
     host, port = _split_endpoint(endpoint, default_port)
-    if hi == 1:
-        if choice != "tcp" or "rdzv_id" in args.given:
-            values["rdzv.id"] = _run_id(args.rdzv_id, notes)
-        return "local"  # one node needs no store: torchtitan's localhost:0 among others
+    if hi == 1:  # one node needs no store: torchtitan's localhost:0 among others
+        values["rdzv.id"] = _run_id(args.rdzv_id, notes)  # as torch's, "none" included
+        _apply_conf(args, choice, {}, [])
+        return "local"
     if port == 0:
         raise TorchrunUsageError(
             f"--rdzv-endpoint={endpoint!r}: port 0 picks a free port, which the other "
@@ -356,20 +313,22 @@ def _apply_conf(args: TorchrunArgs, choice: str, values: dict[str, Any], notes: 
         if key in known:
             name, kind = known[key]
             values[f"rdzv.{name}"] = _conf_value(key, text, kind)
-        elif key == "keep_alive_max_attempt":
-            continue  # below
-        else:
+        elif key != "keep_alive_max_attempt" or "keep_alive_interval" not in known:
             ignored.append(key)
-    if "keep_alive_max_attempt" in conf and "heartbeat_timeout" not in conf:
+    # torch's keep-alive: a node is dead after keep_alive_max_attempt (3) missed beats
+    keep_alive = {"keep_alive_interval", "keep_alive_max_attempt"} & conf.keys()
+    if keep_alive and "keep_alive_interval" in known and "heartbeat_timeout" not in conf:
         interval = values.get("rdzv.heartbeat_interval", 5.0)
-        attempts = _conf_value("keep_alive_max_attempt", conf["keep_alive_max_attempt"], float)
+        attempts = _conf_value(
+            "keep_alive_max_attempt", conf.get("keep_alive_max_attempt", "3"), float
+        )
         values["rdzv.heartbeat_timeout"] = interval * max(attempts, 1.0)
     if ignored:
         reason = "" if set(ignored) <= _CONF_IGNORED else " (unknown here)"
         notes.append(f"--rdzv-conf: {', '.join(ignored)} ignored{reason}")
 
 
-def _job(args: TorchrunArgs, values: dict[str, Any]) -> None:
+def _job(args: TorchrunArgs, values: dict[str, Any], notes: list[str]) -> None:
     script, script_args = args.training_script, list(args.training_script_args)
     if args.run_path:  # runpy in a Python worker: the same as python -u script
         values.update({"job.entrypoint": script, "job.python": True})
@@ -383,7 +342,26 @@ def _job(args: TorchrunArgs, values: dict[str, Any]) -> None:
         values["job.module"] = script
     else:
         values.update({"job.entrypoint": script, "job.python": True})
-    values["job.args"] = script_args
+    values["job.args"] = [_worker_arg(arg, notes) for arg in script_args]
+
+
+#: Stands for the local rank while an argument is read as torch reads it.
+_RANK = "\0"
+
+
+def _worker_arg(arg: str, notes: list[str]) -> str:
+    """A script argument as torch's agent passes it: a ``string.Template`` given the
+    local rank (``${local_rank}`` and ``$local_rank`` are the rank, ``$$`` is ``$``,
+    any other ``$`` stays), in elastic-run's placeholder ``${local_rank}``."""
+    if "$" not in arg and "%local_rank%" not in arg:
+        return arg
+    torch_form = string.Template(arg).safe_substitute(local_rank=_RANK)
+    if any(p in torch_form for p in LOCAL_RANK_PLACEHOLDERS):
+        notes.append(
+            f"argument {arg!r}: elastic-run replaces {' and '.join(LOCAL_RANK_PLACEHOLDERS)} "
+            "in it by the local rank, torchrun would not"
+        )
+    return torch_form.replace(_RANK, "${local_rank}")
 
 
 def translate(
@@ -407,12 +385,15 @@ def translate(
     values["job.role"] = args.role
     if args.local_addr is not None:
         values["rdzv.local_addr"] = args.local_addr
-    _job(args, values)
-    _console(args, values, notes)
+    _job(args, values, notes)
+    console_values(args, values, notes)
     template = environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
     if template:
         values["logs.prefix"] = log_prefix_from_template(template)
-    values["signals.forward"] = [s.strip() for s in args.signals_to_handle.split(",") if s.strip()]
+    names = [s.strip() for s in args.signals_to_handle.split(",") if s.strip()]
+    if unknown := [s for s in names if not hasattr(signal, s)]:  # torch: a warning each
+        notes.append(f"--signals-to-handle: {', '.join(unknown)} ignored (no such signal)")
+    values["signals.forward"] = [s for s in names if s not in unknown]
     timeout: int | str | None = args.shutdown_timeout
     if timeout is None and (text := environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "").strip()):
         try:
@@ -426,7 +407,7 @@ def translate(
             raise TorchrunUsageError(f"--shutdown-timeout={timeout}: expected >= 0")
         values["stop_timeout"] = float(timeout)
     overrides = [f"rdzv={rdzv}"]
-    if args.log_dir is not None:
+    if args.log_dir:  # torch takes "" as none: a temporary directory
         overrides.append(_run_dir_override(args.log_dir, values.get("rdzv.id")))
     set_ignored = [
         f"--{dest.replace('_', '-')}"
@@ -443,6 +424,16 @@ def _run_dir_override(log_dir: str, run_id: object) -> str:
     the run directory is that ``D/<run id>_<random>``, quoted for Hydra's grammar."""
     if "${" in log_dir or "\n" in log_dir or "\0" in log_dir:
         raise TorchrunUsageError(f"--log-dir={log_dir!r}: '${{', newlines and NUL are not allowed")
-    path = f"{log_dir.rstrip('/') or '/'}/{run_id or 'run'}_{secrets.token_hex(4)}"
-    quoted = re.sub(r"(\\+)$", r"\1\1", path.replace("'", "\\'"))
-    return f"hydra.run.dir='{quoted}'"
+    path = posixpath.join(log_dir, f"{run_id or 'run'}_{secrets.token_hex(4)}")
+    return f"hydra.run.dir={hydra_quoted(path)}"
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted value of Hydra's override grammar: each quote escaped, and
+    each backslash before a quote or at the end doubled (Hydra reads ``2n`` backslashes
+    there as ``n``)."""
+
+    def escape(m: re.Match[str]) -> str:
+        return m.group(1) * 2 + ("\\'" if m.group(2) else "")
+
+    return "'" + re.sub(r"(\\*)('|\Z)", escape, text) + "'"
