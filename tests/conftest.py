@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from elastic_runner.plugins import DISABLE_AUTOLOAD_ENV
-from elastic_runner.testing.fixtures import elastic_run, etcd_server, netns_cluster
+from elastic_runner.testing.fixtures import elastic_run, etcd_server, netns_cluster, slurm_cluster
 from elastic_runner.testing.runner import (
     ElasticRunner,
     Run,
@@ -35,6 +35,7 @@ __all__ = [
     "probe_out",
     "probe_records",
     "processes_of_runs",
+    "slurm_cluster",
 ]
 
 TESTS = Path(__file__).resolve().parent

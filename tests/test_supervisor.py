@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -107,7 +108,10 @@ def test_exit_carries_the_workers_own_peak_rss(
     while len(exits) < 2:
         exits.update((e.local_rank, e) for e in supervisor.wait(timeout=30))
     assert 200 * 2**20 < exits[0].max_rss < 400 * 2**20
-    assert 0 < exits[1].max_rss < 100 * 2**20
+    # Linux keeps a process's high-water mark across exec: a worker forked from this test
+    # process starts at its size (about 100 MiB late in a session), whatever it runs
+    forked_from = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 0 < exits[1].max_rss < max(100 * 2**20, forked_from) + 20 * 2**20
     assert exits[0].returncode == exits[1].returncode == 0
 
 

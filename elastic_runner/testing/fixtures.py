@@ -17,8 +17,9 @@ from elastic_runner.plugins import make_plugin_manager
 from elastic_runner.testing.etcd import etcd_server
 from elastic_runner.testing.netns import Cluster, NetnsUnavailable
 from elastic_runner.testing.runner import ElasticRunner, assert_nothing_survives
+from elastic_runner.testing.slurm import slurm_cluster
 
-__all__ = ["elastic_run", "etcd_server", "netns_cluster", "plugin_manager"]
+__all__ = ["elastic_run", "etcd_server", "netns_cluster", "plugin_manager", "slurm_cluster"]
 
 
 @pytest.fixture
