@@ -15,6 +15,10 @@ with the visibility variables the way the CUDA and HIP runtimes read them:
   exists (ROCm computes through ``/dev/kfd``; a render node alone may be any vendor's
   GPU). ``ROCR_VISIBLE_DEVICES`` and then ``HIP_VISIBLE_DEVICES`` (else
   ``CUDA_VISIBLE_DEVICES``, which HIP also reads) narrow the count.
+- Slurm: in a job (``SLURM_JOB_ID`` set), the GPUs Slurm gave it on this node
+  (``SLURM_GPUS_ON_NODE``, else the ``SLURM_STEP_GPUS`` or ``SLURM_JOB_GPUS`` list) cap
+  the count, whichever vendor's; Slurm also sets ``CUDA_VISIBLE_DEVICES`` (or its kin),
+  read as above.
 
 A machine with both kinds counts its NVIDIA GPUs: a torch build uses one kind. Nothing is
 cached: each call looks again (one run calls it once).
@@ -123,11 +127,11 @@ def detect_gpus(
     looked: list[str] = []
     nvidia = _find_nvidia(base, env, run, timeout, looked)
     if nvidia.devices:
-        allowed, narrowed = _nvidia_allowed(nvidia, env)
+        allowed, narrowed = _slurm_allowed(*_nvidia_allowed(nvidia, env), env)
         return GpuCount(allowed, nvidia.devices, "NVIDIA", nvidia.source, narrowed, tuple(looked))
     amd = _find_amd(base, looked)
     if amd.devices:
-        allowed, narrowed = _amd_allowed(amd.devices, env)
+        allowed, narrowed = _slurm_allowed(*_amd_allowed(amd.devices, env), env)
         return GpuCount(allowed, amd.devices, "AMD", amd.source, narrowed, tuple(looked))
     return GpuCount(0, 0, "", "", (), tuple(looked))
 
@@ -313,6 +317,26 @@ def _amd_allowed(found: int, env: Mapping[str, str]) -> tuple[int, tuple[str, ..
             narrowed.append(f"{name}={env[name]!r}")
             count = cuda_visible_count(env[name], count)
     return count, tuple(narrowed)
+
+
+def _slurm_allowed(
+    count: int, narrowed: tuple[str, ...], env: Mapping[str, str]
+) -> tuple[int, tuple[str, ...]]:
+    """In a Slurm job (``SLURM_JOB_ID`` set), at most the GPUs Slurm gave it on this node:
+    ``SLURM_GPUS_ON_NODE``, else as many as ``SLURM_STEP_GPUS`` (else ``SLURM_JOB_GPUS``)
+    lists. An upper bound on what the visibility variables (which Slurm sets too) allow;
+    without any of these, Slurm says nothing and the count stands."""
+    if "SLURM_JOB_ID" not in env:
+        return count, narrowed
+    on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit():
+        return min(count, int(on_node)), (*narrowed, f"SLURM_GPUS_ON_NODE={on_node!r}")
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        listed = env.get(name, "").strip()
+        if listed:
+            n = len({item.strip() for item in listed.split(",") if item.strip()})
+            return min(count, n), (*narrowed, f"{name}={listed!r}")
+    return count, narrowed
 
 
 def _matching(directory: Path, pattern: re.Pattern[str]) -> int:

@@ -19,14 +19,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from elastic_runner.config import ConfigError
+from elastic_runner.config_patch import ConfigPatch, literal
 from elastic_runner.spec import LOCAL_RANK_PLACEHOLDERS
 from elastic_runner.torchrun.console import log_prefix_from_template
-from elastic_runner.torchrun.front import (
-    ConfigPatch,
-    literal,
-    prepare,
-    split_torchrun_form,
-)
+from elastic_runner.torchrun.front import SOURCES, prepare, split_torchrun_form
 from elastic_runner.torchrun.hints import misuse_hint
 from elastic_runner.torchrun.options import TorchrunUsageError, parse_torchrun_args
 from elastic_runner.torchrun.translate import (
@@ -560,7 +556,7 @@ def test_the_patch_assigns_literals_and_skips_keys_the_schema_lacks(
         {"job.args": ["${oc.env:HOME}", "\\${x}"], "rdzv.is_host": True, "rdzv.id": "j"},
         notes=("a note",),
     )
-    with caplog.at_level(logging.INFO, logger="elastic_runner.torchrun.front"):
+    with caplog.at_level(logging.INFO, logger="elastic_runner.config_patch"):
         patch.apply(cfg)
     assert OmegaConf.to_container(cfg, resolve=True) == {
         "job": {"args": ["${oc.env:HOME}", "\\${x}"], "role": "default"},
@@ -570,7 +566,7 @@ def test_the_patch_assigns_literals_and_skips_keys_the_schema_lacks(
 
 
 def test_the_patch_names_the_option_in_a_config_error() -> None:
-    patch = ConfigPatch({"job.nproc_per_node": 0, "rdzv.join_timeout": -1.0})
+    patch = ConfigPatch({"job.nproc_per_node": 0, "rdzv.join_timeout": -1.0}, sources=SOURCES)
     error: Any = ConfigError("job.nproc_per_node", 0, "expected an integer >= 1")
     assert patch.describe(error, "msg") == "--nproc-per-node (msg)"
     assert patch.describe(ConfigError("rdzv.join_timeout", -1.0, "x"), "m") == "--rdzv-conf (m)"

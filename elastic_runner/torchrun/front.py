@@ -9,24 +9,17 @@ line. Those win over what the torchrun options say.
 
 from __future__ import annotations
 
-import logging
-import re
 import shlex
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from elastic_runner.errors import ConfigError
+from elastic_runner.config_patch import ConfigPatch
 from elastic_runner.torchrun.options import TorchrunUsageError, parse_torchrun_args
 from elastic_runner.torchrun.translate import translate
 
 __all__ = [
     "OVERRIDES_ENV",
-    "ConfigPatch",
+    "SOURCES",
     "TorchrunUsageError",
-    "literal",
     "prepare",
     "split_torchrun_form",
 ]
@@ -34,10 +27,9 @@ __all__ = [
 #: Extra Hydra overrides for the torchrun form, split like a shell line.
 OVERRIDES_ENV = "ELASTIC_RUN_OVERRIDES"
 
-log = logging.getLogger(__name__)
-
-#: Where each key's value came from, to name it in a one-line error.
-_SOURCES = {
+#: Where each key's value came from, to name it in a one-line error (any other ``rdzv.*``
+#: key: ``--rdzv-conf``).
+SOURCES = {
     "nnodes": "--nnodes",
     "job.nproc_per_node": "--nproc-per-node",
     "max_restarts": "--max-restarts",
@@ -54,58 +46,8 @@ _SOURCES = {
     "stop_timeout": "--shutdown-timeout",
     "logs.prefix": "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE",
     "logs.console_local_ranks": "--local-ranks-filter",
+    "rdzv.": "--rdzv-conf",
 }
-
-
-@dataclass(frozen=True)
-class ConfigPatch:
-    """Values a torchrun command line gives the composed config."""
-
-    values: Mapping[str, Any]
-    notes: tuple[str, ...] = ()
-    #: torchrun options (``dest``) given through ``PET_*``, to name those in errors.
-    from_env: frozenset[str] = frozenset()
-
-    def apply(self, cfg: DictConfig) -> None:
-        """Assign every value to the composed config, as a literal (a ``${`` in a script
-        argument stays as written); a key the selected schema lacks (a plugin backend
-        without ``is_host``) is noted and skipped. Logs the notes, one line."""
-        notes = list(self.notes)
-        for dotted, value in self.values.items():
-            parent, _, name = dotted.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            if not isinstance(node, DictConfig) or name not in node.keys():  # noqa: SIM118 (`in` is False for MISSING)
-                notes.append(f"{dotted}: not a key of this backend; ignored")
-                continue
-            node[name] = literal(value)
-        if notes:
-            log.info("torchrun options: %s", "; ".join(notes))
-
-    def describe(self, exc: ConfigError, message: str) -> str:
-        """A config error about a value this patch set, worded with torchrun's option."""
-        source = _SOURCES.get(str(exc.key))
-        if source is None and str(exc.key).startswith("rdzv."):
-            source = "--rdzv-conf"
-        if source is None or exc.key not in self.values:
-            return message
-        dest = source.lstrip("-").replace("-", "_")
-        if dest in self.from_env:
-            source = f"PET_{dest.upper()}"
-        return f"{source} ({message})"
-
-
-_INTERPOLATION = re.compile(r"(\\*)\$\{")
-
-
-def literal(value: Any) -> Any:
-    """``value`` written so that OmegaConf resolves it to itself: before every ``${``, its
-    ``n`` backslashes become ``2n + 1`` (OmegaConf reads ``2k`` backslashes there as ``k``
-    and an interpolation, ``2k + 1`` as ``k`` and a literal ``${``)."""
-    if isinstance(value, str):
-        return _INTERPOLATION.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
-    if isinstance(value, list):
-        return [literal(item) for item in value]
-    return value
 
 
 def split_torchrun_form(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
@@ -153,7 +95,7 @@ def prepare(
             f"{'/'.join(pod_level)} of the agent's environment: not passed on; each worker "
             "gets its own"
         )
-    patch = ConfigPatch(values, tuple(notes), args.from_env)
+    patch = ConfigPatch(values, tuple(notes), args.from_env, sources=SOURCES)
     return [*translation.overrides, *user], patch
 
 
