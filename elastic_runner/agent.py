@@ -29,6 +29,7 @@ from elastic_runner.blocking_calls import BlockingCalls, Stopped
 from elastic_runner.events import EventEmitter, EventSink, names
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
+from elastic_runner.outside import SignalWitness, answers, stop_reason
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
 from elastic_runner.rendezvous.ranks import join_round
 from elastic_runner.spec import (
@@ -92,6 +93,9 @@ class ElasticAgent:
         hangs: HangDetector | None = None,
         timers: TimerServer | None = None,
         lease_listener: Callable[[float | None], None] | None = None,
+        stop_signals: frozenset[int] = frozenset(),
+        preempt_signals: frozenset[int] = frozenset(),
+        resumed: tuple[int, int] = (0, 0),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -119,6 +123,12 @@ class ElasticAgent:
         #: Set per round: GLOO_SOCKET_IFNAME where gloo's own choice would be loopback.
         self._network_env: dict[str, str] = {}
         self._stop_signal: int | None = None
+        #: The signals the agent handles (a worker's death by one is held for the agent's
+        #: own; see elastic_runner.outside), and those that mean preemption.
+        self._witness = SignalWitness(stop_signals)
+        self._preempt = preempt_signals
+        #: (attempts, restarts) of the run this one resumes after a preemption.
+        self.group.attempt, self._restarts_before = resumed
         self._membership_changed = False
         self._attempt = Attempt(spec.local_world_size, self._paths)
         #: When the last failed attempt's first failure was seen (for recovery time).
@@ -134,6 +144,7 @@ class ElasticAgent:
         when it is one of ``forward_signals``, else SIGTERM."""
         if self._stop_signal is None:
             self._stop_signal = signum
+            self._witness.received(self._clock())
         self._launcher.wake()
 
     def _on_membership_change(self) -> None:
@@ -184,6 +195,7 @@ class ElasticAgent:
             if self._lease_lapsed(exits):
                 self._fence(exits)
                 continue
+            exits += self._hold(exits)
             for exit_ in exits:
                 self._record_exit(exit_)
             if self._stop_signal is not None:
@@ -252,6 +264,20 @@ class ElasticAgent:
         self._events.agent(names.RESTART, reason="fenced")
         self._start_attempt()
 
+    def _hold(self, exits: list[WorkerExit]) -> list[WorkerExit]:
+        """A worker died of a signal the agent handles, or ``exits`` end the attempt in
+        success: wait up to the window for the agent's own signal (a scheduler signals
+        every process at once), so the verdict does not depend on which came first. The
+        exits that came meanwhile."""
+        running = sum(w.pid is not None for w in self.group.workers)
+        if not self._witness.worth_holding(exits, running):
+            return []
+        more: list[WorkerExit] = []
+        deadline = self._clock() + self._witness.window
+        while self._stop_signal is None and (left := deadline - self._clock()) > 0:
+            more += self._launcher.wait(left)
+        return more
+
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
         self._events.agent(names.MEMBERSHIP_CHANGED, during=during)
@@ -282,6 +308,7 @@ class ElasticAgent:
         self._membership_changed = False
         rdzv_s = self._clock() - t0
         join_round(group, info)
+        group.restart_count += self._restarts_before
         self._network_env = collective_interface_env(
             info.master_addr, {**self._base_env, **spec.env}
         )
@@ -360,6 +387,10 @@ class ElasticAgent:
             peak = self._peak_rss.get(exit_.global_rank, 0)
             self._peak_rss[exit_.global_rank] = max(peak, exit_.max_rss)
         self.group.workers[exit_.local_rank].pid = None
+        self._witness.seen(exit_, self._clock())
+        stop = self._stop_signal
+        if stop is not None and not exit_.stopped_by_agent and answers(exit_, stop):
+            exit_ = dataclasses.replace(exit_, stopped_by_agent=True)  # part of the stop
         status, failure = self._attempt.record(exit_)
         if failure is not None:
             self._metrics.put("workers.failures", 1, {"kind": failure.kind.name})
@@ -444,18 +475,49 @@ class ElasticAgent:
     def _stop_by_signal(self, signum: int) -> RunResult:
         name = signal.Signals(signum).name
         sent = signum if signum in self._forward_signals else signal.SIGTERM
+        self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
+        self._await_own_exits()
+        outside = self._witness.from_outside(signum)
+        preempted = signum in self._preempt
+        why = stop_reason(name, outside=outside, preempted=preempted)
+        # From outside, the workers got it already: a second one could cut a checkpoint.
+        again = not outside or sent != signum
         log.warning(
-            "got %s: sending %s to the workers (grace %g s, then SIGKILL)",
-            name,
-            signal.Signals(sent).name,
+            "%s: %s (grace %g s, then SIGKILL)",
+            why,
+            f"sending {signal.Signals(sent).name} to the workers"
+            if again
+            else "the workers got it too: waiting for them",
             self.spec.stop_timeout,
         )
-        self._events.agent(names.SIGNAL, signal=name, sent=signal.Signals(sent).name)
-        self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
-        self._stop_workers(sent)
-        result = self._finish(WorkerState.FAILED, f"stopped by {name}")
-        result.signal = signum
+        self._events.agent(
+            names.SIGNAL,
+            signal=name,
+            sent=signal.Signals(sent).name if again else None,
+            origin="outside" if outside else "agent",
+            preempted=preempted,
+            gap_ms=None if (gap := self._witness.gap(signum)) is None else round(gap * 1e3, 3),
+        )
+        self._stop_workers(sent if again else 0)
+        result = self._finish(WorkerState.FAILED, why)
+        result.signal, result.from_outside, result.preempted = signum, outside, preempted
         return result
+
+    def _await_own_exits(self) -> None:
+        """Before passing a stop signal on: up to the window after the agent got it, wait
+        for a worker to end on its own (it got the signal from outside too)."""
+        witness, received = self._witness, self._witness.received_at
+        if not witness.handled or received is None:
+            return
+        while self._has_running_workers():
+            left = received + witness.window - self._clock()
+            if left <= 0:
+                return
+            exits = self._launcher.wait(left)
+            for exit_ in exits:
+                self._record_exit(exit_)
+            if exits:
+                return
 
     def _finish(self, state: WorkerState, reason: str = "") -> RunResult:
         # Sweep what the attempt's processes left behind, whatever the outcome.

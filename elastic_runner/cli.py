@@ -5,7 +5,8 @@ with ``--multirun``). The only module that knows Hydra's objects.
 (:mod:`elastic_runner.torchrun`): the same config, composed from torchrun's options.
 
 Exit codes: 0 success; 1 the job failed; 2 bad configuration (one line on stderr naming
-the key, the value and what is allowed); 128+N stopped by signal N.
+the key, the value and what is allowed); 75 preempted (a signal of ``signals.preempt``);
+128+N stopped by signal N.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from elastic_runner.config import (
     register_configs,
     validate,
 )
+from elastic_runner.config_patch import ConfigPatch
 from elastic_runner.errors import ConfigError
 from elastic_runner.hydra_errors import (
     check_run_dir,
@@ -43,10 +45,11 @@ from elastic_runner.plugins import LoadedPlugins, PluginLoadWarning, load_plugin
 from elastic_runner.registry import ComponentKind, PluginError
 from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.run import run
+from elastic_runner.schedulers.slurm import SlurmError
+from elastic_runner.schedulers.slurm import command_line as slurm_command_line
 from elastic_runner.spec import RunResult
 from elastic_runner.sweep import PointResult
 from elastic_runner.torchrun.front import (
-    ConfigPatch,
     TorchrunUsageError,
     prepare,
     split_torchrun_form,
@@ -101,6 +104,11 @@ def main() -> None:
         except TorchrunUsageError as exc:
             print(f"elastic-run torchrun: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
             sys.exit(EXIT_CONFIG_ERROR)
+    else:  # under srun: the rendezvous across the step's nodes (Slurm mode)
+        try:
+            sys.argv[1:], patch = slurm_command_line(sys.argv[1:], base_env)
+        except SlurmError as exc:
+            _config_error(one_line(str(exc)))
     sys.argv[1:] = _quote_null_options(sys.argv[1:])
 
     codes: list[int] = []
@@ -207,7 +215,8 @@ def run_job(
 def _outcome(result: RunResult) -> PointResult:
     state = result.state.value
     if result.signal is not None:
-        state = f"STOPPED by {signal.Signals(result.signal).name}"
+        verb = "PREEMPTED" if result.preempted else "STOPPED"
+        state = f"{verb} by {signal.Signals(result.signal).name}"
     root = result.root_cause
     return PointResult(
         overrides=[],

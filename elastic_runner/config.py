@@ -34,6 +34,7 @@ __all__ = [
     "CONSOLE_STREAMS",
     "MAX_SECONDS",
     "REDACTED",
+    "SCHEDULERS",
     "ConfigError",
     "ElasticRunConfig",
     "EventsConfig",
@@ -177,6 +178,10 @@ class TimerConfig:
     server: str = MISSING
 
 
+#: ``scheduler`` values.
+SCHEDULERS = ("auto", "slurm", "none")
+
+
 #: Signals that stop the run (torchrun handles the first four; Slurm preempts with USR1/2).
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
@@ -190,6 +195,11 @@ class SignalsConfig:
     forward: list[str] = field(default_factory=lambda: list(HANDLED_SIGNALS))
     #: Ignore SIGHUP (the run survives the terminal closing, as under nohup).
     ignore_sighup: bool = False
+    #: Signals that mean preemption (Slurm's ``sbatch --signal=USR1@N``): they stop the
+    #: run as any other, but the agent exits 75 (``EXIT_PREEMPTED``), not 128+N.
+    preempt: list[str] = field(default_factory=lambda: ["SIGUSR1"])
+    #: Under Slurm, a preempted run's node 0 runs ``scontrol requeue $SLURM_JOB_ID``.
+    requeue: bool = False
 
 
 @dataclass
@@ -258,6 +268,12 @@ class ElasticRunConfig:
     job: JobConfig = field(default_factory=JobConfig)
     #: ``N`` or ``MIN:MAX`` nodes.
     nnodes: str = "1"
+    #: The scheduler whose job step places the agents: ``auto`` (Slurm mode when
+    #: ``SLURM_JOB_ID`` and ``SLURM_STEP_ID`` are set, i.e. under ``srun``), ``slurm``
+    #: (the same, and not being in a Slurm step is an error), ``none`` (no detection).
+    #: Read from the command line before Hydra composes (it chooses ``rdzv``); see
+    #: :mod:`elastic_runner.schedulers`.
+    scheduler: str = "auto"
     #: Restarts of the worker group after failures, for the whole job.
     max_restarts: int = 0
     #: Seconds between SIGTERM and SIGKILL when workers are stopped.
@@ -589,6 +605,8 @@ class ValidConfig:
     live: str
     #: ``logs.console_streams`` as file descriptors (1 = stdout, 2 = stderr).
     console_streams: frozenset[int] = frozenset(CONSOLE_STREAMS.values())
+    #: ``signals.preempt`` as signal numbers.
+    preempt_signals: frozenset[int] = frozenset()
 
 
 def validate(cfg: ElasticRunConfig) -> ValidConfig:
@@ -598,10 +616,13 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
     ``*interval``, ``*window``, ``*uptime``) within ``0..MAX_SECONDS``, and no string
     may hold a NUL character."""
     min_nodes, max_nodes = parse_nnodes(cfg.nnodes)
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError("scheduler", cfg.scheduler, f"allowed: {', '.join(SCHEDULERS)}")
     nproc = parse_nproc_per_node(cfg.job.nproc_per_node)
     check_nproc_per_node(nproc)
     memory_limit = parse_memory("job.limits.memory", cfg.job.limits.memory)
     forward = parse_signals("signals.forward", cfg.signals.forward)
+    preempt = parse_signals("signals.preempt", cfg.signals.preempt)
     parse_run_id(cfg.rdzv.id)
     parse_master_addr(cfg.rdzv.master_addr)
     parse_master_port(cfg.rdzv.master_port)
@@ -687,6 +708,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ),
         live=live,
         console_streams=console_streams,
+        preempt_signals=preempt,
     )
 
 

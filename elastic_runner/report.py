@@ -84,9 +84,10 @@ def format_report(
     attempts = _count(result.attempts, "attempt")
     peaks = rank_table(result)
     if result.signal is not None and not result.failures:
+        why = result.ended_because or f"stopped by {signal.Signals(result.signal).name}"
+        code = f" (exit {result.exit_code})" if result.preempted else ""
         text = (
-            f"elastic-run: stopped by {signal.Signals(result.signal).name} after {attempts}; "
-            f"workers stopped. Run directory: {run_dir}"
+            f"elastic-run: {why} after {attempts}; workers stopped{code}. Run directory: {run_dir}"
         )
         return "\n".join(filter(None, [text, peaks]))
     if not result.is_failed:
@@ -132,7 +133,7 @@ def rank_table(result: RunResult) -> str:
         if e.stopped_by_agent and not any(
             f.exit.global_rank == e.global_rank for f in result.failures
         ):
-            outcome = f"stopped ({e.signal_name or e.returncode})"
+            outcome = f"stopped ({e.signal_name or f'exit {e.returncode}'})"
         else:
             outcome = "ok" if e.succeeded else e.describe()
         ran = f"{e.timestamp - result.started_at:.1f} s" if result.started_at else "-"

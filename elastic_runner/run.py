@@ -35,6 +35,7 @@ from elastic_runner.events import FanOutSink
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.plugins import LoadedPlugins
+from elastic_runner.preemption import requeue, resumed
 from elastic_runner.registry import ComponentKind, Registry
 from elastic_runner.rendezvous.api import RendezvousError, RendezvousHandler
 from elastic_runner.rendezvous.tcp import TOKEN_ENV
@@ -104,6 +105,8 @@ def run(
         return WorkerLogPaths.of(run_dir, result.attempts, exit_.local_rank).stderr
 
     print(format_report(result, spec, run_dir, stderr_of), file=sys.stderr, flush=True)
+    if result.preempted and conf.signals.requeue:
+        requeue(base_env, assembly.agent.group.group_rank if assembly.agent else -1)
     lifecycle.run_end(result)
     if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
         write_nested_error_file(result, nested)
@@ -180,6 +183,7 @@ class _Assembly:
         cgroup = str(supervisor.cgroup.path) if supervisor.cgroup else None
         guardian = Guardian(supervisor.marker, context.run_id, remove, cgroup=cgroup)
         stack.callback(guardian.close)
+        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
         self.agent = agent = ElasticAgent(
             spec,
             rdzv,
@@ -197,12 +201,14 @@ class _Assembly:
             hangs=_hang_detector(self.valid, timer),
             timers=timer,
             lease_listener=guardian.lease,
+            stop_signals=_STOP_SIGNALS - ignored,
+            preempt_signals=self.valid.preempt_signals,
+            resumed=resumed(context.run_dir, context.run_id, self.base_env),
         )
         status.watch(supervisor.activity, lambda: agent.usage)
         if isinstance(timer, FileTimerServer):  # timers only for this run's workers' trees
             timer.accept_pids(worker_trees(supervisor.marker))
         timer.start()
-        ignored = {signal.SIGHUP} if conf.signals.ignore_sighup else set()
         stack.enter_context(handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored))
         if view is not None:
             view.start()

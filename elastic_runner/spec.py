@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "EXIT_PREEMPTED",
     "LOCAL_RANK_PLACEHOLDERS",
     "Failure",
     "FailureKind",
@@ -34,6 +35,12 @@ __all__ = [
 #: interpolation unquoted); torchrun's ``${local_rank}`` is accepted when it arrives
 #: literally (escaped as ``\\${local_rank}`` in Hydra).
 LOCAL_RANK_PLACEHOLDERS = ("%local_rank%", "${local_rank}")
+
+#: The agent's exit code when a signal of ``signals.preempt`` stopped it: sysexits.h's
+#: EX_TEMPFAIL ("temporary failure; the user is invited to retry"). Not 1 or 2 (failed,
+#: bad configuration), not 128+N (a signal), not NVRx's 93 ("do not requeue"), and
+#: rarely a program's own code.
+EXIT_PREEMPTED = 75
 
 
 class WorkerState(str, enum.Enum):
@@ -273,6 +280,10 @@ class RunResult:
     #: The job's id (``TORCHELASTIC_RUN_ID``) and this node's run directory.
     run_id: str = ""
     run_dir: Path | None = None
+    #: The stop signal reached the workers from outside too (a scheduler signalled every
+    #: process), and it is one of ``signals.preempt``.
+    from_outside: bool = False
+    preempted: bool = False
 
     @property
     def root_cause(self) -> Failure | None:
@@ -284,7 +295,10 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """The agent's exit code: 0, 1 for a failed job, 128+N when stopped by signal N."""
+        """The agent's exit code: 0, 1 for a failed job, :data:`EXIT_PREEMPTED` when
+        preempted, 128+N when stopped by signal N."""
+        if self.preempted:
+            return EXIT_PREEMPTED
         if self.signal is not None:
             return 128 + self.signal
         return 0 if self.state == WorkerState.SUCCEEDED else 1

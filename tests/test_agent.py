@@ -271,6 +271,9 @@ def test_stop_signal_during_backoff_ends_the_run_without_another_attempt(
     assert rig.events.named(names.SIGNAL)[0].metadata == {
         "signal": "SIGINT",
         "sent": "SIGTERM",
+        "origin": "agent",
+        "preempted": False,
+        "gap_ms": None,
         "attempt": 1,
         "restart_count": 0,
     }

@@ -194,3 +194,29 @@ def test_a_later_traceback_than_the_one_quoted_leaves_the_tail_as_it_is(
     table = next(i for i, line in enumerate(lines) if line.startswith("  rank  result"))
     tail = lines[lines.index("    last lines of stderr:") + 1 : table]
     assert tail == [f"    | {line}" for line in (before + later).splitlines()[-10:]]
+
+
+def test_a_stop_from_outside_and_a_preemption_say_so_first(tmp_path: Path) -> None:
+    spec = WorkerSpec("default", 2, ("w",))
+    exits = [
+        WorkerExit(0, 0, 10, 0, timestamp=1.0, stopped_by_agent=True),
+        WorkerExit(1, 1, 11, -15, timestamp=1.0, stopped_by_agent=True),
+    ]
+    outside = "stopped by SIGTERM from outside (the scheduler signalled every process)"
+    result = RunResult(
+        WorkerState.FAILED, 1, 0, exits, signal=15, ended_because=outside, from_outside=True
+    )
+    lines = format_report(result, spec, tmp_path, lambda e: tmp_path / "x").splitlines()
+    assert (
+        lines[0]
+        == f"elastic-run: {outside} after 1 attempt; workers stopped. Run directory: {tmp_path}"
+    )
+    assert [line.split()[1:3] for line in lines[2:]] == [
+        ["stopped", "(exit"],
+        ["stopped", "(SIGTERM)"],
+    ]
+    assert result.exit_code == 143
+    result.signal, result.preempted, result.ended_because = 10, True, "preempted by SIGUSR1"
+    lines = format_report(result, spec, tmp_path, lambda e: tmp_path / "x").splitlines()
+    assert lines[0].startswith("elastic-run: preempted by SIGUSR1 after 1 attempt; workers ")
+    assert "stopped (exit 75)." in lines[0] and result.exit_code == 75

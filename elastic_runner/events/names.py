@@ -64,7 +64,11 @@ EVENTS: Mapping[str, str] = {
     RESTART: "the group restarts (reason: failure, membership_change or fenced)",
     FENCED: "this node lost contact with the store for the heartbeat timeout: its "
     "workers were killed so that two worlds never run at once",
-    SIGNAL: "the agent got a stop signal (signal, sent)",
+    SIGNAL: "the agent got a stop signal (signal; sent: what the workers get, null when "
+    "they got it too; origin: outside when they did, a scheduler signalling every process, "
+    "else agent; gap_ms: between the agent's and the nearest worker's; preempted: one of "
+    "signals.preempt). The agent's final FAILED event's reason says the same, e.g. "
+    "'stopped by SIGTERM from outside (the scheduler signalled every process)'",
     WATCHDOG_FIRED: "a rank was silent too long (rank, detail)",
     TIMER_EXPIRED: "a worker's timer expired (rank, detail, scope)",
     HEALTH_CHECK_REFUSED: "a health check kept this node out (plugin, reason)",

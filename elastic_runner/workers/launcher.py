@@ -75,7 +75,8 @@ class WorkerLauncher(Protocol):
         ...
 
     def stop(self, sig: int, timeout: float) -> list[WorkerExit]:
-        """Stop every running worker: ``sig``, up to ``timeout`` s, then SIGKILL."""
+        """Stop every running worker: ``sig``, up to ``timeout`` s, then SIGKILL. ``sig``
+        0 sends nothing first (the workers got a signal already)."""
         ...
 
     def wake(self) -> None:
