@@ -195,7 +195,14 @@ class ElasticAgent:
             if self._lease_lapsed(exits):
                 self._fence(exits)
                 continue
-            exits += self._hold(exits)
+            # a scheduler signals every process: wait a moment for the agent's own signal
+            exits += self._witness.hold(
+                exits,
+                sum(w.pid is not None for w in self.group.workers),
+                self._launcher.wait,
+                self._clock,
+                stopped=lambda: self._stop_signal is not None,
+            )
             for exit_ in exits:
                 self._record_exit(exit_)
             if self._stop_signal is not None:
@@ -263,20 +270,6 @@ class ElasticAgent:
         self._stop_workers(signal.SIGKILL)
         self._events.agent(names.RESTART, reason="fenced")
         self._start_attempt()
-
-    def _hold(self, exits: list[WorkerExit]) -> list[WorkerExit]:
-        """A worker died of a signal the agent handles, or ``exits`` end the attempt in
-        success: wait up to the window for the agent's own signal (a scheduler signals
-        every process at once), so the verdict does not depend on which came first. The
-        exits that came meanwhile."""
-        running = sum(w.pid is not None for w in self.group.workers)
-        if not self._witness.worth_holding(exits, running):
-            return []
-        more: list[WorkerExit] = []
-        deadline = self._clock() + self._witness.window
-        while self._stop_signal is None and (left := deadline - self._clock()) > 0:
-            more += self._launcher.wait(left)
-        return more
 
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
@@ -476,7 +469,10 @@ class ElasticAgent:
         name = signal.Signals(signum).name
         sent = signum if signum in self._forward_signals else signal.SIGTERM
         self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
-        self._await_own_exits()
+        # before passing the signal on: did the workers get it from outside too?
+        self._witness.await_answer(
+            self._launcher.wait, self._clock, self._has_running_workers, self._record_exit
+        )
         outside = self._witness.from_outside(signum)
         preempted = signum in self._preempt
         why = stop_reason(name, outside=outside, preempted=preempted)
@@ -502,22 +498,6 @@ class ElasticAgent:
         result = self._finish(WorkerState.FAILED, why)
         result.signal, result.from_outside, result.preempted = signum, outside, preempted
         return result
-
-    def _await_own_exits(self) -> None:
-        """Before passing a stop signal on: up to the window after the agent got it, wait
-        for a worker to end on its own (it got the signal from outside too)."""
-        witness, received = self._witness, self._witness.received_at
-        if not witness.handled or received is None:
-            return
-        while self._has_running_workers():
-            left = received + witness.window - self._clock()
-            if left <= 0:
-                return
-            exits = self._launcher.wait(left)
-            for exit_ in exits:
-                self._record_exit(exit_)
-            if exits:
-                return
 
     def _finish(self, state: WorkerState, reason: str = "") -> RunResult:
         # Sweep what the attempt's processes left behind, whatever the outcome.

@@ -21,7 +21,7 @@ of the agent getting it (:meth:`SignalWitness.from_outside`).
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from elastic_runner.spec import WorkerExit
 
@@ -87,6 +87,49 @@ class SignalWitness:
         if any(killed_by(e) in self.handled for e in exits):
             return True
         return others_left == len(exits) and all(e.succeeded for e in exits)
+
+    def hold(
+        self,
+        exits: list[WorkerExit],
+        others_left: int,
+        wait: Callable[[float], list[WorkerExit]],
+        clock: Callable[[], float],
+        *,
+        stopped: Callable[[], bool],
+    ) -> list[WorkerExit]:
+        """When :meth:`worth_holding`: wait (``wait(seconds)``, the launcher's) up to the
+        window for the agent's own signal (``stopped()``), so the verdict does not depend
+        on which came first. Returns the exits that came meanwhile."""
+        if not self.worth_holding(exits, others_left):
+            return []
+        more: list[WorkerExit] = []
+        deadline = clock() + self.window
+        while not stopped() and (left := deadline - clock()) > 0:
+            more += wait(left)
+        return more
+
+    def await_answer(
+        self,
+        wait: Callable[[float], list[WorkerExit]],
+        clock: Callable[[], float],
+        running: Callable[[], bool],
+        record: Callable[[WorkerExit], object],
+    ) -> None:
+        """The agent got its stop signal: before passing it on, wait up to the window
+        after its receipt for a worker to end on its own (it got the signal from outside
+        too), ``record``-ing the exits that came."""
+        received = self.received_at
+        if not self.handled or received is None:
+            return
+        while running():
+            left = received + self.window - clock()
+            if left <= 0:
+                return
+            exits = wait(left)
+            for exit_ in exits:
+                record(exit_)
+            if exits:
+                return
 
     def gap(self, signum: int) -> float | None:
         """Seconds between the agent getting ``signum`` and the nearest end of a worker
