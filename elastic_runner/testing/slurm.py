@@ -372,6 +372,28 @@ class SlurmCluster:
             time.sleep(delay)  # state held by slurmctld: nothing to await but polling
             delay = min(delay * 2, 0.2)
 
+    def release_requeued(self, job_id: str, timeout: float = 15.0) -> None:
+        """Start a requeued job now instead of after its ``EligibleTime`` (2 minutes on).
+        Not within the second its previous run ended: slurmd then refuses it ("Job
+        credential revoked") and the job FAILs. So: wait until none of its processes is
+        left and the clock is past that second, then ``scontrol update EligibleTime=now``."""
+
+        def job_processes() -> list[psutil.Process]:
+            found = []
+            for proc in self.processes():
+                with contextlib.suppress(psutil.Error):
+                    if proc.environ().get("SLURM_JOB_ID") == job_id:
+                        found.append(proc)
+            return found
+
+        deadline = time.monotonic() + timeout
+        while job_processes():
+            if time.monotonic() > deadline:
+                raise SlurmError(f"job {job_id}: processes left {timeout:g} s after requeue")
+            time.sleep(0.05)  # processes of another session: nothing to await but polling
+        time.sleep(max(0.0, int(time.time()) + 1.05 - time.time()))  # into the next second
+        self.run(["scontrol", "update", f"JobId={job_id}", "EligibleTime=now"], check=True)
+
     def output(self, job_id: str) -> str:
         """The job's output file so far ('' if none yet)."""
         path = self.jobs_dir / f"{job_id}.out"

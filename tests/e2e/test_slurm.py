@@ -326,7 +326,7 @@ def test_preemption_checkpoints_requeues_and_resumes_with_the_restart_count(
     assert job.fields.get("Restarts") == "1", job
     for p in out.glob("a*_r*.json"):
         p.unlink()
-    slurm.run(["scontrol", "update", f"JobId={job_id}", "EligibleTime=now"], check=True)
+    slurm.release_requeued(job_id)
     job = slurm.wait_job(job_id, timeout=60)
     output = slurm.output(job_id)
     assert (job.state, job.exit_code) == ("COMPLETED", 0), output
