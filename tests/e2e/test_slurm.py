@@ -320,7 +320,13 @@ def test_preemption_checkpoints_requeues_and_resumes_with_the_restart_count(
             75,
             1,
         ), slurm.output(job_id)
-    assert sorted(p.read_text() for p in out.glob("term_r*")) == ["SIGUSR1"] * 4
+    # Every rank saved its checkpoint on a stop signal. Each slurmd delivers the USR1 to
+    # its own node's processes: when node 0's agent has left the job before node 1's
+    # slurmd delivered it, node 1's agent may stop its workers first (SIGTERM, a node
+    # left); the outcome above is the same either way.
+    got = [p.read_text() for p in out.glob("term_r*")]
+    assert len(got) == 4 and set(got) <= {"SIGUSR1", "SIGTERM"}, got
+    assert "SIGUSR1" in got, got
     # requeued by node 0 (held until EligibleTime, 2 minutes on: released at once here)
     job = slurm.wait_job(job_id, timeout=30, states=frozenset({"PENDING"}))
     assert job.fields.get("Restarts") == "1", job
