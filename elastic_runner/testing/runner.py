@@ -28,6 +28,7 @@ __all__ = [
     "describe_process",
     "elastic_run_exe",
     "free_port",
+    "http_status",
     "processes_of_runs",
     "wait_for",
 ]
@@ -187,6 +188,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def http_status(port: int, path: str = "/healthz") -> int | None:
+    """The status a probe gets from the health endpoint on this machine's ``port``
+    (``None``: nothing listens yet)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:

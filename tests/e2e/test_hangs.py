@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from elastic_runner.testing.runner import wait_for
+from elastic_runner.testing.runner import http_status, wait_for
 from tests.conftest import TESTS, ElasticRunner, free_port
 
 HANG = TESTS / "workers" / "hang.py"
@@ -105,16 +105,6 @@ def test_an_expired_timer_stops_only_that_workers_tree(
     assert (run_dir / "attempt_1" / "1" / "stacks.txt").exists()
 
 
-def _healthz(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 def test_healthz_follows_a_failure_and_a_restart(
     elastic_run: ElasticRunner, tmp_path: Path
 ) -> None:
@@ -133,7 +123,7 @@ def test_healthz_follows_a_failure_and_a_restart(
     seen: list[int] = []
     deadline = time.monotonic() + 30
     while proc.poll() is None and time.monotonic() < deadline:
-        code = _healthz(port)
+        code = http_status(port)
         if code is not None and (not seen or seen[-1] != code):
             seen.append(code)
         if seen[-3:] == [200, 503, 200]:

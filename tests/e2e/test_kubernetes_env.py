@@ -24,8 +24,6 @@ process of the test left (the marker and run ids of ``test_torchrun.py``'s ``Lau
 from __future__ import annotations
 
 import functools
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 import pytest
 
 from elastic_runner.testing.etcd import EtcdServer
-from elastic_runner.testing.runner import wait_for
+from elastic_runner.testing.runner import http_status, wait_for
 from tests.conftest import free_port
 from tests.e2e import test_torchrun as torchrun_e2e
 from tests.k8s_env import Pod, load, pods, with_master
@@ -68,19 +66,8 @@ def _relocated(value: str, moves: Mapping[str, str]) -> str:
     return value
 
 
-def _status(port: int, path: str) -> int | None:
-    """What the kubelet's httpGet probe would get (None: nothing listens yet)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 def _healthy(port: int) -> bool:
-    return _status(port, "/healthz") == 200
+    return http_status(port, "/healthz") == 200
 
 
 def _run_job(
@@ -119,7 +106,7 @@ def _run_job(
     if probe_rendezvous:
         for health in health_ports:
             wait_for(functools.partial(_healthy, health), what="/healthz answers 200")
-            assert _status(health, "/readyz") == 503
+            assert http_status(health, "/readyz") == 503
         assert not list(launcher.out.glob("r*.json")), "the workers started already"
     finished = []
     for agent, health in zip(agents, health_ports, strict=True):

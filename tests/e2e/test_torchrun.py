@@ -25,8 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ import psutil
 import pytest
 
 from elastic_runner import __version__
-from elastic_runner.testing.runner import elastic_run_exe, wait_for
+from elastic_runner.testing.runner import elastic_run_exe, http_status, wait_for
 from tests.conftest import assert_nothing_survives, free_port
 
 #: Set on every agent of a test (and so inherited by its workers).
@@ -534,23 +532,13 @@ def test_an_override_before_torchrun_reaches_the_run(launcher: Launcher) -> None
     assert run.result()["overrides"] == ["rdzv=local", "watchdog.no_output_timeout=2"]
 
 
-def _healthz(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 def test_overrides_from_the_environment_reach_the_run(launcher: Launcher) -> None:
     node = launcher.node(scripts={"x.py": "hang"})
     port = free_port()
     env = {"ELASTIC_RUN_OVERRIDES": f"health.port={port} watchdog.no_output_timeout=2"}
     agent = launcher.start("torchrun", "--standalone", "x.py", node=node, env=env)
     wait_for(lambda: list(launcher.out.glob("r0_*.json")), what="the worker started")
-    assert _healthz(port) == 200  # while the worker runs (silently)
+    assert http_status(port) == 200  # while the worker runs (silently)
     run = agent.finish()
     _assert_hung(run)
     overrides = run.result()["overrides"]
