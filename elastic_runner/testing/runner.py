@@ -42,14 +42,15 @@ def elastic_run_exe() -> str:
     return found
 
 
-def processes_of_runs(run_ids: set[str]) -> list[psutil.Process]:
-    """Live processes whose environment carries one of ``run_ids``."""
+def processes_of_runs(run_ids: set[str], key: str = "TORCHELASTIC_RUN_ID") -> list[psutil.Process]:
+    """Live processes whose environment variable ``key`` (by default the run id every
+    worker gets) is one of ``run_ids``."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get("TORCHELASTIC_RUN_ID") in run_ids:
+            if proc.environ().get(key) in run_ids:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -132,12 +133,15 @@ class ElasticRunner:
         )
 
 
-def assert_nothing_survives(run_ids: set[str], within: float = 5.0) -> None:
-    """Fail if a process of ``run_ids`` is still alive ``within`` s from now (then kill it).
-    The message describes each survivor: its command, state and signal masks say why it
-    did not exit (stopped, traced, blocking or ignoring the stop signal)."""
+def assert_nothing_survives(
+    run_ids: set[str], within: float = 5.0, key: str = "TORCHELASTIC_RUN_ID"
+) -> None:
+    """Fail if a process of ``run_ids`` (matched on the environment variable ``key``, see
+    :func:`processes_of_runs`) is still alive ``within`` s from now (then kill it). The
+    message describes each survivor: its command, state and signal masks say why it did
+    not exit (stopped, traced, blocking or ignoring the stop signal)."""
     deadline = time.monotonic() + within
-    while (left := processes_of_runs(run_ids)) and time.monotonic() < deadline:
+    while (left := processes_of_runs(run_ids, key)) and time.monotonic() < deadline:
         time.sleep(0.05)
     described = [describe_process(proc) + _python_stack(proc) for proc in left]
     for proc in left:

@@ -372,22 +372,24 @@ class SlurmCluster:
             time.sleep(delay)  # state held by slurmctld: nothing to await but polling
             delay = min(delay * 2, 0.2)
 
+    def job_processes(self, job_id: str) -> list[psutil.Process]:
+        """The live processes of one job of this cluster (``SLURM_JOB_ID`` in their
+        environment)."""
+        found = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("SLURM_JOB_ID") == job_id:
+                    found.append(proc)
+        return found
+
     def release_requeued(self, job_id: str, timeout: float = 15.0) -> None:
         """Start a requeued job now instead of after its ``EligibleTime`` (2 minutes on).
         Not within the second its previous run ended: slurmd then refuses it ("Job
         credential revoked") and the job FAILs. So: wait until none of its processes is
         left and the clock is past that second, then ``scontrol update EligibleTime=now``."""
 
-        def job_processes() -> list[psutil.Process]:
-            found = []
-            for proc in self.processes():
-                with contextlib.suppress(psutil.Error):
-                    if proc.environ().get("SLURM_JOB_ID") == job_id:
-                        found.append(proc)
-            return found
-
         deadline = time.monotonic() + timeout
-        while job_processes():
+        while self.job_processes(job_id):
             if time.monotonic() > deadline:
                 raise SlurmError(f"job {job_id}: processes left {timeout:g} s after requeue")
             time.sleep(0.05)  # processes of another session: nothing to await but polling

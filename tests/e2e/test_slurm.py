@@ -100,7 +100,7 @@ def test_scancel_leaves_no_process_and_agents_exit_143(slurm: SlurmCluster, tmp_
     )
     assert len(probe_records(out)) == 2 * NODES, slurm.output(job_id)
     assert len(processes_of_runs({run_id})) == 2 * NODES  # the workers
-    agents = [p for p in slurm.processes() if _job_of(p) == job_id and _is_agent(p)]
+    agents = [p for p in slurm.job_processes(job_id) if _is_agent(p)]
     assert len(agents) == NODES
 
     t0 = time.monotonic()
@@ -112,15 +112,8 @@ def test_scancel_leaves_no_process_and_agents_exit_143(slurm: SlurmCluster, tmp_
     wait_for(lambda: len(exit_codes(tmp_path)) == NODES, timeout=5, what="agents' exit codes")
     assert exit_codes(tmp_path) == dict.fromkeys(range(NODES), 143), slurm.output(job_id)
     assert_nothing_survives({run_id}, within=0)
-    assert not [p for p in slurm.processes() if _job_of(p) == job_id]
+    assert not slurm.job_processes(job_id)
     assert gone < 5, f"the job's processes took {gone:.2f} s to go"
-
-
-def _job_of(proc: psutil.Process) -> str | None:
-    try:
-        return proc.environ().get("SLURM_JOB_ID")
-    except psutil.Error:
-        return None
 
 
 def _is_agent(proc: psutil.Process) -> bool:
@@ -219,7 +212,7 @@ def test_slurm_mode_with_several_tasks_per_node_is_one_line_and_exit_2(
         f"(srun -N{NODES} --ntasks-per-node=1 elastic-run ...)"
     ] * (2 * NODES), output
     assert "hello from" not in output
-    assert not [p for p in slurm.processes() if _job_of(p) == job_id]
+    assert not slurm.job_processes(job_id)
 
 
 def test_slurm_mode_min_max_nodes_forms_with_every_node(
@@ -372,8 +365,8 @@ def test_an_elastic_job_that_loses_a_node_succeeds_by_its_verdict(
     )
     victims = [
         p
-        for p in slurm.processes()
-        if _job_of(p) == job_id and _is_agent(p) and p.environ().get("SLURM_NODEID") == "2"
+        for p in slurm.job_processes(job_id)
+        if _is_agent(p) and p.environ().get("SLURM_NODEID") == "2"
     ]
     assert len(victims) == 1, slurm.output(job_id)
     victims[0].kill()  # node rank 2: not the one hosting the store

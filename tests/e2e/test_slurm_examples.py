@@ -121,18 +121,7 @@ def workers_of(slurm: SlurmCluster, job_id: str) -> list[psutil.Process]:
 
 def nothing_left(slurm: SlurmCluster, job_id: str) -> None:
     assert_nothing_survives({f"slurm-{job_id}.0"}, within=1)
-    assert not _processes_of_job(slurm, job_id)
-
-
-def _processes_of_job(slurm: SlurmCluster, job_id: str) -> list[psutil.Process]:
-    return [p for p in slurm.processes() if _job_of(p) == job_id]
-
-
-def _job_of(proc: psutil.Process) -> str | None:
-    try:
-        return proc.environ().get("SLURM_JOB_ID")
-    except psutil.Error:
-        return None
+    assert not slurm.job_processes(job_id)
 
 
 def test_fixed_sbatch_runs_one_job_across_three_nodes(slurm: SlurmCluster) -> None:
@@ -166,9 +155,8 @@ def test_elastic_sbatch_loses_a_node_and_exits_with_the_verdict(slurm: SlurmClus
     assert sorted(starts(output)) == [(r, world, 0, 0) for r in range(world)], output
     agents = [
         p
-        for p in slurm.processes()
-        if _job_of(p) == job_id
-        and p.environ().get("SLURM_NODEID") == "2"
+        for p in slurm.job_processes(job_id)
+        if p.environ().get("SLURM_NODEID") == "2"
         and any(arg.endswith("elastic-run") for arg in p.cmdline()[:2])
     ]
     assert len(agents) == 1, output

@@ -24,14 +24,12 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from elastic_runner import __version__
@@ -219,7 +217,7 @@ class Launcher:
                 agent.proc.kill()
                 agent.proc.communicate()
         try:
-            _assert_no_marked_process(self.mark)
+            assert_nothing_survives({self.mark}, key=MARK_ENV)
             assert_nothing_survives(self.run_ids() - {"none"})  # "none": by the marker
         finally:
             assert not running, f"elastic-run agents still running at the end: {running}"
@@ -228,28 +226,6 @@ class Launcher:
 def _order(path: Path) -> tuple[int, int]:
     _, world, restart = path.stem.split("_")
     return int(world[1:]), int(restart[1:])
-
-
-def _assert_no_marked_process(mark: str, within: float = 5.0) -> None:
-    def marked() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if proc.environ().get(MARK_ENV) == mark:
-                    found.append(proc)
-        return found
-
-    deadline = time.monotonic() + within
-    while (left := marked()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    described = []
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            described.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
-            proc.kill()
-    assert not left, "processes survived the test:\n" + "\n".join(described)
 
 
 @pytest.fixture
