@@ -116,6 +116,8 @@ def run_launcher(
         proc = subprocess.Popen(
             list(argv),
             cwd=tmp,
+            # torchrun makes its log directory under TMPDIR: in tmp, removed with it
+            env={**os.environ, "TMPDIR": str(tmp)},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
