@@ -6,6 +6,9 @@ supervises them and restarts them on failure. Extension points are pluggy hooks
 :func:`record` to report their errors, :func:`heartbeat` to report progress and
 :func:`elastic_runner.timer.expires` to arm a watchdog timer.
 
+:func:`launch` runs a job from Python (functions with return values, or scripts) and
+returns a :class:`RunResult`.
+
 Names are imported lazily so that a worker importing ``record`` pays for nothing else.
 """
 
@@ -14,12 +17,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from elastic_runner.api import ChildFailedError, LaunchError, launch
     from elastic_runner.error_file import record
     from elastic_runner.hookspecs import hookimpl
     from elastic_runner.progress import heartbeat
     from elastic_runner.registry import ComponentSpec
+    from elastic_runner.spec import Failure, RunResult, WorkerSpec, WorkerState
 
-__all__ = ["ComponentSpec", "__version__", "heartbeat", "hookimpl", "record"]
+__all__ = [
+    "ChildFailedError",
+    "ComponentSpec",
+    "Failure",
+    "LaunchError",
+    "RunResult",
+    "WorkerSpec",
+    "WorkerState",
+    "__version__",
+    "heartbeat",
+    "hookimpl",
+    "launch",
+    "record",
+]
 
 __version__ = "0.1.0"
 
@@ -28,6 +46,13 @@ _LAZY = {
     "record": "elastic_runner.error_file",
     "heartbeat": "elastic_runner.progress",
     "ComponentSpec": "elastic_runner.registry",
+    "launch": "elastic_runner.api",
+    "ChildFailedError": "elastic_runner.api",
+    "LaunchError": "elastic_runner.api",
+    "Failure": "elastic_runner.spec",
+    "RunResult": "elastic_runner.spec",
+    "WorkerSpec": "elastic_runner.spec",
+    "WorkerState": "elastic_runner.spec",
 }
 
 

@@ -47,7 +47,6 @@ from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.run import run
 from elastic_runner.schedulers.slurm import SlurmError
 from elastic_runner.schedulers.slurm import command_line as slurm_command_line
-from elastic_runner.spec import RunResult
 from elastic_runner.sweep import PointResult
 from elastic_runner.torchrun.front import (
     TorchrunUsageError,
@@ -209,26 +208,7 @@ def run_job(
         base_env=base_env,
         shared_terminal=shared_terminal,
     )
-    return _outcome(result)
-
-
-def _outcome(result: RunResult) -> PointResult:
-    state = result.state.value
-    if result.signal is not None:
-        verb = "PREEMPTED" if result.preempted else "STOPPED"
-        state = f"{verb} by {signal.Signals(result.signal).name}"
-    root = result.root_cause
-    return PointResult(
-        overrides=[],
-        exit_code=result.exit_code,
-        state=state,
-        seconds=0.0,
-        run_dir=str(result.run_dir),
-        run_id=result.run_id,
-        attempts=result.attempts,
-        restarts=result.restart_count,
-        error=(root.summary() if root else result.ended_because) or None,
-    )
+    return PointResult.of_run(result)
 
 
 def _quote_null_options(argv: list[str]) -> list[str]:

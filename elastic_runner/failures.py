@@ -161,7 +161,10 @@ def diagnose(
             detail += _peak(exit_)
     else:
         kind = FailureKind.EXIT_CODE
-    return Failure(exit_, kind, timestamp, message, traceback, source, detail)
+    recorded_at = error_file if recorded else None
+    return Failure(
+        exit_, kind, timestamp, message, traceback, source, detail, error_file=recorded_at
+    )
 
 
 def _peak(exit_: WorkerExit) -> str:

@@ -90,7 +90,7 @@ def format_report(
             f"elastic-run: {why} after {attempts}; workers stopped{code}. Run directory: {run_dir}"
         )
         return "\n".join(filter(None, [text, peaks]))
-    if not result.is_failed:
+    if not result.is_failed():
         text = (
             f"elastic-run: {_count(spec.local_world_size, 'worker')} succeeded ({attempts}, "
             f"{_count(result.restart_count, 'restart')}). Run directory: {run_dir}"

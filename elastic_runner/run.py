@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,7 +109,7 @@ def run(
     if result.preempted and conf.signals.requeue:
         requeue(base_env, assembly.agent.group.group_rank if assembly.agent else -1)
     lifecycle.run_end(result)
-    if result.is_failed and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
+    if result.is_failed() and (nested := base_env.get("TORCHELASTIC_ERROR_FILE")):
         write_nested_error_file(result, nested)
     return result
 
@@ -209,7 +210,12 @@ class _Assembly:
         if isinstance(timer, FileTimerServer):  # timers only for this run's workers' trees
             timer.accept_pids(worker_trees(supervisor.marker))
         timer.start()
-        stack.enter_context(handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored))
+        if threading.current_thread() is threading.main_thread():
+            # Only the main thread may set handlers (launch() from another thread: the
+            # caller's handlers stay, and a stop comes through them to it).
+            stack.enter_context(
+                handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored)
+            )
         if view is not None:
             view.start()
             stack.callback(view.stop)
@@ -343,11 +349,15 @@ def _write_config(path: Path, config: Any, run_id: str) -> None:
 def _worker_base_env(env: Mapping[str, str], conf: Any) -> dict[str, str]:
     """What workers inherit: the agent's environment less the token, plus what torch's
     agent puts in its own environment for them: ``TORCHELASTIC_SIGNALS_TO_HANDLE``, the
-    signals that reach them as themselves (torchrun's ``--signals-to-handle``)."""
+    signals that reach them as themselves (torchrun's ``--signals-to-handle``), and
+    ``TORCHELASTIC_HEALTH_CHECK_PORT``, the health endpoint's port when there is one
+    (torch's agent reads it to start its health server; its workers inherit it)."""
     inherited = _without_secrets(env, conf.rdzv)
     inherited["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(
         f"SIG{name.upper().removeprefix('SIG')}" for name in conf.signals.forward
     )
+    if conf.health.port:
+        inherited["TORCHELASTIC_HEALTH_CHECK_PORT"] = str(conf.health.port)
     return inherited
 
 

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EXIT_PREEMPTED",
@@ -183,6 +184,32 @@ class Failure:
     traceback_source: str | None = None
     #: One more clause for the report (``RSS 2.1 GiB > limit 2 GiB``, an OOM hint ...).
     detail: str = ""
+    #: The worker's error file, when it wrote one (``@record``, a failed callable).
+    error_file: Path | None = None
+
+    # torch's ProcessFailure names, for people who know them
+
+    @property
+    def rank(self) -> int:
+        """The failed worker's global rank."""
+        return self.exit.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.exit.local_rank
+
+    @property
+    def pid(self) -> int:
+        return self.exit.pid
+
+    @property
+    def exitcode(self) -> int:
+        """Its exit code, negative for a signal (``-9``: SIGKILL), as in torch."""
+        return self.exit.returncode
+
+    def signal_name(self) -> str:
+        """``SIGKILL`` when a signal ended it, else ``<N/A>`` (torch's spelling)."""
+        return self.exit.signal_name or "<N/A>"
 
     def describe(self) -> str:
         text = self.exit.describe()
@@ -260,11 +287,16 @@ class WorkerGroup:
 
 @dataclass
 class RunResult:
-    """How the run ended. ``exits`` holds every exit of the final attempt; ``failures``
-    the workers of that attempt that failed on their own (not those the agent stopped),
-    root cause first; ``signal`` is set when the agent itself was stopped by a signal;
-    ``peak_rss`` maps global rank to the largest RSS sampled for its process tree, or to its
-    process's own high-water mark when that is larger (a short spike, a short-lived worker)."""
+    """How the run ended on this node (what :func:`elastic_runner.launch` returns).
+
+    ``exits`` holds every exit of the final attempt; ``failures`` the workers of that
+    attempt that failed on their own (not those the agent stopped), root cause first (a
+    list, where torch has a dict by rank: :class:`~elastic_runner.ChildFailedError` has
+    that); ``return_values`` maps each global rank of this node to what its function
+    returned (``None`` for a script), filled only when the run succeeded, as in torch;
+    ``signal`` is set when the agent itself was stopped by a signal; ``peak_rss`` maps
+    global rank to the largest RSS sampled for its process tree, or to its process's own
+    high-water mark when that is larger (a short spike, a short-lived worker)."""
 
     state: WorkerState
     attempts: int
@@ -284,14 +316,22 @@ class RunResult:
     #: process), and it is one of ``signals.preempt``.
     from_outside: bool = False
     preempted: bool = False
+    #: Global rank -> what the worker's function returned (``None`` for a script).
+    return_values: dict[int, Any] = field(default_factory=dict)
 
     @property
     def root_cause(self) -> Failure | None:
         return self.failures[0] if self.failures else None
 
-    @property
     def is_failed(self) -> bool:
+        """The job did not succeed: restarts used up, a failure that is not restarted, a
+        failed rendezvous, or a stop signal (``signal`` says which)."""
         return self.state == WorkerState.FAILED
+
+    @property
+    def restarts(self) -> int:
+        """Restarts spent on failures (``restart_count``)."""
+        return self.restart_count
 
     @property
     def exit_code(self) -> int:

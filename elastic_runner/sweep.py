@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from elastic_runner.spec import RunResult
 from elastic_runner.workers.logs import describe_os_error
 
 __all__ = [
@@ -50,6 +52,26 @@ class PointResult:
     error: str | None = None
     num: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_run(cls, result: RunResult) -> PointResult:
+        """How a finished run ended (overrides and time are the caller's to fill in)."""
+        state = result.state.value
+        if result.signal is not None:
+            verb = "PREEMPTED" if result.preempted else "STOPPED"
+            state = f"{verb} by {signal.Signals(result.signal).name}"
+        root = result.root_cause
+        return cls(
+            overrides=[],
+            exit_code=result.exit_code,
+            state=state,
+            seconds=0.0,
+            run_dir=str(result.run_dir),
+            run_id=result.run_id,
+            attempts=result.attempts,
+            restarts=result.restart_count,
+            error=(root.summary() if root else result.ended_because) or None,
+        )
 
     def write(self) -> bool:
         """Write ``result.json`` whole or not at all (a sweep's summary never reads a torn

@@ -28,7 +28,7 @@ def test_worker_exit_describes_signals_by_name() -> None:
 
 def test_run_result_exit_codes_and_failures() -> None:
     ok = RunResult(WorkerState.SUCCEEDED, 1, 0)
-    assert ok.exit_code == 0 and not ok.is_failed
+    assert ok.exit_code == 0 and not ok.is_failed()
     exits = [WorkerExit(0, 0, 1, 1, 2.0), WorkerExit(1, 1, 2, -15, 3.0, stopped_by_agent=True)]
     failure = Failure(exits[0], FailureKind.EXIT_CODE, 2.0)
     failed = RunResult(WorkerState.FAILED, 2, 1, exits, [failure])

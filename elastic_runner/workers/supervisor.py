@@ -34,10 +34,10 @@ from elastic_runner.workers.launcher import WorkerLaunch
 from elastic_runner.workers.logs import Console, LineTee, WriteFaults
 from elastic_runner.workers.tree import (
     MARKER_ENV,
-    become_subreaper,
     kill_processes,
     marked_descendants,
-    reap_orphans,
+    reap_children,
+    subreaper,
 )
 
 __all__ = ["ProcessSupervisor"]
@@ -125,7 +125,9 @@ class ProcessSupervisor:
         self._attempt = 0
         self._attempt_live = False
         self._uncontained_warned = False
-        become_subreaper()
+        # Restored at close: under launch() this is the caller's process.
+        self._process_state = contextlib.ExitStack()
+        self._process_state.enter_context(subreaper())
         self._console = console
         self._console_ranks = None if console_ranks is None else frozenset(console_ranks)
         self._console_local_ranks = (
@@ -142,6 +144,8 @@ class ProcessSupervisor:
         self._procs: dict[int, _Proc] = {}
         #: Process groups of this attempt's workers, swept when the attempt ends.
         self._pgids: set[int] = set()
+        #: Every worker's process group, for orphans that die unseen (see reap_children).
+        self._groups_ever: set[int] = set()
 
     # -- public interface ---------------------------------------------------------------
 
@@ -227,7 +231,7 @@ class ProcessSupervisor:
         stuck = kill_processes(lambda: marked_descendants(self.marker), timeout=_KILL_WAIT)
         if stuck:
             log.error("could not kill leftover processes (stuck in the kernel?): %s", stuck)
-        reap_orphans(p.pid for p in self._procs.values())
+        reap_children((), self._groups_ever, keep=(p.pid for p in self._procs.values()))
         if self._console:
             self._console.flush(everything=True)
         return exits
@@ -239,10 +243,11 @@ class ProcessSupervisor:
             stuck = self.cgroup.close(timeout=_KILL_WAIT)
             if stuck:
                 log.error("could not kill processes in the run's cgroup: %s", stuck)
-            reap_orphans(())
+        reap_children((), self._groups_ever)
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._process_state.close()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -308,6 +313,7 @@ class ProcessSupervisor:
         self._sel.register(pidfd, selectors.EVENT_READ, proc)
         self._procs[launch.local_rank] = proc
         self._pgids.add(popen.pid)
+        self._groups_ever.add(popen.pid)
         return popen.pid
 
     def _worker_cgroup(self, local_rank: int) -> tuple[Path | None, int | None]:

@@ -14,30 +14,42 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 
 __all__ = [
     "MARKER_ENV",
-    "become_subreaper",
     "kill_processes",
     "marked_descendants",
     "marked_processes",
-    "reap_orphans",
+    "reap_children",
+    "subreaper",
 ]
 
 MARKER_ENV = "ELASTIC_RUNNER_AGENT"
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 
 
-def become_subreaper() -> bool:
-    """Make orphaned descendants re-parent to this process. False where unsupported."""
+@contextlib.contextmanager
+def subreaper() -> Iterator[bool]:
+    """Make orphaned descendants re-parent to this process while the block runs (yields
+    False where unsupported), then restore what the process was: under
+    :func:`elastic_runner.launch` it is the caller's process, which keeps no trace."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        yield False
+        return
+    was = ctypes.c_int(0)
+    prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    became = int(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    try:
+        yield became
+    finally:
+        if became and not was.value:
+            prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _has_marker(proc: psutil.Process, marker: str) -> bool:
@@ -86,21 +98,37 @@ def kill_processes(
         for proc in left:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 proc.send_signal(signal.SIGKILL)
-        reap_orphans(())
+        killed = [p.pid for p in left]
+        reap_children(killed)
         if time.monotonic() >= deadline:
-            return [p.pid for p in left]
+            return killed
         psutil.wait_procs(left, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-        reap_orphans(())
+        reap_children(killed)
         left = find()
     return []
 
 
-def reap_orphans(keep: Iterable[int]) -> None:
-    """Reap exited children that are not ``keep`` (workers, whose exit status matters):
-    orphans a subreaper inherited would otherwise stay zombies."""
-    keep = set(keep)
+def reap_children(
+    pids: Iterable[int] = (), groups: Iterable[int] = (), keep: Iterable[int] = ()
+) -> None:
+    """Reap exited children of this process that are ours: one of ``pids`` (processes
+    killed by marker), or an orphan this subreaper inherited, found by its process group,
+    one of ``groups`` (the workers' groups: it died before any sweep saw it). Never
+    another child: under :func:`elastic_runner.launch` this is the caller's process, and
+    its own children's exit statuses are its own. ``keep``: workers, whose exit status the
+    supervisor reads itself."""
+    pids, groups, keep = set(pids), set(groups), set(keep)
     for child in psutil.Process().children():
         if child.pid in keep:
             continue
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(child.pid, os.WNOHANG)
+        try:
+            ours = child.pid in pids or (
+                bool(groups)
+                and child.status() == psutil.STATUS_ZOMBIE
+                and os.getpgid(child.pid) in groups
+            )
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+        if ours:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(child.pid, os.WNOHANG)
