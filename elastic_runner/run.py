@@ -283,7 +283,7 @@ def _supervisor(
     cgroup of the run where the machine allows."""
     console: Console | None = None
     if logs.tee:
-        fds = {1: sys.stdout.fileno(), 2: sys.stderr.fileno()}
+        fds = {1: _fd_of(sys.stdout, 1), 2: _fd_of(sys.stderr, 2)}
         sink = view.sink if view else None
         console = (
             CollapsingConsole(fds, logs.collapse_window, sink=sink)
@@ -300,6 +300,15 @@ def _supervisor(
         console_streams=console_streams,
         cgroup=cgroup,
     )
+
+
+def _fd_of(stream: Any, default: int) -> int:
+    """The descriptor behind ``stream``; ``default`` (the process's own 1 or 2) when it
+    has none: a notebook's or pytest's ``capsys`` stream under :func:`launch`."""
+    try:
+        return int(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return default
 
 
 def _hang_detector(valid: ValidConfig, timer: TimerServer) -> HangDetector | None:

@@ -78,15 +78,25 @@ class WorkerStatus(str, enum.Enum):
 class WorkerSpec:
     """What to run on this node: the same program ``local_world_size`` times.
 
-    ``command`` is the full argv template (interpreter included); placeholders from
-    ``LOCAL_RANK_PLACEHOLDERS`` are substituted per worker by ``argv_for``.
+    The names are torch's ``WorkerSpec``'s where the meaning is the same (``role``,
+    ``local_world_size``, ``max_restarts``); torch's ``entrypoint`` and ``args`` are one
+    ``command`` here (a function entrypoint of :func:`elastic_runner.launch` is the
+    command that calls it); the rendezvous and the master address are the run's
+    configuration (``rdzv.*``), not the spec's.
     """
 
+    #: The workers' role (``ROLE_NAME``); ranks within a role are ``ROLE_RANK``.
     role: str
+    #: Workers on this node (``LOCAL_WORLD_SIZE``).
     local_world_size: int
+    #: The full argv template, interpreter included; placeholders from
+    #: ``LOCAL_RANK_PLACEHOLDERS`` are substituted per worker by :meth:`argv_for`.
     command: tuple[str, ...]
+    #: Variables added to the workers' environment (the contract's own always win).
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Restarts the group may spend on failures (``TORCHELASTIC_MAX_RESTARTS``).
     max_restarts: int = 0
+    #: Seconds between the stop signal and SIGKILL.
     stop_timeout: float = 30.0
 
     def argv_for(self, local_rank: int) -> list[str]:

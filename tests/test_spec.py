@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 from elastic_runner.spec import (
     Failure,
@@ -51,3 +52,13 @@ def test_backoff_delay_stays_at_its_max_however_many_restarts() -> None:
     assert [policy.delay(k) for k in (1, 2, 3, 7, 8)] == [1, 2, 4, 60, 60]
     assert policy.delay(5000) == 60  # 2.0**4999 overflows a float
     assert RestartPolicy().delay(5000) == 0.0
+
+
+def test_failure_has_torchs_process_failure_names(tmp_path: Path) -> None:
+    exit_ = WorkerExit(local_rank=1, global_rank=5, pid=42, returncode=-9, timestamp=1.5)
+    failure = Failure(exit_, FailureKind.SIGNAL, 1.5, error_file=tmp_path / "error.json")
+    assert (failure.rank, failure.local_rank, failure.pid, failure.exitcode) == (5, 1, 42, -9)
+    assert failure.signal_name() == "SIGKILL"
+    assert failure.error_file == tmp_path / "error.json"
+    ok = Failure(WorkerExit(0, 0, 1, 3, 0.0), FailureKind.EXIT_CODE, 0.0)
+    assert ok.signal_name() == "<N/A>" and ok.exitcode == 3

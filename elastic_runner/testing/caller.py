@@ -44,7 +44,7 @@ class CallerState:
 
     @classmethod
     def now(cls) -> CallerState:
-        handlers = {}
+        handlers: dict[int, object] = {}
         for sig in signal.valid_signals():
             try:
                 handlers[int(sig)] = signal.getsignal(sig)
