@@ -24,10 +24,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elastic_runner.errors import ConfigError
 from elastic_runner.spec import Failure, RunResult
+
+if TYPE_CHECKING:
+    from elastic_runner.config import ValidConfig
+    from elastic_runner.plugins import LoadedPlugins
 
 __all__ = ["ChildFailedError", "LaunchError", "launch"]
 
@@ -91,7 +95,8 @@ def launch(
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...); or a script or program path, run with
     ``args`` (strings) as on the command line; or ``None`` with ``module`` (``python -m``)
     or with a ``+job=`` preset in ``overrides``. ``overrides`` are ``elastic-run``'s,
-    in Hydra's syntax (``["nproc_per_node=2", "rdzv=tcp", "rdzv.id=job1", "nnodes=2"]``);
+    in Hydra's syntax (``["job.nproc_per_node=2", "rdzv=tcp", "rdzv.id=job1",
+    "rdzv.endpoint=node0:29400", "nnodes=2"]``);
     ``config_dir`` adds a directory of configs (your own ``job/`` presets). ``run_dir`` is
     this node's run directory (default ``outputs/<date>/<time>`` under the current
     directory, as for ``elastic-run``); ``env`` adds (``None``: removes) variables of the
@@ -160,7 +165,7 @@ def _environment(env: Mapping[str, str | None] | None) -> dict[str, str]:
     return base
 
 
-def _plugins() -> Any:
+def _plugins() -> LoadedPlugins:
     from elastic_runner.config import register_configs
     from elastic_runner.plugins import PluginLoadWarning, load_plugins
     from elastic_runner.registry import PluginError
@@ -261,14 +266,13 @@ def _configure(
     given: dict[str, Any],
     config_dir: str | os.PathLike[str] | None,
     run_dir: Path,
-    plugins: Any,
+    plugins: LoadedPlugins,
     base_env: Mapping[str, str],
-) -> tuple[Any, list[str]]:
+) -> tuple[ValidConfig, list[str]]:
     """Compose, patch and validate: the same configuration ``elastic-run`` would run
     with these overrides (and, under ``srun``, Slurm mode's). Returns the valid config
     and the overrides (for ``result.json``)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from elastic_runner.config import describe_config_error, one_line, validate
     from elastic_runner.config_patch import ConfigPatch
@@ -277,7 +281,7 @@ def _configure(
     from elastic_runner.schedulers.slurm import command_line as slurm_command_line
 
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
-        raise LaunchError("overrides: a list of strings such as ['nproc_per_node=2']")
+        raise LaunchError("overrides: a list of strings such as ['job.nproc_per_node=2']")
     try:
         overrides, patch = slurm_command_line(overrides, base_env)
     except SlurmError as exc:
@@ -300,7 +304,9 @@ def _configure(
         return validate(conf), overrides  # type: ignore[arg-type]
     except ConfigError as exc:
         raise LaunchError(describe_config_error(exc)) from None
-    except (OmegaConfBaseException, Exception) as exc:
+    except LaunchError:
+        raise
+    except Exception as exc:  # Hydra's and OmegaConf's errors, described in one line
         message = describe_hydra_error(exc, overrides, plugins.broken)
         if message is None:
             raise
@@ -313,7 +319,6 @@ def _compose(overrides: list[str], config_dir: str | os.PathLike[str] | None, ru
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
-    from hydra.errors import SearchPathException
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
@@ -324,7 +329,7 @@ def _compose(overrides: list[str], config_dir: str | os.PathLike[str] | None, ru
     if config_dir is not None:
         extra = Path(config_dir).expanduser().resolve()
         if not extra.is_dir():
-            raise SearchPathException(f"Additional config directory '{extra}' not found")
+            raise LaunchError(f"config_dir={config_dir}: not a directory ({extra})")
         search_path.prepend(
             provider="launch", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema")
         )
