@@ -42,6 +42,10 @@ def test_subreaper_flag_is_restored() -> None:
         with subreaper() as became:
             print(became, flag())
         print(flag())
+        with subreaper():  # two runs of one process (launch from two threads)
+            with subreaper():
+                pass
+            print(flag())  # the first to end leaves it on for the other
         libc.prctl(36, 1, 0, 0, 0)  # a caller that is a subreaper itself stays one
         with subreaper():
             pass
@@ -49,7 +53,7 @@ def test_subreaper_flag_is_restored() -> None:
         """
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "1", "0", "1"]
+    assert done.stdout.split() == ["True", "1", "0", "1", "1"]
 
 
 def test_a_child_that_is_not_ours_keeps_its_exit_status() -> None:

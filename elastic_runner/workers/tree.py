@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -32,24 +33,54 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
 
-@contextlib.contextmanager
-def subreaper() -> Iterator[bool]:
-    """Make orphaned descendants re-parent to this process while the block runs (yields
-    False where unsupported), then restore what the process was: under
-    :func:`elastic_runner.launch` it is the caller's process, which keeps no trace."""
+class _Subreaper:
+    """The process's child-subreaper flag, shared by the runs of one process (several
+    ``launch`` calls in threads): set by the first, restored by the last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._restore = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[bool]:
+        with self._lock:
+            if self._users == 0:
+                self._restore = _set_subreaper()
+            self._users += 1
+            became = self._restore or _is_subreaper()
+        try:
+            yield became
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._restore:
+                    _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+                    self._restore = False
+
+
+def _prctl(option: int, value: object) -> int:
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return int(ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0))
     except (OSError, AttributeError):
-        yield False
-        return
-    was = ctypes.c_int(0)
-    prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
-    became = int(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    try:
-        yield became
-    finally:
-        if became and not was.value:
-            prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        return -1
+
+
+def _is_subreaper() -> bool:
+    flag = ctypes.c_int(0)
+    return _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag)) == 0 and bool(flag.value)
+
+
+def _set_subreaper() -> bool:
+    """Set the flag; True when this call turned it on (it was off and is now on)."""
+    return not _is_subreaper() and _prctl(_PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+#: Make orphaned descendants re-parent to this process while the block runs (yields
+#: False where unsupported), then restore what the process was: under
+#: :func:`elastic_runner.launch` it is the caller's process, which keeps no trace. A
+#: process-wide flag, so one process-wide counter (the only module state here).
+subreaper = _Subreaper()
 
 
 def _has_marker(proc: psutil.Process, marker: str) -> bool:
