@@ -389,9 +389,10 @@ def _run_log(run_dir: Path) -> Iterator[None]:
 
 def _collect_returns(result: RunResult, run_dir: Path) -> str | None:
     """Each worker's return value of the final attempt, by global rank, only for a run
-    that succeeded, as in torch; the files go (they may be large). Returns one line when a
-    value cannot be unpickled here (a class the caller cannot import)."""
-    from elastic_runner.workers.call import read_return, return_path
+    that succeeded, as in torch; the files of every attempt go (they may be large).
+    Returns one line when a value cannot be unpickled here (a class the caller cannot
+    import)."""
+    from elastic_runner.workers.call import RETURN_FILE, read_return, return_path
     from elastic_runner.workers.logs import WorkerLogPaths
 
     problem = None
@@ -405,6 +406,9 @@ def _collect_returns(result: RunResult, run_dir: Path) -> str | None:
                     f"rank {exit_.global_rank}'s return value cannot be loaded in the "
                     f"caller: {type(exc).__name__}: {exc}"
                 )
+    # every attempt's: a rank may have returned before another failed, or before the
+    # job failed on another node
+    for path in run_dir.glob(f"attempt_*/*/{RETURN_FILE}"):
         with contextlib.suppress(OSError):
             path.unlink()
     return problem
