@@ -54,7 +54,12 @@ if TYPE_CHECKING:
     from elastic_runner.timer.api import TimerExpiry, TimerServer
     from elastic_runner.watchdog import HangDetector
 
-__all__ = ["ElasticAgent", "WorkerLauncher"]
+__all__ = ["FAILING_GRACE", "ElasticAgent", "WorkerLauncher"]
+
+#: Seconds a worker that wrote its error file gets to exit by itself before the group's
+#: stop (a Python worker unwinding an exception takes milliseconds; with torch loaded,
+#: its shutdown takes up to about half a second here).
+FAILING_GRACE = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +225,8 @@ class ElasticAgent:
                 # the job re-forms (another node failed or left): run again with it
                 self._regroup(during="exit barrier")
             if state == WorkerState.FAILED:
+                self._attempt.stopping()
+                self._await_failing_workers()
                 self._stop_workers(signal.SIGTERM)
                 # Uptime until the failure, not until the others were stopped (that
                 # can take stop_timeout and would hide a startup failure).
@@ -458,6 +465,20 @@ class ElasticAgent:
         if self.group.state != WorkerState.STOPPED:
             self.group.state = WorkerState.STOPPED
             self._put_state()
+
+    def _await_failing_workers(self) -> None:
+        """Workers that recorded their own error before the stop are on their way out:
+        up to ``FAILING_GRACE`` s for them to exit with their own code, so that a root
+        cause still unwinding (its traceback, atexit) when another rank exited is
+        reported as exit code 1, not as killed by the stop. Costs nothing otherwise."""
+        failing = self._attempt.recorded_errors
+        deadline = self._clock() + min(FAILING_GRACE, self.spec.stop_timeout)
+        while any(self.group.workers[r].pid is not None for r in failing):
+            left = deadline - self._clock()
+            if left <= 0:
+                return
+            for exit_ in self._launcher.wait(left):
+                self._record_exit(exit_)
 
     def _put_state(self) -> None:
         self._metrics.put("group.state", 1, {"state": self.group.state.value})

@@ -86,6 +86,11 @@ class Attempt:
         self._stop = _Stop(error_files, stderr_sizes, errors)
 
     @property
+    def recorded_errors(self) -> frozenset[int]:
+        """Local ranks that had written their error file when the stop began."""
+        return frozenset(self._stop.error_files) if self._stop else frozenset()
+
+    @property
     def failures(self) -> list[Failure]:
         """The workers that failed on their own, root cause (earliest) first."""
         return sorted(self._failures, key=lambda f: f.timestamp)
