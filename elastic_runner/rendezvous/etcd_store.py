@@ -250,12 +250,43 @@ class EtcdStore:
     def wait_for_change(self, prefix: str, version: int, timeout: float) -> int:
         full = self._k(prefix)
 
+        request = {
+            "create_request": {
+                "key": _b64(full),
+                "range_end": _range_end(full),
+                "start_revision": version + 1,
+            }
+        }
+        deadline = time.monotonic() + timeout
+
         def watch(client: Any) -> int:
+            # A watch stream of our own, closed when this returns: etcd3gw's watcher left
+            # its socket to the garbage collector and a thread behind it (under launch()
+            # that is the caller's process).
+            requests = self._requests
+            streaming = False
             try:
-                event = client.watch_prefix_once(full, timeout=timeout, start_revision=version + 1)
-            except self._etcd3gw.exceptions.WatchTimedOut:
-                raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s") from None
-            return int(event["kv"]["mod_revision"])
+                with client.session.post(
+                    client.get_url("/watch"),
+                    json=request,
+                    stream=True,
+                    timeout=(min(timeout, 10.0) or 0.001, max(timeout, 0.001)),
+                ) as response:
+                    response.raise_for_status()
+                    streaming = True
+                    for line in response.iter_lines():
+                        result = json.loads(line).get("result", {}) if line.strip() else {}
+                        for event in result.get("events", ()):
+                            return int(event["kv"]["mod_revision"])
+                        if time.monotonic() >= deadline:
+                            break
+            except requests.exceptions.RequestException:
+                # the stream's read timeout (urllib3 raises it as a connection error)
+                if not (streaming and time.monotonic() >= deadline - 0.05):
+                    raise
+            except ValueError as exc:
+                raise StoreError(f"etcd at {self.address}: bad watch stream: {exc}") from None
+            raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s")
 
         return int(self._call(watch))
 
