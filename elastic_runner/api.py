@@ -62,6 +62,10 @@ class ChildFailedError(RuntimeError):
         text = root.summary() if root else (result.ended_because or result.state.value)
         super().__init__(text)
 
+    def __reduce__(self) -> tuple[type[ChildFailedError], tuple[RunResult]]:
+        # raised in a multiprocessing worker, it crosses to the parent whole
+        return ChildFailedError, (self.result,)
+
     @property
     def failures(self) -> dict[int, Failure]:
         """Global rank -> failure, root cause first (torch's ``ChildFailedError.failures``)."""
@@ -109,6 +113,13 @@ def launch(
     """
     from elastic_runner.run import run
 
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
+        raise LaunchError("overrides: a list of strings such as ['job.nproc_per_node=2']")
+    if hydra_keys := [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
+        raise LaunchError(
+            f"{hydra_keys[0]}: Hydra's own settings do not apply to launch(); "
+            "the run directory is run_dir="
+        )
     started = time.monotonic()
     base_env = _environment(env)
     plugins = _plugins()
@@ -280,8 +291,6 @@ def _configure(
     from elastic_runner.schedulers.slurm import SlurmError
     from elastic_runner.schedulers.slurm import command_line as slurm_command_line
 
-    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
-        raise LaunchError("overrides: a list of strings such as ['job.nproc_per_node=2']")
     try:
         overrides, patch = slurm_command_line(overrides, base_env)
     except SlurmError as exc:

@@ -51,6 +51,12 @@ def write_payload(
     :class:`UnsendableError` (one line naming the function) when it cannot be pickled."""
     import cloudpickle
 
+    # A process multiprocessing started runs the main script as __mp_main__, which the
+    # workers cannot import: its functions travel by value, like __main__'s.
+    main = sys.modules.get("__mp_main__")
+    by_value = main is not None and getattr(main, "__name__", None) == "__mp_main__"
+    if by_value:
+        cloudpickle.register_pickle_by_value(main)
     try:
         call = cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
     except Exception as exc:  # pickling can raise anything (a lock, a socket, a generator)
@@ -58,6 +64,9 @@ def write_payload(
             f"cannot send {_name(fn)} with its arguments to the workers: "
             f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(main)
     data = pickle.dumps({"sys_path": list(sys.path), "call": call})
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
