@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from elastic_runner.attempt import Attempt
 from elastic_runner.blocking_calls import BlockingCalls, Stopped
+from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import EventEmitter, EventSink, names
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
@@ -92,6 +93,7 @@ class ElasticAgent:
         log_prefix: str = "[{role}{local_rank}]:",
         forward_signals: frozenset[int] = frozenset(),
         restart_policy: RestartPolicy | None = None,
+        crash_loop: CrashLoopJudge | None = None,
         monitor: ResourceMonitor | None = None,
         memory_limit: int | None = None,
         lifecycle: Lifecycle | None = None,
@@ -114,6 +116,8 @@ class ElasticAgent:
         self._log_prefix = log_prefix
         self._forward_signals = forward_signals
         self._policy = restart_policy or RestartPolicy()
+        self._crash_loop = crash_loop or CrashLoopJudge(limit=0)
+        self._no_progress = False
         self._monitor = monitor
         self._memory_limit = memory_limit
         self._lifecycle = lifecycle or NoLifecycle()
@@ -231,10 +235,11 @@ class ElasticAgent:
                 # Uptime until the failure, not until the others were stopped (that
                 # can take stop_timeout and would hide a startup failure).
                 failed_at = self._failed_at if self._failed_at is not None else self._clock()
-                reason = self._policy.why_not_restart(
-                    failed_at - self._attempt.started,
-                    self.group.restart_count,
-                    self.spec.max_restarts,
+                uptime = failed_at - self._attempt.started
+                reason = self._crash_loop.failed(self._launcher.furthest_step(), uptime)
+                self._no_progress = reason is not None
+                reason = reason or self._policy.why_not_restart(
+                    uptime, self.group.restart_count, self.spec.max_restarts
                 )
                 self._lifecycle.worker_failure(
                     self.group,
@@ -376,7 +381,7 @@ class ElasticAgent:
             paths,
             prefix=self._log_prefix,
             node=self._context.node,
-            heartbeat=hangs is not None and hangs.wants_heartbeat,
+            heartbeat=(hangs is not None and hangs.wants_heartbeat) or self._crash_loop.wants_steps,
         )
 
     def _paths(self, local_rank: int) -> WorkerLogPaths:
@@ -536,4 +541,5 @@ class ElasticAgent:
             peak_rss=dict(self._peak_rss),
             ended_because=reason,
             started_at=self._attempt.started_wall,
+            no_progress=self._no_progress,
         )

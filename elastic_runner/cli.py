@@ -6,7 +6,8 @@ with ``--multirun``). The only module that knows Hydra's objects.
 
 Exit codes: 0 success; 1 the job failed; 2 bad configuration (one line on stderr naming
 the key, the value and what is allowed); 75 preempted (a signal of ``signals.preempt``);
-128+N stopped by signal N.
+93 no progress, do not requeue (:mod:`elastic_runner.crash_loop`); 128+N stopped by
+signal N.
 """
 
 from __future__ import annotations

@@ -221,6 +221,13 @@ class RestartConfig:
     min_uptime: float = 0.0
     #: Restart after startup failures too (false: a startup failure ends the run).
     on_startup_failure: bool = True
+    #: Stop the job (exit 93, "no progress: do not requeue") after this many failed
+    #: restarts in a row that never got past the furthest step the workers reported
+    #: (``elastic_runner.heartbeat(step=N)``); 0 = never.
+    no_progress: int = 3
+    #: For workers that report no steps: a failed restart that ran less than this many
+    #: seconds counts as no progress (0 = off: without steps, no verdict).
+    no_progress_uptime: float = 0.0
 
 
 @dataclass
@@ -631,6 +638,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ("restart.backoff.initial", cfg.restart.backoff.initial),
         ("restart.backoff.max", cfg.restart.backoff.max),
         ("restart.min_uptime", cfg.restart.min_uptime),
+        ("restart.no_progress_uptime", cfg.restart.no_progress_uptime),
         ("resources.interval", cfg.resources.interval),
         ("logs.collapse_window", cfg.logs.collapse_window),
         ("watchdog.no_output_timeout", cfg.watchdog.no_output_timeout),
@@ -638,6 +646,10 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ("health.restart_window", cfg.health.restart_window),
     ):
         parse_seconds(key, value)
+    if not (isinstance(cfg.restart.no_progress, int) and 0 <= cfg.restart.no_progress <= 10**6):
+        raise ConfigError(
+            "restart.no_progress", cfg.restart.no_progress, "expected restarts >= 0 (0 = off)"
+        )
     factor = cfg.restart.backoff.factor
     if not (isinstance(factor, int | float) and math.isfinite(factor) and 1 <= factor <= 100):
         raise ConfigError("restart.backoff.factor", factor, "expected a number from 1 to 100")

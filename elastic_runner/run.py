@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from elastic_runner.agent import ElasticAgent
 from elastic_runner.config import HANDLED_SIGNALS, LogsConfig, ValidConfig, parse_signals
+from elastic_runner.crash_loop import CrashLoopJudge, is_verdict
 from elastic_runner.errors import ConfigError
 from elastic_runner.events import FanOutSink
 from elastic_runner.health import HealthServer, RunStatus
@@ -196,6 +197,7 @@ class _Assembly:
             log_prefix=conf.logs.prefix,
             forward_signals=self.valid.forward_signals,
             restart_policy=self.valid.restart_policy,
+            crash_loop=CrashLoopJudge(conf.restart.no_progress, conf.restart.no_progress_uptime),
             monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
             memory_limit=self.valid.memory_limit,
             lifecycle=self.lifecycle,
@@ -336,6 +338,8 @@ def _rendezvous_failed(
         ended_because=f"rendezvous failed: {exc}",
         run_id=context.run_id,
         run_dir=context.run_dir,
+        # another node's crash-loop verdict ends this node the same way
+        no_progress=is_verdict(str(exc)),
     )
 
 

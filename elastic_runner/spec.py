@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_NO_PROGRESS",
     "EXIT_PREEMPTED",
     "LOCAL_RANK_PLACEHOLDERS",
     "Failure",
@@ -42,6 +43,10 @@ LOCAL_RANK_PLACEHOLDERS = ("%local_rank%", "${local_rank}")
 #: bad configuration), not 128+N (a signal), not NVRx's 93 ("do not requeue"), and
 #: rarely a program's own code.
 EXIT_PREEMPTED = 75
+
+#: The agent's exit code when restarts made no progress (:mod:`elastic_runner.crash_loop`):
+#: "no progress: do not requeue", the code NVIDIA's ft_launcher uses for that verdict.
+EXIT_NO_PROGRESS = 93
 
 
 class WorkerState(str, enum.Enum):
@@ -326,6 +331,8 @@ class RunResult:
     #: process), and it is one of ``signals.preempt``.
     from_outside: bool = False
     preempted: bool = False
+    #: Restarts made no progress (the crash-loop verdict, here or on another node).
+    no_progress: bool = False
     #: Global rank -> what the worker's function returned (``None`` for a script).
     return_values: dict[int, Any] = field(default_factory=dict)
 
@@ -345,10 +352,13 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """The agent's exit code: 0, 1 for a failed job, :data:`EXIT_PREEMPTED` when
-        preempted, 128+N when stopped by signal N."""
+        """The agent's exit code: 0, 1 for a failed job, :data:`EXIT_NO_PROGRESS` when
+        restarts made no progress, :data:`EXIT_PREEMPTED` when preempted, 128+N when
+        stopped by signal N."""
         if self.preempted:
             return EXIT_PREEMPTED
+        if self.no_progress and self.state == WorkerState.FAILED and self.signal is None:
+            return EXIT_NO_PROGRESS
         if self.signal is not None:
             return 128 + self.signal
         return 0 if self.state == WorkerState.SUCCEEDED else 1

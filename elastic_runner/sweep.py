@@ -60,7 +60,6 @@ class PointResult:
         if result.signal is not None:
             verb = "PREEMPTED" if result.preempted else "STOPPED"
             state = f"{verb} by {signal.Signals(result.signal).name}"
-        root = result.root_cause
         return cls(
             overrides=[],
             exit_code=result.exit_code,
@@ -70,7 +69,7 @@ class PointResult:
             run_id=result.run_id,
             attempts=result.attempts,
             restarts=result.restart_count,
-            error=(root.summary() if root else result.ended_because) or None,
+            error=_error(result),
         )
 
     def write(self) -> bool:
@@ -88,6 +87,14 @@ class PointResult:
             )
             return False
         return True
+
+
+def _error(result: RunResult) -> str | None:
+    """The root cause in one line; a crash-loop verdict first (it names the step)."""
+    root = result.root_cause.summary() if result.root_cause else None
+    if result.no_progress:
+        return f"{result.ended_because}; last root cause: {root}" if root else result.ended_because
+    return root or result.ended_because or None
 
 
 def _write_whole(path: Path, text: str) -> None:

@@ -91,6 +91,7 @@ class FakeLauncher:
     takes ``stop_seconds`` of the clock when a worker is running (workers using their
     grace period), then every running worker exits with ``-sig`` (stopped by the agent).
     Ranks in ``chatty`` write output all the time; the others only when they start.
+    ``steps[i]`` is the furthest step the workers of the i-th attempt report.
     """
 
     PID_BASE = 10_000
@@ -104,8 +105,11 @@ class FakeLauncher:
         stop_seconds: float = 0.0,
         chatty: frozenset[int] = frozenset(),
         max_waits: int = 200,
+        steps: Sequence[int | None] = (),
     ) -> None:
         self.clock = clock
+        #: The furthest step the workers of attempt i report (none beyond the list).
+        self.steps = list(steps)
         self.script = [list(exits) for exits in script]
         self.kill_delay = kill_delay
         self.stop_seconds = stop_seconds
@@ -199,6 +203,10 @@ class FakeLauncher:
     def wake(self) -> None:
         self.wakes += 1
         self._woken.set()
+
+    def furthest_step(self) -> int | None:
+        attempt = len(self.launches) - 1
+        return self.steps[attempt] if 0 <= attempt < len(self.steps) else None
 
     def activity(self) -> dict[int, WorkerActivity]:
         now = self.clock.now

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from elastic_runner.agent import ElasticAgent
+from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import names
 from elastic_runner.lifecycle import Lifecycle, Refusal
 from elastic_runner.metrics import NoMetrics
@@ -27,6 +28,7 @@ from elastic_runner.rendezvous.api import (
     RendezvousInfo,
 )
 from elastic_runner.spec import (
+    EXIT_NO_PROGRESS,
     FailureKind,
     RestartPolicy,
     RunContext,
@@ -86,11 +88,18 @@ def make_agent(
     kill_delay: float = 0.0,
     stop_seconds: float = 0.0,
     chatty: frozenset[int] = frozenset(),
+    steps: list[int | None] | None = None,
+    crash_loop: CrashLoopJudge | None = None,
 ) -> Rig:
     spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=30)
     clock = FakeClock()
     launcher = FakeLauncher(
-        clock, script, kill_delay=kill_delay, stop_seconds=stop_seconds, chatty=chatty
+        clock,
+        script,
+        kill_delay=kill_delay,
+        stop_seconds=stop_seconds,
+        chatty=chatty,
+        steps=steps or (),
     )
     rdzv = rdzv or FakeRendezvous()
     handler: RendezvousHandler = rdzv  # (mypy: the fake is a whole handler)
@@ -105,6 +114,7 @@ def make_agent(
         base_env={},
         forward_signals=forward_signals,
         restart_policy=policy,
+        crash_loop=crash_loop,
         monitor=monitor,
         memory_limit=memory_limit,
         lifecycle=lifecycle,
@@ -193,6 +203,50 @@ def test_exhausted_restarts_fail_after_max_plus_one_attempts(tmp_path: Path) -> 
     assert rig.rdzv.barriers == 0  # none on failure
     assert [f.exit.global_rank for f in result.failures] == [0]
     assert [e.stopped_by_agent for e in result.exits] == [False, True]
+
+
+def test_restarts_that_never_pass_a_step_end_the_job_as_no_progress(tmp_path: Path) -> None:
+    rig = make_agent(
+        tmp_path,
+        [fail(0, 1)] * 10,
+        max_restarts=9,
+        steps=[3, 3, 2, 3],
+        crash_loop=CrashLoopJudge(limit=3),
+    )
+    result = rig.run()
+    assert result.state == WorkerState.FAILED and result.no_progress
+    assert result.exit_code == EXIT_NO_PROGRESS == 93
+    assert (result.attempts, result.restart_count) == (4, 3)
+    assert result.ended_because.startswith("no progress: 3 restarts in a row")
+    assert "step 3" in result.ended_because
+    assert rig.rdzv.failed_with == result.ended_because  # the other nodes learn why
+
+
+def test_progress_resets_the_count(tmp_path: Path) -> None:
+    rig = make_agent(
+        tmp_path,
+        [fail(0, 1)] * 7,
+        max_restarts=6,
+        steps=[3, 3, 3, 5, 5, 5, 5],
+        crash_loop=CrashLoopJudge(limit=3),
+    )
+    result = rig.run()
+    assert result.no_progress and result.attempts == 7 and "step 5" in result.ended_because
+
+
+def test_without_steps_no_verdict_unless_asked(tmp_path: Path) -> None:
+    rig = make_agent(tmp_path, [fail(0, 1)] * 5, max_restarts=4, crash_loop=CrashLoopJudge(3))
+    result = rig.run()
+    assert not result.no_progress and result.exit_code == 1 and result.attempts == 5
+    rig = make_agent(
+        tmp_path,
+        [fail(0, 1, at=0.5)] * 6,
+        max_restarts=5,
+        crash_loop=CrashLoopJudge(3, min_uptime=2.0),
+    )
+    result = rig.run()
+    assert result.no_progress and result.attempts == 4
+    assert "within 2 s of starting" in result.ended_because
 
 
 def test_membership_change_regroups_without_spending_a_restart(tmp_path: Path) -> None:

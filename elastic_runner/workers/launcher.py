@@ -86,3 +86,8 @@ class WorkerLauncher(Protocol):
     def activity(self) -> dict[int, WorkerActivity]:
         """Signs of life of each running worker, by local rank."""
         ...
+
+    def furthest_step(self) -> int | None:
+        """The furthest training step any worker of the current attempt reported
+        (:func:`elastic_runner.heartbeat` with ``step``); ``None`` when none did."""
+        ...

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from elastic_runner.progress import HEARTBEAT_FD_ENV
+from elastic_runner.progress import HEARTBEAT_FD_ENV, read_steps
 from elastic_runner.spec import WorkerActivity, WorkerExit
 from elastic_runner.workers.cgroup import RunCgroup
 from elastic_runner.workers.launcher import WorkerLaunch
@@ -62,6 +62,8 @@ class _Proc:
     last_output: float = 0.0
     last_heartbeat: float | None = None
     heartbeat_fd: int | None = None
+    #: An unfinished step message from the heartbeat pipe.
+    beat_rest: bytes = b""
 
     @property
     def pid(self) -> int:
@@ -144,6 +146,8 @@ class ProcessSupervisor:
         self._procs: dict[int, _Proc] = {}
         #: Process groups of this attempt's workers, swept when the attempt ends.
         self._pgids: set[int] = set()
+        #: The furthest step reported in this attempt (heartbeat(step=...)).
+        self._furthest_step: int | None = None
         #: Every worker's process group, for orphans that die unseen (see reap_children).
         self._groups_ever: set[int] = set()
 
@@ -154,6 +158,7 @@ class ProcessSupervisor:
         already started are stopped and the error is raised."""
         started: dict[int, int] = {}
         self._attempt += 1
+        self._furthest_step = None
         self._attempt_live = self.cgroup is not None
         if self._console:
             self._console.expect(sum(1 for la in launches if self._to_console(la)))
@@ -164,6 +169,11 @@ class ProcessSupervisor:
             self.stop(signal.SIGKILL, 0)
             raise
         return started
+
+    def furthest_step(self) -> int | None:
+        """The furthest step any worker of this attempt reported (``heartbeat(step=)``),
+        exited ones included; ``None`` when none did."""
+        return self._furthest_step
 
     def activity(self) -> dict[int, WorkerActivity]:
         """Signs of life of each running worker (safe to call from another thread)."""
@@ -411,6 +421,9 @@ class ProcessSupervisor:
             return
         if data:
             proc.last_heartbeat = self._clock()
+            step, proc.beat_rest = read_steps(proc.beat_rest + data)
+            if step is not None and (self._furthest_step is None or step > self._furthest_step):
+                self._furthest_step = step
         else:  # every writer closed it
             self._close_heartbeat(proc)
 

@@ -48,6 +48,8 @@ KNOWN = {
     "TORCHELASTIC_USE_AGENT_STORE": ("True", "False"),
     # elastic-run marks the processes of the worker tree (containment, "nothing survives")
     "ELASTIC_RUNNER_AGENT": (None, "<id>"),
+    # the pipe elastic_runner.heartbeat() writes to (steps for the crash-loop verdict)
+    "ELASTIC_RUNNER_HEARTBEAT_FD": (None, "<fd>"),
 }
 
 #: What a launcher or an outer run may have left in the test's environment.
@@ -122,7 +124,8 @@ def test_workers_get_the_environment_torchrun_gives(tmp_path: Path) -> None:
             elif key == "MASTER_ADDR":  # "localhost" under torchrun, 127.0.0.1 here
                 assert t is not None and o is not None and _loopback(t) and _loopback(o)
             elif key in KNOWN:
-                shown = "<id>" if key == "ELASTIC_RUNNER_AGENT" and o else o
+                placeholder = KNOWN[key][1]
+                shown = placeholder if placeholder in ("<id>", "<fd>") and o else o
                 assert (t, shown) == KNOWN[key], key
             elif t != o:
                 differences.append(f"rank {rank}: {key}: torchrun {t!r}, elastic-run {o!r}")
