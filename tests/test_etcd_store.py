@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from elastic_runner.rendezvous.etcd_store import EtcdStore
 from elastic_runner.rendezvous.kit import parse_endpoints
-from elastic_runner.rendezvous.store import StoreError
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
 from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.store_suite import StoreSuite
 
@@ -153,3 +154,20 @@ def test_tls_with_a_private_ca(tmp_path: Path) -> None:
             EtcdStore(endpoints, timeout=2).get("k")
     finally:
         server.stop()
+
+
+def test_a_short_wait_runs_out_as_a_timeout_not_as_a_lost_etcd(etcd_server: EtcdServer) -> None:
+    """A rendezvous's last call can leave a wait of a millisecond: it must end as a
+    timeout (retried), never as "cannot reach etcd" (which fails the round); and the
+    watch's connection is closed when the wait ends, not left to the garbage collector."""
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379))
+    try:
+        _, version = store.scan("p/")
+        before = sorted(os.listdir("/proc/self/fd"))
+        for timeout in (0.001, 0.01, 0.1) * 5:
+            with pytest.raises(StoreTimeoutError):
+                store.wait_for_change("p/", version, timeout)
+        # none left open (the pooled connection a watch took is closed with it)
+        assert len(os.listdir("/proc/self/fd")) <= len(before)
+    finally:
+        store.close()

@@ -270,7 +270,9 @@ class EtcdStore:
                     client.get_url("/watch"),
                     json=request,
                     stream=True,
-                    timeout=(min(timeout, 10.0) or 0.001, max(timeout, 0.001)),
+                    # connecting gets at least 0.5 s even for a short wait: a busy
+                    # etcd is not a lost one (the deadline below decides what a wait is)
+                    timeout=(max(min(timeout, 10.0), 0.5), max(timeout, 0.05)),
                 ) as response:
                     response.raise_for_status()
                     streaming = True
@@ -280,9 +282,12 @@ class EtcdStore:
                             return int(event["kv"]["mod_revision"])
                         if time.monotonic() >= deadline:
                             break
-            except requests.exceptions.RequestException:
-                # the stream's read timeout (urllib3 raises it as a connection error)
-                if not (streaming and time.monotonic() >= deadline - 0.05):
+            except requests.exceptions.RequestException as exc:
+                # A read timeout, before the answer (ReadTimeout) or during the stream
+                # (urllib3's shows as a connection error), is the wait running out: etcd
+                # took the connection. A refused or failed connection is the endpoint's.
+                timed_out = streaming or isinstance(exc, requests.exceptions.ReadTimeout)
+                if not (timed_out and time.monotonic() >= deadline - 0.05):
                     raise
             except ValueError as exc:
                 raise StoreError(f"etcd at {self.address}: bad watch stream: {exc}") from None
