@@ -94,6 +94,7 @@ class ElasticAgent:
         forward_signals: frozenset[int] = frozenset(),
         restart_policy: RestartPolicy | None = None,
         crash_loop: CrashLoopJudge | None = None,
+        checks_retry: tuple[float, float] = (0.0, 10.0),
         monitor: ResourceMonitor | None = None,
         memory_limit: int | None = None,
         lifecycle: Lifecycle | None = None,
@@ -117,6 +118,8 @@ class ElasticAgent:
         self._forward_signals = forward_signals
         self._policy = restart_policy or RestartPolicy()
         self._crash_loop = crash_loop or CrashLoopJudge(limit=0)
+        #: A node its health checks keep out checks again every [1] s for [0] s.
+        self._checks_retry = checks_retry
         self._no_progress = False
         self._monitor = monitor
         self._memory_limit = memory_limit
@@ -283,6 +286,39 @@ class ElasticAgent:
         self._events.agent(names.RESTART, reason="fenced")
         self._start_attempt()
 
+    def _stay_out(self, refusal: Refusal | None) -> None:
+        """A health check keeps this node out: check again every ``checks.retry_interval``
+        seconds for ``checks.retry_for`` (the job runs on without it, if ``nnodes``
+        allows), and return once every check passes; else leave the job."""
+        retry_for, interval = self._checks_retry
+        deadline = self._clock() + retry_for
+        said = None
+        while refusal is not None:
+            left = deadline - self._clock()
+            if left <= 0:
+                raise _Refused(refusal)
+            pause = min(interval, left)
+            if refusal != said:  # once per reason: a node may stay out for hours
+                said = refusal
+                log.warning(
+                    "%s: this node stays out, checking again every %g s for up to %g s",
+                    refusal.describe(),
+                    interval,
+                    left,
+                )
+                self._events.agent(
+                    names.NODE_OUT, plugin=refusal.plugin, reason=refusal.reason, retry_in=pause
+                )
+            wake = self._clock() + pause
+            while (now := self._clock()) < wake:
+                self._launcher.wait(wake - now)
+                if self._stop_signal is not None:
+                    raise Stopped
+            group = self.group
+            refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
+        log.info("every health check passes: this node joins the job")
+        self._events.agent(names.NODE_IN)
+
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
         self._events.agent(names.MEMBERSHIP_CHANGED, during=during)
@@ -297,7 +333,7 @@ class ElasticAgent:
         # Before the last attempt is forgotten: a refusal ends the run with its report.
         refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
         if refusal is not None:
-            raise _Refused(refusal)
+            self._stay_out(refusal)
         self._attempt = Attempt(spec.local_world_size, self._paths)
         self.usage.clear()
         group.state = WorkerState.INIT

@@ -25,6 +25,14 @@ from typing import Any
 from omegaconf import MISSING
 
 from elastic_runner.accelerators import detect_gpus
+from elastic_runner.checks import (
+    ChecksConfig,
+    CommandCheck,
+    DiskCheck,
+    GpuCheck,
+    MemoryCheck,
+    NodeCheck,
+)
 from elastic_runner.errors import ConfigError
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.spec import RestartPolicy
@@ -290,6 +298,7 @@ class ElasticRunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     rdzv: RendezvousConfig = MISSING
     logs: LogsConfig = MISSING
     events: EventsConfig = MISSING
@@ -614,6 +623,8 @@ class ValidConfig:
     console_streams: frozenset[int] = frozenset(CONSOLE_STREAMS.values())
     #: ``signals.preempt`` as signal numbers.
     preempt_signals: frozenset[int] = frozenset()
+    #: The node health checks ``checks`` asks for (plugins registered for the run).
+    checks: tuple[NodeCheck, ...] = ()
 
 
 def validate(cfg: ElasticRunConfig) -> ValidConfig:
@@ -721,6 +732,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         live=live,
         console_streams=console_streams,
         preempt_signals=preempt,
+        checks=_checks(cfg.checks),
     )
 
 
@@ -734,6 +746,35 @@ def parse_console_streams(value: object) -> frozenset[int]:
     if bad:
         raise ConfigError("logs.console_streams", bad[0], allowed)
     return frozenset(CONSOLE_STREAMS[name] for name in value)
+
+
+def _checks(config: ChecksConfig) -> tuple[NodeCheck, ...]:
+    """The check plugins ``checks.*`` asks for; a bad size, count or time names its key."""
+    checks: list[NodeCheck] = []
+    for path, free in (config.disk or {}).items():
+        size = parse_memory(f"checks.disk.{path}", free)
+        if size is None:
+            raise ConfigError(f"checks.disk.{path}", free, "expected a size such as 50GiB")
+        checks.append(DiskCheck(os.path.expanduser(str(path)), size))
+    if isinstance(config.gpus, bool) or not isinstance(config.gpus, int) or config.gpus < 0:
+        raise ConfigError("checks.gpus", config.gpus, "expected a count >= 0 (0: no check)")
+    if config.gpus:
+        checks.append(GpuCheck(config.gpus))
+    if (memory := parse_memory("checks.memory", config.memory)) is not None:
+        checks.append(MemoryCheck(memory))
+    for key in ("command_timeout", "retry_for", "retry_interval"):
+        parse_seconds(f"checks.{key}", getattr(config, key))
+    if config.command is not None:
+        if not config.command.strip():
+            raise ConfigError("checks.command", "''", "expected a shell command (null: none)")
+        if config.command_timeout <= 0:
+            raise ConfigError(
+                "checks.command_timeout", config.command_timeout, "expected seconds > 0"
+            )
+        checks.append(CommandCheck(config.command, config.command_timeout))
+    if config.retry_for and config.retry_interval <= 0:
+        raise ConfigError("checks.retry_interval", config.retry_interval, "expected seconds > 0")
+    return tuple(checks)
 
 
 def _check_values(node: object, path: str) -> None:

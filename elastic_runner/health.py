@@ -101,6 +101,13 @@ class RunStatus:
                     self._restarts.append(self._clock())
             elif name in (names.WATCHDOG_FIRED, names.TIMER_EXPIRED):
                 self._problem = f"rank {m.get('rank')}: {m.get('detail')}"
+            elif name == names.NODE_OUT:  # alive and waiting: healthy, not ready
+                f["phase"] = (
+                    f"out: health check {m.get('plugin')!r} failed: {m.get('reason')}; "
+                    f"checking again in {m.get('retry_in')} s"
+                )
+            elif name == names.NODE_IN:
+                f["phase"] = "rendezvous"
             elif name == names.HEALTH_CHECK_REFUSED:
                 self._problem = f"health check of {m.get('plugin')!r} refused: {m.get('reason')}"
             elif name in (names.status(WorkerState.SUCCEEDED), names.status(WorkerState.FAILED)):

@@ -25,11 +25,12 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elastic_runner.agent import ElasticAgent
+from elastic_runner.checks import plugin_name
 from elastic_runner.config import HANDLED_SIGNALS, LogsConfig, ValidConfig, parse_signals
 from elastic_runner.crash_loop import CrashLoopJudge, is_verdict
 from elastic_runner.errors import ConfigError
@@ -91,6 +92,31 @@ def run(
     command = resolve_command(job.entrypoint, job.module, job.args, python=job.python, env=base_env)
     run_id = conf.rdzv.id or uuid.uuid4().hex
     context = RunContext(run_id, run_dir, socket.gethostname(), valid.min_nodes, valid.max_nodes)
+    with _checks_registered(plugins, valid):
+        return _run(valid, plugins, context, base_env, command, shared_terminal)
+
+
+@contextlib.contextmanager
+def _checks_registered(plugins: LoadedPlugins, valid: ValidConfig) -> Iterator[None]:
+    """The built-in node checks ``checks.*`` asks for, as plugins of this run only."""
+    names = [plugins.pm.register(check, name=plugin_name(check)) for check in valid.checks]
+    try:
+        yield
+    finally:
+        for name in names:
+            if name is not None:
+                plugins.pm.unregister(name=name)
+
+
+def _run(
+    valid: ValidConfig,
+    plugins: LoadedPlugins,
+    context: RunContext,
+    base_env: Mapping[str, str],
+    command: tuple[str, ...],
+    shared_terminal: bool,
+) -> RunResult:
+    conf, run_id, run_dir = valid.config, context.run_id, context.run_dir
     lifecycle = Lifecycle(plugins.pm, context)
     assembly = _Assembly(valid, plugins.registry, context, lifecycle, base_env, shared_terminal)
     try:
@@ -198,6 +224,7 @@ class _Assembly:
             forward_signals=self.valid.forward_signals,
             restart_policy=self.valid.restart_policy,
             crash_loop=CrashLoopJudge(conf.restart.no_progress, conf.restart.no_progress_uptime),
+            checks_retry=(conf.checks.retry_for, conf.checks.retry_interval),
             monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
             memory_limit=self.valid.memory_limit,
             lifecycle=self.lifecycle,

@@ -326,18 +326,26 @@ class RecordingSink:
 
 
 class RecordingLifecycle(NoLifecycle):
-    """Lifecycle hooks as plugins would see them; the health check refuses at the
-    attempts in ``refuse_at``."""
+    """Lifecycle hooks as plugins would see them; the health check answers
+    ``refusals`` first, then refuses at the attempts in ``refuse_at``."""
 
-    def __init__(self, refuse_at: Mapping[int, Refusal] | None = None) -> None:
+    def __init__(
+        self,
+        refuse_at: Mapping[int, Refusal] | None = None,
+        refusals: Sequence[Refusal | None] = (),
+    ) -> None:
         super().__init__()
         self.refuse_at = dict(refuse_at or {})
+        #: Answers of the first checks, whatever the attempt (then ``refuse_at``).
+        self.refusals = list(refusals)
         self.health_checks: list[tuple[int, int]] = []  # (attempt, restart_count)
         self.started: list[int] = []  # group.attempt of each start
         self.failures: list[tuple[list[Failure], bool]] = []  # (failures, will_restart)
 
     def before_rendezvous(self, attempt: int, restart_count: int) -> Refusal | None:
         self.health_checks.append((attempt, restart_count))
+        if self.refusals:
+            return self.refusals.pop(0)
         return self.refuse_at.get(attempt)
 
     def workers_started(self, group: WorkerGroup) -> None:

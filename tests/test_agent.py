@@ -90,6 +90,7 @@ def make_agent(
     chatty: frozenset[int] = frozenset(),
     steps: list[int | None] | None = None,
     crash_loop: CrashLoopJudge | None = None,
+    checks_retry: tuple[float, float] = (0.0, 10.0),
 ) -> Rig:
     spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=30)
     clock = FakeClock()
@@ -115,6 +116,7 @@ def make_agent(
         forward_signals=forward_signals,
         restart_policy=policy,
         crash_loop=crash_loop,
+        checks_retry=checks_retry,
         monitor=monitor,
         memory_limit=memory_limit,
         lifecycle=lifecycle,
@@ -394,6 +396,28 @@ def test_uptime_is_measured_at_the_failure_not_after_stopping_the_others(
 
 
 # -- health check -----------------------------------------------------------------------
+
+
+def test_a_node_out_checks_again_and_joins_once_its_checks_pass(tmp_path: Path) -> None:
+    out = Refusal("check:disk:/data", "/data: 1.0 GiB free, 50.0 GiB needed")
+    lifecycle = RecordingLifecycle(refusals=[out, out, None])
+    rig = make_agent(tmp_path, [all_succeed(2)], lifecycle=lifecycle, checks_retry=(60, 5))
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert lifecycle.health_checks == [(1, 0)] * 3
+    assert rig.clock.now >= 10  # two pauses of checks.retry_interval
+    outs = [e for e in rig.events.events if e.name == names.NODE_OUT]
+    assert len(outs) == 1 and outs[0].metadata["reason"] == out.reason  # once per reason
+    assert rig.rdzv.joins == [False]  # joined once, after the checks passed
+
+
+def test_a_node_out_for_longer_than_retry_for_leaves_the_job(tmp_path: Path) -> None:
+    out = Refusal("check:gpus", "8 GPUs needed; 7 NVIDIA GPUs")
+    lifecycle = RecordingLifecycle(refusals=[out] * 100)
+    rig = make_agent(tmp_path, [], lifecycle=lifecycle, checks_retry=(12, 5))
+    result = rig.run()
+    assert result.state == WorkerState.FAILED and result.ended_because == out.describe()
+    assert 12 <= rig.clock.now < 20 and rig.rdzv.joins == []
 
 
 def test_a_refusing_health_check_ends_the_run_before_the_next_round(tmp_path: Path) -> None:

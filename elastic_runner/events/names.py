@@ -13,6 +13,8 @@ __all__ = [
     "FENCED",
     "HEALTH_CHECK_REFUSED",
     "MEMBERSHIP_CHANGED",
+    "NODE_IN",
+    "NODE_OUT",
     "RANKS_ASSIGNED",
     "RENDEZVOUS_COMPLETE",
     "RENDEZVOUS_JOIN",
@@ -43,6 +45,8 @@ RESTART = "elastic_runner.restart"
 SIGNAL = "elastic_runner.signal"
 SHUTDOWN = "elastic_runner.shutdown"
 HEALTH_CHECK_REFUSED = "elastic_runner.health_check.refused"
+NODE_OUT = "elastic_runner.node.out"
+NODE_IN = "elastic_runner.node.in"
 WATCHDOG_FIRED = "elastic_runner.watchdog.fired"
 TIMER_EXPIRED = "elastic_runner.timer.expired"
 FENCED = "elastic_runner.fenced"
@@ -72,5 +76,8 @@ EVENTS: Mapping[str, str] = {
     WATCHDOG_FIRED: "a rank was silent too long (rank, detail)",
     TIMER_EXPIRED: "a worker's timer expired (rank, detail, scope)",
     HEALTH_CHECK_REFUSED: "a health check kept this node out (plugin, reason)",
+    NODE_OUT: "a health check failed: this node stays out and checks again (plugin, reason, "
+    "retry_in)",
+    NODE_IN: "every health check passes again: this node joins the job",
     SHUTDOWN: "the agent left the job",
 }
