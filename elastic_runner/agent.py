@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from elastic_runner.attempt import Attempt
 from elastic_runner.blocking_calls import BlockingCalls, Stopped
 from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import EventEmitter, EventSink, names
+from elastic_runner.faults import FaultInjector
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.outside import SignalWitness, answers, stop_reason
@@ -95,6 +97,7 @@ class ElasticAgent:
         restart_policy: RestartPolicy | None = None,
         crash_loop: CrashLoopJudge | None = None,
         checks_retry: tuple[float, float] = (0.0, 10.0),
+        faults: FaultInjector | None = None,
         monitor: ResourceMonitor | None = None,
         memory_limit: int | None = None,
         lifecycle: Lifecycle | None = None,
@@ -120,6 +123,8 @@ class ElasticAgent:
         self._crash_loop = crash_loop or CrashLoopJudge(limit=0)
         #: A node its health checks keep out checks again every [1] s for [0] s.
         self._checks_retry = checks_retry
+        self._faults = faults
+        self._injected: list[str] = []
         self._no_progress = False
         self._monitor = monitor
         self._memory_limit = memory_limit
@@ -223,6 +228,8 @@ class ElasticAgent:
                 self._sample_resources()
             if self._hangs is not None and self._has_running_workers():
                 self._act_on_hangs()
+            if self._faults is not None and self._has_running_workers():
+                self._inject(self._faults)
             state = self._attempt.state
             if state == WorkerState.SUCCEEDED:
                 if self.group.group_world_size > 1:  # others to wait for
@@ -385,6 +392,10 @@ class ElasticAgent:
                 WorkerStatus.START, w.global_rank, pid=w.pid, local_rank=w.local_rank
             )
         self._lifecycle.workers_started(group)
+        if self._faults is not None:
+            self._faults.attempt_started(
+                self._clock(), group.attempt, group.group_rank, group.workers
+            )
         log.info(
             "attempt %d: started %d worker(s) (ranks %d-%d of %d, restart %d/%d)",
             group.attempt,
@@ -417,7 +428,9 @@ class ElasticAgent:
             paths,
             prefix=self._log_prefix,
             node=self._context.node,
-            heartbeat=(hangs is not None and hangs.wants_heartbeat) or self._crash_loop.wants_steps,
+            heartbeat=(hangs is not None and hangs.wants_heartbeat)
+            or self._crash_loop.wants_steps
+            or (self._faults is not None and self._faults.wants_steps),
         )
 
     def _paths(self, local_rank: int) -> WorkerLogPaths:
@@ -454,6 +467,8 @@ class ElasticAgent:
         deadlines = [self._lease]
         if self._hangs is not None:
             deadlines.append(self._hangs.next_deadline(self._launcher.activity()))
+        if self._faults is not None:
+            deadlines.append(self._faults.next_due())
         now = self._clock()
         timeouts += [max(0.0, d - now) for d in deadlines if d is not None]
         return min(timeouts, default=None)
@@ -471,6 +486,23 @@ class ElasticAgent:
                 order.local_rank, order.kind, order.detail
             ):
                 self._launcher.kill(order.local_rank, order.signal)
+
+    def _inject(self, faults: FaultInjector) -> None:
+        """Carry out the fault ``fault=...`` says is due (testing a restart path)."""
+        injection = faults.due(self._clock(), self._launcher.furthest_step())
+        if injection is None:
+            return
+        log.warning("injecting %s", injection.describe)
+        self._injected.append(injection.describe)
+        self._events.agent(names.FAULT_INJECTED, fault=injection.describe)
+        if injection.local_rank < 0:  # the whole node lost: its guardian sweeps the workers
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+        deadly = injection.signal not in (signal.SIGSTOP, signal.SIGTSTP)
+        if not deadly or self._attempt.killing(
+            injection.local_rank, FailureKind.INJECTED, injection.describe
+        ):
+            self._launcher.kill(injection.local_rank, injection.signal)
 
     def _sample_resources(self) -> None:
         running = {w.local_rank: w.pid for w in self.group.workers if w.pid is not None}
@@ -578,4 +610,5 @@ class ElasticAgent:
             ended_because=reason,
             started_at=self._attempt.started_wall,
             no_progress=self._no_progress,
+            injected=list(self._injected),
         )

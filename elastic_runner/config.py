@@ -34,6 +34,13 @@ from elastic_runner.checks import (
     NodeCheck,
 )
 from elastic_runner.errors import ConfigError
+from elastic_runner.faults import (
+    FAULTS,
+    FailCheckFault,
+    FaultConfig,
+    KillAgentFault,
+    KillRankFault,
+)
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.spec import RestartPolicy
 from elastic_runner.workers.command import NO_PYTHON_WITH_MODULE
@@ -304,6 +311,8 @@ class ElasticRunConfig:
     events: EventsConfig = MISSING
     metrics: MetricsConfig = MISSING
     timer: TimerConfig = MISSING
+    #: Fault injection, for testing a restart path (``fault=none``: off).
+    fault: FaultConfig = MISSING
 
 
 _GROUP_BASES: dict[ComponentKind, type[Any]] = {
@@ -324,6 +333,8 @@ def register_configs(registry: Registry) -> None:
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=ElasticRunConfig, provider="elastic_runner")
     cs.store(group="logs", name="default", node=LogsConfig, provider="elastic_runner")
+    for name, schema in FAULTS.items():
+        cs.store(group="fault", name=name, node=schema, provider="elastic_runner")
     for kind, spec in registry:
         base = _GROUP_BASES[kind]
         if not (isinstance(spec.config_class, type) and issubclass(spec.config_class, base)):
@@ -625,6 +636,8 @@ class ValidConfig:
     preempt_signals: frozenset[int] = frozenset()
     #: The node health checks ``checks`` asks for (plugins registered for the run).
     checks: tuple[NodeCheck, ...] = ()
+    #: The fault to inject (``None``: none).
+    fault: FaultConfig | None = None
 
 
 def validate(cfg: ElasticRunConfig) -> ValidConfig:
@@ -733,6 +746,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         console_streams=console_streams,
         preempt_signals=preempt,
         checks=_checks(cfg.checks),
+        fault=_fault(cfg.fault),
     )
 
 
@@ -746,6 +760,38 @@ def parse_console_streams(value: object) -> frozenset[int]:
     if bad:
         raise ConfigError("logs.console_streams", bad[0], allowed)
     return frozenset(CONSOLE_STREAMS[name] for name in value)
+
+
+def _fault(fault: FaultConfig) -> FaultConfig | None:
+    """The fault to inject, checked; ``None`` for ``fault=none``."""
+    if fault.kind not in FAULTS:
+        raise ConfigError("fault.kind", fault.kind, f"allowed: {', '.join(FAULTS)}")
+    if fault.kind == "none":
+        return None
+    attempt = getattr(fault, "attempt", 1)
+    if not isinstance(attempt, int) or attempt < 0:
+        raise ConfigError("fault.attempt", attempt, "expected 1, 2, ... or 0 (every attempt)")
+    if isinstance(fault, KillRankFault):
+        if not isinstance(fault.rank, int) or fault.rank < 0:
+            raise ConfigError("fault.rank", fault.rank, "expected a global rank >= 0")
+        name = str(fault.signal).upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name not in signal.Signals.__members__ or name in ("SIGCHLD", "SIGCONT"):
+            raise ConfigError("fault.signal", fault.signal, "expected a signal name, e.g. SIGKILL")
+        if (fault.after is None) == (fault.at_step is None):
+            raise ConfigError(
+                "fault.after", fault.after, "give one of fault.after (seconds) or fault.at_step"
+            )
+        if fault.after is not None:
+            parse_seconds("fault.after", fault.after)
+    if isinstance(fault, KillAgentFault):
+        parse_seconds("fault.after", fault.after)
+        if fault.node is not None and (not isinstance(fault.node, int) or fault.node < 0):
+            raise ConfigError("fault.node", fault.node, "expected a group rank >= 0")
+    checks = getattr(fault, "checks", 1)
+    if isinstance(fault, FailCheckFault) and (not isinstance(checks, int) or checks < 1):
+        raise ConfigError("fault.checks", fault.checks, "expected a count >= 1")
+    return fault
 
 
 def _checks(config: ChecksConfig) -> tuple[NodeCheck, ...]:

@@ -82,7 +82,9 @@ def format_report(
 ) -> str:
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
     attempts = _count(result.attempts, "attempt")
-    peaks = rank_table(result)
+    peaks = "\n".join(
+        filter(None, [*(f"  injected: {line}" for line in result.injected), rank_table(result)])
+    )
     if result.signal is not None and not result.failures:
         why = result.ended_because or f"stopped by {signal.Signals(result.signal).name}"
         code = f" (exit {result.exit_code})" if result.preempted else ""

@@ -35,6 +35,7 @@ from elastic_runner.config import HANDLED_SIGNALS, LogsConfig, ValidConfig, pars
 from elastic_runner.crash_loop import CrashLoopJudge, is_verdict
 from elastic_runner.errors import ConfigError
 from elastic_runner.events import FanOutSink
+from elastic_runner.faults import FailCheck, FailCheckFault, FaultInjector
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
 from elastic_runner.plugins import LoadedPlugins
@@ -98,8 +99,12 @@ def run(
 
 @contextlib.contextmanager
 def _checks_registered(plugins: LoadedPlugins, valid: ValidConfig) -> Iterator[None]:
-    """The built-in node checks ``checks.*`` asks for, as plugins of this run only."""
-    names = [plugins.pm.register(check, name=plugin_name(check)) for check in valid.checks]
+    """The built-in node checks ``checks.*`` asks for (and ``fault=fail_check``'s), as
+    plugins of this run only."""
+    checks: list[tuple[object, str]] = [(check, plugin_name(check)) for check in valid.checks]
+    if isinstance(valid.fault, FailCheckFault):
+        checks.append((FailCheck(valid.fault), "fault:fail_check"))
+    names = [plugins.pm.register(check, name=name) for check, name in checks]
     try:
         yield
     finally:
@@ -225,6 +230,7 @@ class _Assembly:
             restart_policy=self.valid.restart_policy,
             crash_loop=CrashLoopJudge(conf.restart.no_progress, conf.restart.no_progress_uptime),
             checks_retry=(conf.checks.retry_for, conf.checks.retry_interval),
+            faults=_fault_injector(self.valid),
             monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
             memory_limit=self.valid.memory_limit,
             lifecycle=self.lifecycle,
@@ -329,6 +335,16 @@ def _supervisor(
         console_streams=console_streams,
         cgroup=cgroup,
     )
+
+
+def _fault_injector(valid: ValidConfig) -> FaultInjector | None:
+    """``fault=...``: armed, and said loudly (a test of the restart path, never a job's
+    normal run)."""
+    if valid.fault is None:
+        return None
+    injector = FaultInjector(valid.fault)
+    log.warning("FAULT INJECTION is on: %s", injector.summary)
+    return None if isinstance(valid.fault, FailCheckFault) else injector
 
 
 def _fd_of(stream: Any, default: int) -> int:

@@ -179,6 +179,7 @@ class FailureKind(str, enum.Enum):
     MEMORY_LIMIT = "over its memory limit"
     TIMER = "timer expired"
     WATCHDOG = "watchdog"
+    INJECTED = "injected fault"
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class Failure:
             FailureKind.MEMORY_LIMIT,
             FailureKind.TIMER,
             FailureKind.WATCHDOG,
+            FailureKind.INJECTED,
         ):
             text += f" ({self.kind.value})"
         return f"{text}; {self.detail}" if self.detail else text
@@ -333,6 +335,8 @@ class RunResult:
     preempted: bool = False
     #: Restarts made no progress (the crash-loop verdict, here or on another node).
     no_progress: bool = False
+    #: The faults ``fault=...`` injected on this node, one line each.
+    injected: list[str] = field(default_factory=list)
     #: Global rank -> what the worker's function returned (``None`` for a script).
     return_values: dict[int, Any] = field(default_factory=dict)
 

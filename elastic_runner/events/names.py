@@ -10,6 +10,7 @@ from collections.abc import Mapping
 __all__ = [
     "EVENTS",
     "EXIT_BARRIER",
+    "FAULT_INJECTED",
     "FENCED",
     "HEALTH_CHECK_REFUSED",
     "MEMBERSHIP_CHANGED",
@@ -51,6 +52,7 @@ WATCHDOG_FIRED = "elastic_runner.watchdog.fired"
 TIMER_EXPIRED = "elastic_runner.timer.expired"
 FENCED = "elastic_runner.fenced"
 EXIT_BARRIER = "elastic_runner.exit_barrier"
+FAULT_INJECTED = "elastic_runner.fault.injected"
 
 #: Every event the agent emits, by name, with what it means (``<STATE>`` stands for each
 #: state :func:`status` names).
@@ -79,5 +81,6 @@ EVENTS: Mapping[str, str] = {
     NODE_OUT: "a health check failed: this node stays out and checks again (plugin, reason, "
     "retry_in)",
     NODE_IN: "every health check passes again: this node joins the job",
+    FAULT_INJECTED: "fault=... injected a fault on purpose (fault: what and when)",
     SHUTDOWN: "the agent left the job",
 }

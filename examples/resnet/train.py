@@ -37,6 +37,14 @@ except ImportError:
     print("resnet example needs torch: pip install torch==2.13.0 (CPU build)", file=sys.stderr)
     sys.exit(1)
 
+try:  # progress for elastic-run (its watchdog, crash-loop verdict, fault=...at_step)
+    from elastic_runner import heartbeat
+except ImportError:  # under plain torchrun
+
+    def heartbeat(step: int | None = None) -> None:
+        """elastic_runner is not installed: nothing to report to."""
+
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 CHECKPOINT_NAME = "latest.pt"
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses, number of steps)
         for step in range(1, args.steps_per_epoch + 1):
             global_step = (epoch - 1) * args.steps_per_epoch + step
+            heartbeat(step=global_step)
             maybe_fail(args, rank, global_step)
             images, labels = data.batch(epoch, step, rank)
             optimizer.zero_grad(set_to_none=True)

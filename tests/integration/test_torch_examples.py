@@ -64,6 +64,27 @@ def test_resnet_resumes_from_checkpoint_after_a_worker_is_killed(
     assert (ckpt / "latest.pt").is_file()
 
 
+def test_resnet_resumes_after_an_injected_fault(elastic_run: ElasticRunner, tmp_path: Path) -> None:
+    """``fault=kill_rank`` tests a training script's restart path without touching it."""
+    ckpt = tmp_path / "ckpt"
+    run = elastic_run(
+        "+job=resnet",
+        f"job.args=[--epochs,3,--steps-per-epoch,10,--checkpoint-dir,{ckpt}]",
+        "max_restarts=2",
+        "fault=kill_rank",
+        "fault.rank=1",
+        "fault.at_step=15",
+        timeout=240,
+    )
+    assert run.returncode == 0, _explain(run)
+    assert "FAULT INJECTION is on: fault=kill_rank: SIGKILL to rank 1 at step 15" in run.stderr
+    assert "killed by SIGKILL (injected fault)" in run.stderr
+    assert "resumed from epoch 1" in run.stdout
+    assert "training done: epochs=3 world_size=2" in run.stdout
+    injected = [e for e in run.events() if e["name"] == "elastic_runner.fault.injected"]
+    assert len(injected) == 1
+
+
 def test_torch_record_error_file_is_reported(elastic_run: ElasticRunner) -> None:
     run = elastic_run(f"job.entrypoint={ROOT / 'tests/workers/torch_record.py'}", timeout=120)
     assert run.returncode == 1
