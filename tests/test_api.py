@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 
@@ -26,7 +26,7 @@ import elastic_runner
 from elastic_runner import ChildFailedError, LaunchError, launch
 from elastic_runner.spec import RunResult, WorkerState
 from elastic_runner.testing.caller import CallerState
-from tests.conftest import assert_nothing_survives
+from tests.conftest import assert_nothing_survives, by_value
 
 
 class Checked:
@@ -65,16 +65,6 @@ def checked(tmp_path: Path) -> Iterator[Checked]:
         )
     )
     assert_nothing_survives(runner.run_ids, within=10)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def by_value(fn: F) -> F:
-    """Have cloudpickle send ``fn`` by value (as a function of ``__main__``), so that
-    workers do not import this module, pytest and the test helpers (~0.5 s a start)."""
-    fn.__qualname__ = f"{fn.__name__}.<sent by value>"
-    return fn
 
 
 @by_value

@@ -10,7 +10,29 @@ from collections.abc import Mapping
 
 from elastic_runner.spec import Worker, WorkerGroup
 
-__all__ = ["worker_environment"]
+__all__ = ["CONTRACT_VARIABLES", "worker_environment"]
+
+#: Every variable of the contract: what torch's agent gives every worker (and what its
+#: own test of the worker environment checks), always set by :func:`worker_environment`.
+CONTRACT_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCHELASTIC_ERROR_FILE",
+)
 
 
 def worker_environment(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -23,53 +23,12 @@ from elastic_runner import ChildFailedError, launch
 from elastic_runner.spec import RunResult, WorkerState
 from elastic_runner.testing.caller import CallerState
 from elastic_runner.testing.etcd import EtcdServer
-from tests.conftest import assert_nothing_survives, free_port
-
-TCP_FAST = [
-    "rdzv.heartbeat_interval=0.2",
-    "rdzv.heartbeat_timeout=1.5",
-    "rdzv.join_timeout=30",
-    "rdzv.last_call_timeout=0.5",
-]
-ETCD_FAST = [
-    "rdzv.heartbeat_interval=0.5",
-    "rdzv.heartbeat_timeout=3",
-    "rdzv.join_timeout=30",
-    "rdzv.last_call_timeout=0.5",
-]
-
-#: What torch's agent gives every worker (the contract of ``run_check_env_function``).
-CONTRACT = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "GROUP_RANK",
-    "LOCAL_WORLD_SIZE",
-    "ROLE_WORLD_SIZE",
-    "GROUP_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "TORCHELASTIC_ERROR_FILE",
-)
-
+from elastic_runner.workers.environment import CONTRACT_VARIABLES
+from tests.conftest import assert_nothing_survives, by_value, free_port
+from tests.e2e.test_etcd import ETCD_FAST
+from tests.e2e.test_multinode import FAST as TCP_FAST
 
 # What the workers run.
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def by_value(fn: F) -> F:
-    """Have cloudpickle send ``fn`` by value (as a function of ``__main__``), so that
-    workers do not import this module, pytest and the test helpers (~0.5 s a start)."""
-    fn.__qualname__ = f"{fn.__name__}.<sent by value>"
-    return fn
 
 
 @by_value
@@ -272,7 +231,7 @@ def _worker_env(
 def test_worker_environment_contract(rdzv: list[str], run_dir: Path) -> None:
     envs = _worker_env(rdzv, run_dir, "job.role=trainer", "max_restarts=1")
     for rank, worker in enumerate(envs):
-        missing = [key for key in CONTRACT if key not in worker]
+        missing = [key for key in CONTRACT_VARIABLES if key not in worker]
         assert not missing, f"rank {rank} lacks {missing}"
         assert worker["LOCAL_RANK"] == worker["ROLE_RANK"] == str(rank)
         assert worker["WORLD_SIZE"] == worker["LOCAL_WORLD_SIZE"] == "2"

@@ -31,6 +31,8 @@ import pytest
 from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.runner import processes_of_runs, wait_for
 from tests.conftest import TESTS, assert_nothing_survives, free_port
+from tests.e2e.test_etcd import ETCD_FAST
+from tests.e2e.test_multinode import FAST as TCP_FAST
 
 ROOT = TESTS.parent
 
@@ -68,19 +70,6 @@ sys.exit(result.exit_code)
 
 #: The marker every agent (and so every worker) of a test carries in its environment.
 MARK_ENV = "API_AGENTS_TEST_MARK"
-
-TCP_FAST = [
-    "rdzv.heartbeat_interval=0.2",
-    "rdzv.heartbeat_timeout=1.5",
-    "rdzv.join_timeout=30",
-    "rdzv.last_call_timeout=0.5",
-]
-ETCD_FAST = [
-    "rdzv.heartbeat_interval=0.5",
-    "rdzv.heartbeat_timeout=3",
-    "rdzv.join_timeout=30",
-    "rdzv.last_call_timeout=0.5",
-]
 
 
 @dataclass

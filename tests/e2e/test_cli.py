@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from elastic_runner.workers.environment import CONTRACT_VARIABLES
 from tests.conftest import (
     PROBE,
     ElasticRunner,
@@ -18,26 +19,6 @@ from tests.conftest import (
     probe_job,
     probe_records,
 )
-
-CONTRACT_KEYS = [
-    "RANK",
-    "LOCAL_RANK",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "LOCAL_WORLD_SIZE",
-    "WORLD_SIZE",
-    "GROUP_WORLD_SIZE",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "TORCHELASTIC_ERROR_FILE",
-]
 
 
 @pytest.mark.parametrize("nproc", [1, 4])
@@ -59,7 +40,7 @@ def test_worker_environment_contract(
     error_files = set()
     for (_, rank), rec in records.items():
         env = rec["env"]
-        assert all(k in env for k in CONTRACT_KEYS), set(CONTRACT_KEYS) - set(env)
+        assert all(k in env for k in CONTRACT_VARIABLES), set(CONTRACT_VARIABLES) - set(env)
         assert env["RANK"] == env["LOCAL_RANK"] == env["ROLE_RANK"] == str(rank)
         assert env["GROUP_RANK"] == "0"
         assert env["ROLE_NAME"] == "default"
