@@ -265,7 +265,10 @@ BAD_INPUTS = [
     ),
     (["+job=nope"], "job=nope: no such option in group 'job'; allowed: hello, resnet"),
     (["job=hello"], "select a preset with +job=NAME"),
-    (["+job=hello", "foo=1"], "foo=1: no such key; allowed keys at top level: checks, events, fault, health, job"),
+    (
+        ["+job=hello", "foo=1"],
+        "foo=1: no such key; allowed keys at top level: checks, events, fault, health, job",
+    ),
     (["+job=hello", "job.nprocs=2"], "job.nprocs=2: no such key; allowed keys at job: args"),
     (["+job=hello", "max_restarts=abc"], "max_restarts=abc: Value 'abc'"),
     (["+job=hello", "max_restarts=-1"], "max_restarts=-1: expected an integer >= 0"),
