@@ -33,7 +33,11 @@ from elastic_runner.faults import FaultInjector
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.outside import SignalWitness, answers, stop_reason
-from elastic_runner.rendezvous.api import NodeInfo, RendezvousHandler
+from elastic_runner.rendezvous.api import (
+    NodeInfo,
+    RendezvousGracefulExitError,
+    RendezvousHandler,
+)
 from elastic_runner.rendezvous.ranks import join_round
 from elastic_runner.spec import (
     FailureKind,
@@ -198,6 +202,9 @@ class ElasticAgent:
         except Stopped:
             assert self._stop_signal is not None
             return self._stop_by_signal(self._stop_signal)
+        except RendezvousGracefulExitError as exc:  # a standby the job never needed
+            log.info("%s", exc)
+            return self._finish(WorkerState.SUCCEEDED, str(exc))
         finally:
             if self._has_running_workers():
                 self._stop_workers(signal.SIGKILL)

@@ -312,7 +312,7 @@ class ElasticRunConfig:
     metrics: MetricsConfig = MISSING
     timer: TimerConfig = MISSING
     #: Fault injection, for testing a restart path (``fault=none``: off).
-    fault: FaultConfig = MISSING
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 _GROUP_BASES: dict[ComponentKind, type[Any]] = {

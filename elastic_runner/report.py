@@ -92,6 +92,9 @@ def format_report(
             f"elastic-run: {why} after {attempts}; workers stopped{code}. Run directory: {run_dir}"
         )
         return "\n".join(filter(None, [text, peaks]))
+    if not result.is_failed() and result.ended_because:  # a standby never needed
+        text = f"elastic-run: {result.ended_because}. Run directory: {run_dir}"
+        return "\n".join(filter(None, [text, peaks]))
     if not result.is_failed():
         text = (
             f"elastic-run: {_count(spec.local_world_size, 'worker')} succeeded ({attempts}, "

@@ -94,6 +94,8 @@ def _error(result: RunResult) -> str | None:
     root = result.root_cause.summary() if result.root_cause else None
     if result.no_progress:
         return f"{result.ended_because}; last root cause: {root}" if root else result.ended_because
+    if not result.is_failed() and not root:  # success: a standby's "never needed" is none
+        return None
     return root or result.ended_because or None
 
 

@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from elastic_runner.rendezvous import dynamic, network
-from elastic_runner.rendezvous.api import NodeInfo, RendezvousInfo
+from elastic_runner.rendezvous.api import (
+    NodeInfo,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousInfo,
+)
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.etcd_store import EtcdStore
 from elastic_runner.rendezvous.kit import parse_endpoints
@@ -175,3 +180,237 @@ def test_a_done_record_without_addresses_still_completes(monkeypatch: pytest.Mon
         (NodeInfo("default", 2),),
         "127.0.0.1",
     )
+
+
+# -- hot spares: nodes beyond max_nodes stand by ----------------------------------------
+
+
+class _Job:
+    """Handlers of one job on one in-memory store (hot spare tests)."""
+
+    def __init__(self, min_nodes: int, max_nodes: int, **settings: float) -> None:
+        self.store, self.run_id = MemoryStore(), uuid.uuid4().hex[:8]
+        self.min_nodes, self.max_nodes = min_nodes, max_nodes
+        self.settings: dict[str, Any] = {
+            "join_timeout": 20.0,
+            "last_call_timeout": 30.0,  # a round completes at max_nodes, never by last call
+            "heartbeat_interval": 0.05,
+            "heartbeat_timeout": 0.5,
+            **settings,
+        }
+        self.handlers: list[DynamicRendezvous] = []
+
+    def node(self) -> DynamicRendezvous:
+        handler = DynamicRendezvous(
+            self.store,
+            RendezvousSettings(self.run_id, self.min_nodes, self.max_nodes, **self.settings),
+            backend="test",
+            endpoint="test-store",
+            local_addr="127.0.0.1",
+        )
+        self.handlers.append(handler)
+        return handler
+
+    def close(self) -> None:
+        for handler in self.handlers:
+            handler.shutdown()
+
+
+class _Joining:
+    """``next_round`` of one handler in a thread: its result or exception."""
+
+    def __init__(self, handler: DynamicRendezvous, failed: bool = False) -> None:
+        self.handler = handler
+        self.result: RendezvousInfo | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(failed,), daemon=True)
+        self.thread.start()
+
+    def _run(self, failed: bool) -> None:
+        try:
+            self.result = self.handler.next_round(NodeInfo("r", 1), failed)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 20) -> RendezvousInfo:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "next_round did not return"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def _until(condition: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def spares() -> Iterator[Callable[..., _Job]]:
+    made: list[_Job] = []
+
+    def make(min_nodes: int, max_nodes: int, **settings: float) -> _Job:
+        made.append(_Job(min_nodes, max_nodes, **settings))
+        return made[-1]
+
+    yield make
+    for job in made:
+        job.close()
+
+
+def _form_job(job: _Job, count: int) -> list[DynamicRendezvous]:
+    handlers = [job.node() for _ in range(count)]
+    joins = [_Joining(h) for h in handlers]
+    for j in joins:
+        assert j.join().group_world_size == count
+    return handlers
+
+
+def _standby(job: _Job) -> tuple[DynamicRendezvous, _Joining]:
+    spare = job.node()
+    joining = _Joining(spare)
+    _until(lambda: (spare.progress() or "").startswith("standby"))
+    return spare, joining
+
+
+def test_a_node_beyond_max_stands_by_without_join_timeout(
+    spares: Callable[..., _Job], caplog: pytest.LogCaptureFixture
+) -> None:
+    job = spares(2, 2, join_timeout=0.5)
+    _form_job(job, 2)
+    caplog.set_level("INFO", logger="elastic_runner.rendezvous.dynamic")
+    spare, joining = _standby(job)
+    assert spare.progress() == (
+        "standby: the job runs on 2 of 2 nodes; this node takes the place of one that is lost"
+    )
+    time.sleep(1.5)  # three join timeouts: a standby waits as long as the job runs
+    assert joining.thread.is_alive() and joining.error is None
+    said = [r.getMessage() for r in caplog.records if "standby" in r.getMessage()]
+    assert said == [
+        "standby: the job runs on 2 of 2 nodes; this node takes the place of one that is lost"
+    ]
+    assert spare.num_nodes_waiting() == 1
+
+
+def test_a_standby_does_not_make_a_full_job_regroup(spares: Callable[..., _Job]) -> None:
+    job = spares(1, 2)
+    a, b = _form_job(job, 2)
+    changed = threading.Event()
+    a.on_membership_change(changed.set)
+    b.on_membership_change(changed.set)
+    _standby(job)
+    assert not changed.wait(1.0)
+
+
+def test_a_standby_ends_when_the_job_finishes(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    a, b = _form_job(job, 2)
+    _, joining = _standby(job)
+    barriers = [threading.Thread(target=h.exit_barrier) for h in (a, b)]
+    for t in barriers:
+        t.start()
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousGracefulExitError, match="without needing this standby node"):
+        joining.join()
+    assert time.monotonic() - t0 < 2
+    for t in barriers:
+        t.join(10)
+    assert job.store.get(f"rdzv/{job.run_id}/finished") in {a.node_id, b.node_id}
+
+
+def test_a_job_of_one_node_marks_itself_finished(spares: Callable[..., _Job]) -> None:
+    job = spares(1, 1)
+    [a] = _form_job(job, 1)
+    _, joining = _standby(job)
+    assert a.exit_barrier()
+    with pytest.raises(RendezvousGracefulExitError):
+        joining.join()
+
+
+def test_a_late_node_ends_when_it_finds_the_job_finished(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    a, b = _form_job(job, 2)
+    for h in (a, b):
+        threading.Thread(target=h.exit_barrier).start()
+    _until(lambda: job.store.get(f"rdzv/{job.run_id}/finished"))
+    with pytest.raises(RendezvousGracefulExitError, match="while this node waited to join"):
+        _Joining(job.node()).join()
+
+
+def test_a_standby_ends_when_the_job_fails(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    a, _ = _form_job(job, 2)
+    _, joining = _standby(job)
+    t0 = time.monotonic()
+    a.fail_job("restarts used up")
+    with pytest.raises(RendezvousError, match="the job failed on another node") as caught:
+        joining.join()
+    assert not isinstance(caught.value, RendezvousGracefulExitError)
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_standby_takes_a_lost_nodes_place_at_once(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    a, b = _form_job(job, 2)
+    spare, joining = _standby(job)
+    b.leave("stopped by SIGKILL")  # b's liveness key is gone: a regroups (the agent's part)
+    t0 = time.monotonic()
+    again = _Joining(a).join()
+    took = joining.join()
+    assert time.monotonic() - t0 < 5  # no last call (30 s)
+    assert again.group_world_size == took.group_world_size == 2
+    assert again.round == took.round == 1
+    assert again.restart_count == took.restart_count == 0
+    assert spare.progress() is None
+
+
+def test_two_standbys_for_one_place_the_survivor_keeps_its_own(
+    spares: Callable[..., _Job],
+) -> None:
+    job = spares(2, 2)
+    a, b = _form_job(job, 2)
+    s1, j1 = _standby(job)
+    s2, j2 = _standby(job)
+    b.leave("stopped by SIGKILL")
+    # round 1 starts (a's part), and both standbys are in it before a is: they wait for a
+    job.store.compare_set(f"rdzv/{job.run_id}/round", "0", "1")
+    joins = [f"rdzv/{job.run_id}/r1/join/{s.node_id}" for s in (s1, s2)]
+    _until(lambda: all(job.store.get(key) for key in joins))
+    time.sleep(0.3)
+    assert j1.thread.is_alive() and j2.thread.is_alive()
+    again = _Joining(a).join()
+    assert again.group_world_size == 2
+    _until(lambda: not j1.thread.is_alive() or not j2.thread.is_alive())
+    took = [j for j in (j1, j2) if not j.thread.is_alive()]
+    assert len(took) == 1 and took[0].join().round == 1
+    waiting = s2 if took[0] is j1 else s1
+    _until(lambda: (waiting.progress() or "").startswith("standby"))
+    assert (j2 if took[0] is j1 else j1).thread.is_alive()
+
+
+def test_standbys_restart_a_job_whose_nodes_are_all_gone(spares: Callable[..., _Job]) -> None:
+    job = spares(1, 1)
+    [a] = _form_job(job, 1)
+    _, joining = _standby(job)
+    a.leave("stopped by SIGKILL")
+    info = joining.join()
+    assert (info.round, info.group_world_size) == (1, 1)
+
+
+def test_a_survivor_still_stopping_keeps_its_place_until_the_last_call(
+    spares: Callable[..., _Job],
+) -> None:
+    # a survivor that does not come (still stopping its workers): the last call decides
+    job = spares(2, 2, last_call_timeout=0.5)
+    _, b = _form_job(job, 2)
+    _, j1 = _standby(job)
+    _, j2 = _standby(job)
+    b.leave("stopped by SIGKILL")
+    job.store.compare_set(f"rdzv/{job.run_id}/round", "0", "1")  # a started round 1 ...
+    t0 = time.monotonic()
+    infos = [j1.join(), j2.join()]  # ... and never joined it
+    assert time.monotonic() - t0 >= 0.5
+    assert [i.group_world_size for i in infos] == [2, 2]

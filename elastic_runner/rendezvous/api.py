@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "NodeInfo",
     "RendezvousError",
+    "RendezvousGracefulExitError",
     "RendezvousHandler",
     "RendezvousInfo",
     "RendezvousTimeoutError",
@@ -17,6 +18,11 @@ __all__ = [
 
 class RendezvousError(Exception):
     """A rendezvous could not complete; the message says why, for a person."""
+
+
+class RendezvousGracefulExitError(RendezvousError):
+    """The job finished while this node waited to join (a standby that was never
+    needed): nothing to do, not a failure. The message says so, for a person."""
 
 
 class RendezvousTimeoutError(RendezvousError):

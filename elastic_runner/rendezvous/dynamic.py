@@ -15,12 +15,19 @@ node's key expires by itself). Waiting is notified by the store. Keys, under
     waiting/<node>        a node that found the round complete and waits for the next
     restarts              failure restarts of the whole job (TORCHELASTIC_RESTART_COUNT)
     failed                the job failed for good (why), so nodes stop re-forming
+    finished              the job finished: its nodes passed the exit barrier (who saw it)
 
-A round completes at once when ``max_nodes`` have joined, or ``last_call_timeout``
-after ``min_nodes`` had. A running node regroups (a new round, no restart spent) when a
-node waits to join while the round has fewer than ``max_nodes``, or when a member's
-liveness key expires; a node that finishes normally passes the exit barrier and leaves
-without closing anything for the others.
+A round completes at once when ``max_nodes`` have joined (and every live member of the
+previous round, which keeps its place before newcomers), or ``last_call_timeout`` after
+``min_nodes`` had. A node that finds the round complete at ``max_nodes`` is a standby
+(hot spare): it waits, with no ``join_timeout`` while the job's nodes live, for the round
+that re-forms when one is lost, and ends when the job finished (or failed); when every
+member of the round is gone without finishing, it starts the next round itself.
+
+A running node regroups (a new round, no restart spent) when a node waits to join while
+the round has fewer than ``max_nodes``, or when a member's liveness key expires; a node
+that finishes normally passes the exit barrier (the one that sees every member through
+marks the job ``finished``) and leaves without closing anything for the others.
 
 This module is the protocol only, with no Hydra or OmegaConf behind it: turning a
 backend's ``rdzv.*`` config into one is :mod:`elastic_runner.rendezvous.kit`'s job.
@@ -43,6 +50,7 @@ from typing import Any
 from elastic_runner.rendezvous.api import (
     NodeInfo,
     RendezvousError,
+    RendezvousGracefulExitError,
     RendezvousInfo,
     RendezvousTimeoutError,
 )
@@ -65,6 +73,10 @@ from elastic_runner.rendezvous.store import (
 __all__ = ["DynamicRendezvous", "RendezvousSettings"]
 
 log = logging.getLogger(__name__)
+
+#: ``_progress``'s first field while the round is under way without this node, and
+#: while it stands by (the round is complete at ``max_nodes``).
+_OUTSIDE, _STANDBY = -1, -2
 
 
 @dataclass(frozen=True)
@@ -164,9 +176,12 @@ class DynamicRendezvous:
         False when the round re-forms instead (another node failed or left: the whole job
         runs again, this node included); a timeout is logged, never an error."""
         n = self._round
-        if n is None or len(self._members) <= 1:
+        if n is None:
             return True
         p = self._p
+        if len(self._members) <= 1:
+            self._finished_job()
+            return True
         prefix = f"{p}r{n}/exit/"
         try:
             self._store.set(prefix + self.node_id, "1")
@@ -188,6 +203,7 @@ class DynamicRendezvous:
                 if len(finished) + len(gone) >= len(self._members):
                     for m in gone:
                         log.warning("exit barrier: %s; not waiting for it", self._gone(m, found))
+                    self._finished_job()
                     return True
                 left = deadline - self._clock()
                 if left <= 0:
@@ -196,6 +212,13 @@ class DynamicRendezvous:
         except (StoreTimeoutError, StoreError) as exc:
             log.warning("exit barrier: not every node finished (%s); leaving anyway", exc)
         return True
+
+    def _finished_job(self) -> None:
+        """Mark the job finished (standbys, and nodes waiting to join, end at once)."""
+        try:
+            self._store.compare_set(self._p + "finished", None, self.node_id)
+        except StoreError as exc:
+            log.warning("could not tell the standby nodes the job finished: %s", exc)
 
     def leave(self, reason: str) -> None:
         """This node stops for good (``reason``: ``stopped by SIGTERM``): the others
@@ -365,6 +388,8 @@ class DynamicRendezvous:
         store.compare_set(p + "round", None, "0")
         deadline = self._clock() + s.join_timeout
         last_call: float | None = None
+        standby_for: int | None = None  # the round this node stands by for (logged once)
+        earlier: tuple[int, frozenset[str]] = (-1, frozenset())  # round n - 1's members
         while True:
             if self._stop.is_set():
                 raise RendezvousError("this node is leaving the job")
@@ -376,28 +401,68 @@ class DynamicRendezvous:
             done = store.get(f"{p}r{n}/done")
             if done is not None:
                 record = done_record(n, done)
-                if self.node_id in (m[0] for m in record):
+                members = [str(m[0]) for m in record]
+                if self.node_id in members:
                     self._progress = None
                     return self._complete(n, record)
                 self._set_waiting(True)  # the round is under way without us
-                self._progress = (-1, s.min_nodes, s.max_nodes, deadline, None)
+                # Everything of the job: wake when it finishes, fails, loses a member.
+                found, version = store.scan(p)
+                if round_of(found.get(p + "round"), n) != n:
+                    continue  # moved on meanwhile (before this version: look again now)
+                outcome = self._outcome(n, members, found)
+                if outcome == "finished":
+                    raise RendezvousGracefulExitError(
+                        "the job finished without needing this standby node"
+                        if standby_for is not None
+                        else "the job finished while this node waited to join"
+                    )
+                if outcome == "gone":
+                    # Nobody is left to re-form the job: this node starts the next round.
+                    log.warning("every node of round %d is gone: starting round %d", n, n + 1)
+                    store.compare_set(p + "round", str(n), str(n + 1))
+                    continue
+                if len(members) >= s.max_nodes:  # a standby: no deadline while the job runs
+                    deadline = self._clock() + s.join_timeout
+                    if standby_for is None:
+                        log.info(
+                            "standby: the job runs on %d of %d nodes; this node takes the "
+                            "place of one that is lost",
+                            len(members),
+                            s.max_nodes,
+                        )
+                    standby_for = n
+                    self._progress = (_STANDBY, s.min_nodes, s.max_nodes, deadline, None)
+                else:
+                    self._progress = (_OUTSIDE, s.min_nodes, s.max_nodes, deadline, None)
             else:
                 self._set_waiting(False)
-                joined = self._join(n, node)
+                if standby_for is not None:  # a round that may need this node: join it
+                    standby_for = None
+                    deadline = self._clock() + s.join_timeout
+                joined, alive = self._join(n, node)
+                if earlier[0] != n:
+                    earlier = (n, self._members_of(n - 1))
+                # Live members of the previous round keep their places before newcomers
+                # (standbys): the round waits for them, last call aside.
+                awaited = [m for m in earlier[1] if m in alive and m not in joined]
                 if len(joined) < s.min_nodes:
                     last_call = None
                 elif last_call is None:
                     last_call = self._clock() + s.last_call_timeout
                 self._progress = (len(joined), s.min_nodes, s.max_nodes, deadline, last_call)
-                if len(joined) >= s.max_nodes or (
+                if (len(joined) >= s.max_nodes and not awaited) or (
                     last_call is not None and self._clock() >= last_call
                 ):
-                    order = sorted(joined, key=lambda k: self._order_key(k, joined[k]))
+                    chosen = sorted(
+                        joined, key=lambda k: (k not in earlier[1], self._order_key(k, joined[k]))
+                    )[: s.max_nodes]
+                    order = sorted(chosen, key=lambda k: self._order_key(k, joined[k]))
                     record = [
                         [k, joined[k]["role"], joined[k]["nproc"], joined[k].get("addr")]
                         for k in order
                     ]
-                    store.compare_set(f"{p}r{n}/done", None, json.dumps(record[: s.max_nodes]))
+                    store.compare_set(f"{p}r{n}/done", None, json.dumps(record))
                     continue
             left = deadline - self._clock()
             if left <= 0:
@@ -405,12 +470,41 @@ class DynamicRendezvous:
             if last_call is not None:
                 left = min(left, max(0.001, last_call - self._clock()))
             # Wake only for what this node waits for: its round's completion (whoever sees
-            # the round full completes it) or, outside the round, the next round; so N
-            # joining nodes cost O(N) wake-ups, not one each per join. Look again at least
-            # every heartbeat_timeout (a node that joined may have died).
-            watched = f"{p}r{n}/done" if done is None else p + "round"
+            # the round full completes it) or, outside the round, any change of the job
+            # (the next round, its end, a lost member); so N joining nodes cost O(N)
+            # wake-ups, not one each per join. Look again at least every
+            # heartbeat_timeout (a node that joined may have died).
+            watched = f"{p}r{n}/done" if done is None else p
             with contextlib.suppress(StoreTimeoutError):
                 store.wait_for_change(watched, version, min(left, s.heartbeat_timeout))
+
+    def _members_of(self, n: int) -> frozenset[str]:
+        """The members of completed round ``n`` (none when it is gone or garbage)."""
+        if n < 0:
+            return frozenset()
+        value = self._store.get(f"{self._p}r{n}/done")
+        if value is None:
+            return frozenset()
+        try:
+            return frozenset(str(m[0]) for m in done_record(n, value))
+        except CorruptKey as exc:
+            self._protocol_error(str(exc))
+            return frozenset()
+
+    def _outcome(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
+        """For a node outside round ``n`` (``members``), from the job's keys ``found``:
+        ``"finished"`` when the job is marked so, or when each member finished or is gone
+        (what the exit barrier calls finished), one at least finished; ``"gone"`` when
+        every member is gone without finishing (none will re-form the job); else None."""
+        p = self._p
+        if p + "finished" in found:
+            return "finished"
+        exits = {k.rsplit("/", 1)[1] for k in found if k.startswith(f"{p}r{n}/exit/")}
+        finished = [m for m in members if m in exits]
+        gone = [m for m in members if m not in exits and p + "alive/" + m not in found]
+        if len(finished) + len(gone) < len(members):
+            return None
+        return "finished" if finished else "gone"
 
     def progress(self) -> str | None:
         """What this node waits for in a rendezvous now, for status displays (``None``
@@ -420,7 +514,12 @@ class DynamicRendezvous:
             return None
         arrived, lo, hi, deadline, last_call = progress
         now = self._clock()
-        if arrived < 0:
+        if arrived == _STANDBY:
+            return (
+                f"standby: the job runs on {hi} of {hi} nodes; this node takes the place "
+                "of one that is lost"
+            )
+        if arrived == _OUTSIDE:
             return f"a round is under way without this node; {deadline - now:.0f} s left to join"
         if arrived < lo:
             return (
@@ -441,8 +540,9 @@ class DynamicRendezvous:
         rank = record.get("node_rank")
         return (int(rank) if rank is not None else 0, node_id)
 
-    def _join(self, n: int, node: NodeInfo) -> dict[str, dict[str, Any]]:
-        """Announce this node in round n (once) and return the live announcements."""
+    def _join(self, n: int, node: NodeInfo) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """Announce this node in round n (once); return the live announcements, and the
+        nodes alive."""
         p, store = self._p, self._store
         key = f"{p}r{n}/join/{self.node_id}"
         if store.get(key) is None:
@@ -455,17 +555,18 @@ class DynamicRendezvous:
             }
             store.set(key, json.dumps(record))
         joined, _ = store.scan(f"{p}r{n}/join/")
-        alive, _ = store.scan(p + "alive/")
+        found, _ = store.scan(p + "alive/")
+        alive = {k[len(p + "alive/") :] for k in found}
         out = {}
         for k, v in joined.items():
             node_id = k.rsplit("/", 1)[1]
-            if p + "alive/" + node_id in alive:
+            if node_id in alive:
                 announced = join_record(v)
                 if announced is None:  # not one this protocol writes: that node is not in
                     self._protocol_error(f"ignoring the malformed join record {k}: {v[:80]!r}")
                     continue
                 out[node_id] = announced
-        return out
+        return out, alive
 
     def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
         """This node is in completed round ``n``; ``record`` lists [node id, role, workers,
