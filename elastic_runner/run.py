@@ -249,7 +249,12 @@ class _Assembly:
             # Only the main thread may set handlers (launch() from another thread: the
             # caller's handlers stay, and a stop comes through them to it).
             stack.enter_context(
-                handle_signals(agent.request_stop, _STOP_SIGNALS - ignored, ignored)
+                handle_signals(
+                    agent.request_stop,
+                    _STOP_SIGNALS - ignored,
+                    ignored,
+                    wakeup_fd=supervisor.wake_fd,
+                )
             )
         if view is not None:
             view.start()

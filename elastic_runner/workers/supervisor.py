@@ -197,6 +197,12 @@ class ProcessSupervisor:
             if exits or woken or (deadline is not None and self._clock() >= deadline):
                 return exits
 
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the wake-up pipe (non-blocking): a byte written to it makes a
+        blocked :meth:`wait` return (``signal.set_wakeup_fd``)."""
+        return self._wake_w
+
     def wake(self) -> None:
         """Make a blocked :meth:`wait` return (safe from signal handlers and threads)."""
         with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
