@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -103,6 +104,8 @@ def main() -> int:
     print(f"elastic_runner.launch  {_figures(ours)}")
     theirs = None
     if Path(args.torch_python).exists():
+        # torch's agent leaves a torchelastic_* log directory per call in $TMPDIR
+        scratch = tempfile.mkdtemp(prefix="bench-api-torch-")
         done = subprocess.run(
             [
                 args.torch_python,
@@ -117,7 +120,9 @@ def main() -> int:
             capture_output=True,
             text=True,
             cwd=ROOT,
+            env={**os.environ, "TMPDIR": scratch},
         )
+        shutil.rmtree(scratch, ignore_errors=True)
         if done.returncode == 0:
             theirs = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"torch elastic_launch   {_figures(theirs)}")
