@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from elastic_runner.config import ValidConfig
 from elastic_runner.plugins import DISABLE_AUTOLOAD_ENV
 from elastic_runner.testing.fixtures import elastic_run, etcd_server, netns_cluster, slurm_cluster
 from elastic_runner.testing.runner import (
@@ -38,6 +39,7 @@ __all__ = [
     "probe_records",
     "processes_of_runs",
     "slurm_cluster",
+    "validated",
 ]
 
 TESTS = Path(__file__).resolve().parent
@@ -58,6 +60,25 @@ def by_value(fn: F) -> F:
     helpers (about 0.5 s a start)."""
     fn.__qualname__ = f"{fn.__name__}.<sent by value>"
     return fn
+
+
+def validated(*overrides: str) -> ValidConfig:
+    """What ``validate`` makes of ``elastic-run job.entrypoint=true OVERRIDES``, composed
+    by Hydra from the package's configs (built-in plugins only)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from elastic_runner.config import ElasticRunConfig, register_configs, validate
+    from elastic_runner.plugins import make_plugin_manager
+    from elastic_runner.registry import Registry
+    from elastic_runner.resources import conf_dir
+
+    register_configs(Registry(make_plugin_manager(autoload=False)))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["job.entrypoint=true", *overrides])
+    conf = OmegaConf.to_object(cfg)
+    assert isinstance(conf, ElasticRunConfig)
+    return validate(conf)
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from elastic_runner.checks import (
     ChecksConfig,
@@ -16,14 +14,12 @@ from elastic_runner.checks import (
     DiskCheck,
     GpuCheck,
     MemoryCheck,
+    NodeCheck,
     plugin_name,
 )
-from elastic_runner.config import ElasticRunConfig, register_configs, validate
 from elastic_runner.errors import ConfigError
-from elastic_runner.plugins import make_plugin_manager
-from elastic_runner.registry import Registry
-from elastic_runner.resources import conf_dir
 from elastic_runner.spec import RunContext
+from tests.conftest import validated
 
 
 @pytest.fixture
@@ -70,15 +66,8 @@ def test_command(context: RunContext) -> None:
     assert why == "'sleep 30' did not finish in 0.2 s"
 
 
-def _valid(*overrides: str) -> tuple[object, ...]:
-    """The checks ``validate`` builds from ``overrides``, composed by Hydra as for
-    ``elastic-run``."""
-    register_configs(Registry(make_plugin_manager(autoload=False)))
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["job.entrypoint=true", *overrides])
-    conf = OmegaConf.to_object(cfg)
-    assert isinstance(conf, ElasticRunConfig)
-    return validate(conf).checks
+def _valid(*overrides: str) -> tuple[NodeCheck, ...]:
+    return validated(*overrides).checks
 
 
 def test_config_builds_the_checks_asked_for() -> None:
@@ -86,7 +75,7 @@ def test_config_builds_the_checks_asked_for() -> None:
     checks = _valid(
         "+checks.disk={/: 1GiB}", "checks.gpus=2", "checks.memory=512MiB", "checks.command=true"
     )
-    assert [plugin_name(c) for c in checks] == [  # type: ignore[arg-type]
+    assert [plugin_name(c) for c in checks] == [
         "check:disk:/",
         "check:gpus",
         "check:memory",

@@ -7,10 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from elastic_runner.config import ElasticRunConfig, register_configs, validate
 from elastic_runner.errors import ConfigError
 from elastic_runner.faults import (
     FailCheck,
@@ -19,10 +16,8 @@ from elastic_runner.faults import (
     KillAgentFault,
     KillRankFault,
 )
-from elastic_runner.plugins import make_plugin_manager
-from elastic_runner.registry import Registry
-from elastic_runner.resources import conf_dir
 from elastic_runner.spec import RunContext, Worker
+from tests.conftest import validated
 
 
 def _workers(*ranks: int) -> list[Worker]:
@@ -76,12 +71,7 @@ def test_fail_check_fails_the_first_checks_only(tmp_path: Path) -> None:
 
 
 def _fault(*overrides: str) -> object:
-    register_configs(Registry(make_plugin_manager(autoload=False)))
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["job.entrypoint=true", *overrides])
-    conf = OmegaConf.to_object(cfg)
-    assert isinstance(conf, ElasticRunConfig)
-    return validate(conf).fault
+    return validated(*overrides).fault
 
 
 def test_off_by_default() -> None:
