@@ -285,12 +285,18 @@ def _configure(
     and the overrides (for ``result.json``)."""
     from omegaconf import OmegaConf
 
-    from elastic_runner.config import describe_config_error, one_line, validate
+    from elastic_runner.config import (
+        describe_config_error,
+        one_line,
+        quote_null_options,
+        validate,
+    )
     from elastic_runner.config_patch import ConfigPatch
     from elastic_runner.hydra_errors import describe_hydra_error
     from elastic_runner.schedulers.slurm import SlurmError
     from elastic_runner.schedulers.slurm import command_line as slurm_command_line
 
+    overrides = quote_null_options(overrides)
     try:
         overrides, patch = slurm_command_line(overrides, base_env)
     except SlurmError as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.spec import RunContext
+from elastic_runner.workers.resources import format_bytes
 
 __all__ = [
     "ChecksConfig",
@@ -69,7 +70,7 @@ class DiskCheck:
         except OSError as exc:
             return f"{self.path}: {exc.strerror or exc}"
         if have < self.free:
-            return f"{self.path}: {_size(have)} free, {_size(self.free)} needed"
+            return f"{self.path}: {format_bytes(have)} free, {format_bytes(self.free)} needed"
         return None
 
 
@@ -103,7 +104,7 @@ class MemoryCheck:
 
         have = psutil.virtual_memory().available
         if have < self.available:
-            return f"{_size(have)} available, {_size(self.available)} needed"
+            return f"{format_bytes(have)} available, {format_bytes(self.available)} needed"
         return None
 
 
@@ -146,10 +147,3 @@ def plugin_name(check: NodeCheck) -> str:
     """The name a check is registered under, which a refusal names: ``check:gpus``,
     ``check:disk:/data``."""
     return f"check:disk:{check.path}" if isinstance(check, DiskCheck) else f"check:{check.name}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

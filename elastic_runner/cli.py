@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ from elastic_runner.config import (
     ElasticRunConfig,
     describe_config_error,
     one_line,
+    quote_null_options,
     redact,
     register_configs,
     validate,
@@ -109,7 +109,7 @@ def main() -> None:
             sys.argv[1:], patch = slurm_command_line(sys.argv[1:], base_env)
         except SlurmError as exc:
             _config_error(one_line(str(exc)))
-    sys.argv[1:] = _quote_null_options(sys.argv[1:])
+    sys.argv[1:] = quote_null_options(sys.argv[1:])
 
     codes: list[int] = []
 
@@ -210,13 +210,6 @@ def run_job(
         shared_terminal=shared_terminal,
     )
     return PointResult.of_run(result)
-
-
-def _quote_null_options(argv: list[str]) -> list[str]:
-    """``events=null`` selects the option named ``null``: Hydra's grammar reads an unquoted
-    ``null`` as None, which it rejects for a config group with a traceback."""
-    groups = "|".join(kind.group for kind in ComponentKind)
-    return [re.sub(rf"^(\+{{0,2}}(?:{groups}))=null$", r"\1='null'", arg) for arg in argv]
 
 
 @contextlib.contextmanager

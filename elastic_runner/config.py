@@ -40,6 +40,7 @@ from elastic_runner.faults import (
     FaultConfig,
     KillAgentFault,
     KillRankFault,
+    signal_name,
 )
 from elastic_runner.registry import ComponentKind, PluginError, Registry
 from elastic_runner.spec import RestartPolicy
@@ -762,6 +763,14 @@ def parse_console_streams(value: object) -> frozenset[int]:
     return frozenset(CONSOLE_STREAMS[name] for name in value)
 
 
+def quote_null_options(overrides: list[str]) -> list[str]:
+    """``events=null`` selects the option named ``null``: Hydra's grammar reads an unquoted
+    ``null`` as None, which it rejects for a config group with a traceback. Every front
+    door that takes Hydra overrides passes them through this."""
+    groups = "|".join(kind.group for kind in ComponentKind)
+    return [re.sub(rf"^(\+{{0,2}}(?:{groups}))=null$", r"\1='null'", arg) for arg in overrides]
+
+
 def _fault(fault: FaultConfig) -> FaultConfig | None:
     """The fault to inject, checked; ``None`` for ``fault=none``."""
     if fault.kind not in FAULTS:
@@ -774,8 +783,7 @@ def _fault(fault: FaultConfig) -> FaultConfig | None:
     if isinstance(fault, KillRankFault):
         if not isinstance(fault.rank, int) or fault.rank < 0:
             raise ConfigError("fault.rank", fault.rank, "expected a global rank >= 0")
-        name = str(fault.signal).upper()
-        name = name if name.startswith("SIG") else f"SIG{name}"
+        name = signal_name(fault.signal)
         if name not in signal.Signals.__members__ or name in ("SIGCHLD", "SIGCONT"):
             raise ConfigError("fault.signal", fault.signal, "expected a signal name, e.g. SIGKILL")
         if (fault.after is None) == (fault.at_step is None):

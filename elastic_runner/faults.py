@@ -41,6 +41,7 @@ __all__ = [
     "Injection",
     "KillAgentFault",
     "KillRankFault",
+    "signal_name",
 ]
 
 #: How often the loop looks at the workers' steps while a step-triggered fault is armed.
@@ -193,8 +194,8 @@ class FaultInjector:
             when = f"{c.after:g} s after start" if c.after is not None else f"at step {step}"
             return Injection(
                 self._targets[c.rank],
-                int(signal.Signals[_signal_name(c.signal)]),
-                f"fault={c.kind}: {_signal_name(c.signal)} to rank {c.rank} {when}, "
+                int(signal.Signals[signal_name(c.signal)]),
+                f"fault={c.kind}: {signal_name(c.signal)} to rank {c.rank} {when}, "
                 f"attempt {self._attempt}",
             )
         if isinstance(c, KillAgentFault) and now >= due:
@@ -208,7 +209,8 @@ def _agent(node: int | None) -> str:
     return "this agent" if node is None else f"node {node}'s agent"
 
 
-def _signal_name(name: str) -> str:
+def signal_name(name: str) -> str:
+    """``kill`` or ``SIGKILL`` -> ``SIGKILL`` (checked against the signals by the config)."""
     full = str(name).upper()
     return full if full.startswith("SIG") else f"SIG{full}"
 

@@ -394,3 +394,11 @@ def test_return_values_of_earlier_attempts_are_removed(checked: Checked) -> None
     result = checked(returns_then_fails_once, (), ["job.nproc_per_node=2", "max_restarts=1"])
     assert result.restart_count == 1 and result.return_values == {0: 0, 1: 1}
     assert not list(checked.run_dir.rglob("return.pkl"))
+
+
+def test_a_group_option_named_null_is_taken_as_on_the_command_line(checked: Checked) -> None:
+    """``events=null`` selects the option ``null`` (no event log), as ``elastic-run``'s
+    own front door reads it, not Hydra's None."""
+    result = checked(echo, (), ["job.nproc_per_node=1", "events=null"])
+    assert result.return_values == {0: (0, (), {})}
+    assert not (checked.run_dir / "events.jsonl").exists()

@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from elastic_runner.cli import _quote_null_options  # noqa: E402
 from elastic_runner.config import (  # noqa: E402
     _SECONDS_NAME,
     MAX_PREFIX,
@@ -42,6 +41,7 @@ from elastic_runner.config import (  # noqa: E402
     ValidConfig,
     describe_config_error,
     is_secret_name,
+    quote_null_options,
     register_configs,
     validate,
 )
@@ -167,7 +167,7 @@ def compose_config() -> Iterator[Callable[[list[str]], DictConfig]]:
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         # as elastic-run's command line does: events=null selects the option "null"
-        yield lambda overrides: compose("config", overrides=_quote_null_options(overrides))
+        yield lambda overrides: compose("config", overrides=quote_null_options(overrides))
 
 
 def outcome(build: Callable[[], DictConfig], argv: list[str]) -> ValidConfig | str:
