@@ -1,4 +1,5 @@
-"""Hot spares: time from the SIGKILL of an active agent to the job's workers running again.
+"""Hot spares and exclusion: time from the loss of an active node (its agent SIGKILLed,
+or the node excluded for failing) to the job's workers running again.
 
 A benchmark, not a test. Real ``elastic-run`` agents on 127.0.0.1 over the TCP store
 (``rdzv=tcp``, ``rdzv.heartbeat_interval=0.2 rdzv.heartbeat_timeout=1.5
@@ -11,6 +12,11 @@ one (a SIGKILL of its agent; never the agent hosting the store) at wall-clock ti
 - ``no spare``: ``nnodes=1:2`` and 2 agents: the lost node is not replaced; the survivor
   re-forms the job smaller, on 1 node, after the last call (a node might still come).
 
+With ``--cause exclusion`` the node is not killed: its worker fails (exit 1) at t0 and,
+with ``exclusion.failures=1 exclusion.cooldown=600``, the node steps out of the job; the
+workers are tests/workers/flaky_node.py (node 1 fails once the test touches its go file,
+the others sleep 600 s). A failure spends one restart (``restarts`` then shows 1).
+
 "running again": from t0 until the last of the job's workers after the fault started (the
 latest of the workers' own start times, ``time.time()`` of the same machine). Medians over
 ``--runs`` runs, with min and max; "world" is WORLD_SIZE after the fault; "restarts" the
@@ -21,6 +27,7 @@ Reproduce from the repository root (5 runs of each take ~2 min)::
     .venv/bin/python bench/spares.py
     .venv/bin/python bench/spares.py --runs 3 --last-call 0.5
     .venv/bin/python bench/spares.py --json          # raw per-run figures
+    .venv/bin/python bench/spares.py --cause exclusion --runs 3
 
 Progress goes to stderr. Every agent is stopped after each run (SIGTERM, then SIGKILL)
 and any process left naming the run's temp dir is killed and reported (exit status 1).
@@ -48,6 +55,7 @@ from _procs import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "workers" / "probe.py"
+FLAKY = ROOT / "tests" / "workers" / "flaky_node.py"
 
 
 @dataclass(frozen=True)
@@ -91,15 +99,25 @@ def _exe() -> str:
 
 
 def _records(out: Path, run_dir: Path, after: float) -> list[dict[str, Any]]:
-    """Probe records of the workers ``run_dir``'s agent started after ``after``."""
+    """Records of the workers ``run_dir``'s agent started after ``after``: the probe's
+    (its environment) or flaky_node's (tagged with the agent's directory name), as
+    ``{"started", "world", "restart"}``."""
     found = []
-    for path in out.glob("a*_r*.json"):
+    for path in [*out.glob("a*_r*.json"), *out.glob(f"{run_dir.name}_*.json")]:
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced
-        mine = record["env"]["TORCHELASTIC_ERROR_FILE"].startswith(f"{run_dir}/")
-        if mine and record["started"] > after:
+        if "env" in record:  # the probe's
+            if not record["env"]["TORCHELASTIC_ERROR_FILE"].startswith(f"{run_dir}/"):
+                continue
+            env = record["env"]
+            record = {
+                "started": record["started"],
+                "world": env["WORLD_SIZE"],
+                "restart": env["TORCHELASTIC_RESTART_COUNT"],
+            }
+        if record["started"] > after:
             found.append(record)
     return found
 
@@ -122,12 +140,27 @@ def run_one(scenario: Scenario, run: int, args: argparse.Namespace, tmp: Path) -
     agents: list[subprocess.Popen[bytes]] = []
     run_dirs: list[Path] = []
 
+    go = base / "go"
+    excluding = args.cause == "exclusion"
+
     def start(i: int) -> None:
         run_dir = base / f"agent{i}"
+        worker = (
+            [
+                f"job.entrypoint={FLAKY}",
+                f'job.args=["--out","{out}","--bad","agent1","--fails","1","--go","{go}",'
+                '"--sleep","600"]',
+                f"+job.env.NODE_TAG=agent{i}",
+                "exclusion.failures=1",
+                "exclusion.cooldown=600",
+                "max_restarts=1",
+            ]
+            if excluding
+            else [f"job.entrypoint={PROBE}", f'job.args=["--out","{out}","--sleep","600"]']
+        )
         argv = [
             _exe(),
-            f"job.entrypoint={PROBE}",
-            f'job.args=["--out","{out}","--sleep","600"]',
+            *worker,
             "job.nproc_per_node=1",
             "rdzv=tcp",
             f"rdzv.endpoint=127.0.0.1:{port}",
@@ -165,7 +198,10 @@ def run_one(scenario: Scenario, run: int, args: argparse.Namespace, tmp: Path) -
                 return result
         time.sleep(0.5)
         t0 = time.time()
-        agents[1].kill()
+        if excluding:
+            go.touch()  # its worker fails within 20 ms (it polls for the file)
+        else:
+            agents[1].kill()
 
         def again() -> list[dict[str, Any]] | None:
             found = [_records(out, run_dirs[i], t0) for i in scenario.running]
@@ -176,8 +212,8 @@ def run_one(scenario: Scenario, run: int, args: argparse.Namespace, tmp: Path) -
             return result
         records = again() or []
         result.again = max(r["started"] for r in records) - t0
-        result.world = {r["env"]["WORLD_SIZE"] for r in records}
-        result.restarts = {r["env"]["TORCHELASTIC_RESTART_COUNT"] for r in records}
+        result.world = {str(r["world"]) for r in records}
+        result.restarts = {str(r["restart"]) for r in records}
         return result
     finally:
         for proc in agents:
@@ -233,7 +269,9 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
     lines.append(
         f"(rdzv.heartbeat_interval={args.heartbeat_interval} "
         f"rdzv.heartbeat_timeout={args.heartbeat_timeout} "
-        f"rdzv.last_call_timeout={args.last_call}; {args.runs} run(s) each)"
+        f"rdzv.last_call_timeout={args.last_call}; node lost by "
+        f"{'exclusion' if args.cause == 'exclusion' else 'SIGKILL of its agent'}; "
+        f"{args.runs} run(s) each)"
     )
     return "\n".join(lines)
 
@@ -244,6 +282,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-interval", type=float, default=0.2)
     p.add_argument("--heartbeat-timeout", type=float, default=1.5)
     p.add_argument("--last-call", type=float, default=3.0)
+    p.add_argument(
+        "--cause",
+        choices=("kill", "exclusion"),
+        default="kill",
+        help="how the node is lost: its agent SIGKILLed, or excluded for failing",
+    )
     p.add_argument("--json", action="store_true", help="print the raw per-run figures")
     return p.parse_args(argv)
 

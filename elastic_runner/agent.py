@@ -6,7 +6,7 @@
     wait for the first of: a worker exits | membership changes | a stop signal
                            | a resource sample is due
     decide: succeed | restart (spends a restart, after backoff) | regroup (free)
-            | fail | stop
+            | step out (excluded: spends a restart, sits out a cooldown) | fail | stop
 
 Everything around the loop comes in through small interfaces: the rendezvous handler,
 the worker launcher (process spawning), the resource monitor, the event sink and metric
@@ -29,6 +29,7 @@ from elastic_runner.attempt import Attempt
 from elastic_runner.blocking_calls import BlockingCalls, Stopped
 from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import EventEmitter, EventSink, names
+from elastic_runner.exclusion import Exclusion, ExclusionJudge
 from elastic_runner.faults import FaultInjector
 from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
 from elastic_runner.metrics import MetricHandler
@@ -101,6 +102,7 @@ class ElasticAgent:
         restart_policy: RestartPolicy | None = None,
         crash_loop: CrashLoopJudge | None = None,
         checks_retry: tuple[float, float] = (0.0, 10.0),
+        exclusion: ExclusionJudge | None = None,
         faults: FaultInjector | None = None,
         monitor: ResourceMonitor | None = None,
         memory_limit: int | None = None,
@@ -127,6 +129,8 @@ class ElasticAgent:
         self._crash_loop = crash_loop or CrashLoopJudge(limit=0)
         #: A node its health checks keep out checks again every [1] s for [0] s.
         self._checks_retry = checks_retry
+        self._exclusion = exclusion or ExclusionJudge()
+        self._excluded: list[str] = []
         self._faults = faults
         self._injected: list[str] = []
         self._no_progress = False
@@ -266,6 +270,10 @@ class ElasticAgent:
                 if reason:
                     self._rdzv.fail_job(reason)
                     return self._finish(WorkerState.FAILED, reason)
+                if (exclusion := self._judge_exclusion()) is not None:
+                    self._sit_out(exclusion)
+                    self._start_attempt()
+                    continue
                 self._events.agent(names.RESTART, reason="failure")
                 if not self._backoff(self._policy.delay(self.group.restart_count + 1)):
                     return self._stop_by_signal(self._stop_signal or signal.SIGTERM)
@@ -332,6 +340,52 @@ class ElasticAgent:
             refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
         log.info("every health check passes: this node joins the job")
         self._events.agent(names.NODE_IN)
+
+    def _report_failure(self) -> None:
+        """Tell the rendezvous when this node's workers first failed in this round (the
+        earliest report is the root cause), when exclusion is on."""
+        if self._exclusion.enabled:
+            at = time.time()
+            report = "report this node's failure to the rendezvous"
+            self._calls.start(lambda: self._rdzv.report_failure(at), report)
+
+    def _judge_exclusion(self) -> Exclusion | None:
+        """Whether this node, the root cause of the failure, must step out of the job
+        (``exclusion.*``): if so, it has left the current round."""
+        judge = self._exclusion
+        if not judge.enabled:
+            return None
+        exclusion = judge.failed(self._clock(), self._calls.run(self._rdzv.root_cause))
+        if exclusion is None:
+            return None
+        if not self._calls.run(lambda: self._rdzv.step_out(exclusion.reason, True)):
+            log.warning(
+                "this node would be %s, but the job cannot spare it (too few nodes would be "
+                "left): it restarts with the others",
+                exclusion.reason,
+            )
+            return None
+        judge.stepped_out()
+        return exclusion
+
+    def _sit_out(self, exclusion: Exclusion) -> None:
+        """This node stepped out: wait out the cooldown outside the job (its end ends the
+        wait); the caller joins again (once the health checks pass)."""
+        node = self._context.node
+        log.error("node %s leaves the job: %s", node, exclusion.reason)
+        self._excluded.append(f"node {node} {exclusion.reason}")
+        # The failed attempt is over: if the job finishes meanwhile, this node's report
+        # is of its exclusion, not of a failure the job got past.
+        self._attempt = Attempt(self.spec.local_world_size, self._paths)
+        self._events.agent(
+            names.NODE_EXCLUDED,
+            reason=exclusion.reason,
+            cooldown=exclusion.cooldown,
+            count=exclusion.count,
+        )
+        self._calls.run(lambda: self._rdzv.sit_out(self._clock() + exclusion.cooldown))
+        log.info("cooldown over: this node joins the job again once its checks pass")
+        self._events.agent(names.NODE_IN, after="exclusion")
 
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
@@ -457,6 +511,7 @@ class ElasticAgent:
             self._metrics.put("workers.failures", 1, {"kind": failure.kind.name})
             if self._failed_at is None:
                 self._failed_at = self._clock()
+                self._report_failure()
             log.warning(
                 "worker rank %d (pid %d) failed: %s",
                 exit_.global_rank,
@@ -618,4 +673,5 @@ class ElasticAgent:
             started_at=self._attempt.started_wall,
             no_progress=self._no_progress,
             injected=list(self._injected),
+            excluded=list(self._excluded),
         )

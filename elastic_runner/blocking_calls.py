@@ -9,6 +9,7 @@ rendezvous's ``leave`` ends it) and :class:`Stopped` is raised in the agent's th
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from elastic_runner.workers.launcher import WorkerLauncher
 __all__ = ["BlockingCalls", "Stopped"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _Done = Callable[[tuple[bool, object]], None]
 
 
@@ -68,6 +70,19 @@ class BlockingCalls:
             assert isinstance(value, BaseException)
             raise value
         return value  # type: ignore[return-value]  # what call() returned: a T
+
+    def start(self, call: Callable[[], object], what: str) -> None:
+        """Run ``call`` in the calls' thread without waiting for it, while the workers
+        run (waiting here would take their exits from the agent's loop); a later
+        :meth:`run` waits for it (calls run in order). Its error is logged as ``could
+        not <what>``."""
+
+        def done(result: tuple[bool, object]) -> None:
+            ok, value = result
+            if not ok:
+                log.warning("could not %s: %s", what, value)
+
+        self._submit(call, done)
 
     def close(self, timeout: float = 1.0) -> None:
         """End the thread (an abandoned call ends once the rendezvous has shut down)."""

@@ -34,6 +34,7 @@ from elastic_runner.checks import (
     NodeCheck,
 )
 from elastic_runner.errors import ConfigError
+from elastic_runner.exclusion import ExclusionConfig
 from elastic_runner.faults import (
     FAULTS,
     FailCheckFault,
@@ -307,6 +308,8 @@ class ElasticRunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    #: Excluding a node that keeps causing failures, for a cooldown (off by default).
+    exclusion: ExclusionConfig = field(default_factory=ExclusionConfig)
     rdzv: RendezvousConfig = MISSING
     logs: LogsConfig = MISSING
     events: EventsConfig = MISSING
@@ -671,6 +674,7 @@ def validate(cfg: ElasticRunConfig) -> ValidConfig:
         ("health.restart_window", cfg.health.restart_window),
     ):
         parse_seconds(key, value)
+    _check_exclusion(cfg.exclusion)
     if not (isinstance(cfg.restart.no_progress, int) and 0 <= cfg.restart.no_progress <= 10**6):
         raise ConfigError(
             "restart.no_progress", cfg.restart.no_progress, "expected restarts >= 0 (0 = off)"
@@ -800,6 +804,22 @@ def _fault(fault: FaultConfig) -> FaultConfig | None:
     if isinstance(fault, FailCheckFault) and (not isinstance(checks, int) or checks < 1):
         raise ConfigError("fault.checks", fault.checks, "expected a count >= 1")
     return fault
+
+
+def _check_exclusion(config: ExclusionConfig) -> None:
+    """``exclusion.*``: a count, and times in order."""
+    if not (isinstance(config.failures, int) and 0 <= config.failures <= 10**6):
+        raise ConfigError(
+            "exclusion.failures", config.failures, "expected failures >= 0 (0 = never exclude)"
+        )
+    for key in ("window", "cooldown", "cooldown_max"):
+        parse_seconds(f"exclusion.{key}", getattr(config, key))
+    if config.cooldown_max < config.cooldown:
+        raise ConfigError(
+            "exclusion.cooldown_max",
+            config.cooldown_max,
+            f"expected seconds >= exclusion.cooldown ({config.cooldown:g})",
+        )
 
 
 def _checks(config: ChecksConfig) -> tuple[NodeCheck, ...]:

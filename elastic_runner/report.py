@@ -83,7 +83,14 @@ def format_report(
     """One block of text; ``stderr_of`` maps an exit to its stderr log of the last attempt."""
     attempts = _count(result.attempts, "attempt")
     peaks = "\n".join(
-        filter(None, [*(f"  injected: {line}" for line in result.injected), rank_table(result)])
+        filter(
+            None,
+            [
+                *(f"  injected: {line}" for line in result.injected),
+                *(f"  {line}" for line in result.excluded),
+                rank_table(result),
+            ],
+        )
     )
     if result.signal is not None and not result.failures:
         why = result.ended_because or f"stopped by {signal.Signals(result.signal).name}"

@@ -35,6 +35,7 @@ from elastic_runner.config import HANDLED_SIGNALS, LogsConfig, ValidConfig, pars
 from elastic_runner.crash_loop import CrashLoopJudge, is_verdict
 from elastic_runner.errors import ConfigError
 from elastic_runner.events import FanOutSink
+from elastic_runner.exclusion import ExclusionJudge
 from elastic_runner.faults import FailCheck, FailCheckFault, FaultInjector
 from elastic_runner.health import HealthServer, RunStatus
 from elastic_runner.lifecycle import Lifecycle
@@ -230,6 +231,7 @@ class _Assembly:
             restart_policy=self.valid.restart_policy,
             crash_loop=CrashLoopJudge(conf.restart.no_progress, conf.restart.no_progress_uptime),
             checks_retry=(conf.checks.retry_for, conf.checks.retry_interval),
+            exclusion=ExclusionJudge.of(conf.exclusion),
             faults=_fault_injector(self.valid),
             monitor=ResourceMonitor(conf.resources.interval) if conf.resources.interval else None,
             memory_limit=self.valid.memory_limit,

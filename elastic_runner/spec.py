@@ -337,6 +337,8 @@ class RunResult:
     no_progress: bool = False
     #: The faults ``fault=...`` injected on this node, one line each.
     injected: list[str] = field(default_factory=list)
+    #: Each time this node was excluded (``exclusion.*``): which node and why.
+    excluded: list[str] = field(default_factory=list)
     #: Global rank -> what the worker's function returned (``None`` for a script).
     return_values: dict[int, Any] = field(default_factory=dict)
 

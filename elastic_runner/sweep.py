@@ -50,6 +50,8 @@ class PointResult:
     restarts: int = 0
     #: The root cause, the rendezvous error or the configuration error, in one line.
     error: str | None = None
+    #: Each time the node was excluded for causing failures (``exclusion.*``), and why.
+    excluded: list[str] = field(default_factory=list)
     num: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class PointResult:
             attempts=result.attempts,
             restarts=result.restart_count,
             error=_error(result),
+            excluded=list(result.excluded),
         )
 
     def write(self) -> bool:

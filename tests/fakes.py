@@ -255,6 +255,13 @@ class FakeRendezvous:
         self.failed_with: str | None = None
         self.callback: Callable[[], None] | None = None
         self.shutdowns = 0
+        #: Exclusion: what report_failure got, what root_cause and step_out answer, and
+        #: the reasons and cooldown ends the agent stepped out with.
+        self.failure_reports: list[float] = []
+        self.is_root_cause = True
+        self.can_spare = True
+        self.stepped_out: list[str] = []
+        self.sat_out: list[float] = []
 
     @property
     def rounds(self) -> int:
@@ -291,6 +298,21 @@ class FakeRendezvous:
 
     def leave(self, reason: str) -> None:
         self.left_with = reason
+
+    def report_failure(self, at: float) -> None:
+        self.failure_reports.append(at)
+
+    def root_cause(self) -> bool:
+        return self.is_root_cause
+
+    def step_out(self, reason: str, failed: bool) -> bool:
+        if self.can_spare:
+            self.stepped_out.append(reason)
+            self.restarts += failed
+        return self.can_spare
+
+    def sit_out(self, until: float) -> None:
+        self.sat_out.append(until)
 
     def on_lease(self, callback: Callable[[float | None], None]) -> None:
         self.lease_callback = callback

@@ -19,6 +19,7 @@ import pytest
 from elastic_runner.agent import ElasticAgent
 from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import names
+from elastic_runner.exclusion import ExclusionJudge
 from elastic_runner.lifecycle import Lifecycle, Refusal
 from elastic_runner.metrics import NoMetrics
 from elastic_runner.rendezvous.api import (
@@ -91,6 +92,7 @@ def make_agent(
     steps: list[int | None] | None = None,
     crash_loop: CrashLoopJudge | None = None,
     checks_retry: tuple[float, float] = (0.0, 10.0),
+    exclusion: ExclusionJudge | None = None,
 ) -> Rig:
     spec = WorkerSpec("default", nproc, ("worker",), max_restarts=max_restarts, stop_timeout=30)
     clock = FakeClock()
@@ -117,6 +119,7 @@ def make_agent(
         restart_policy=policy,
         crash_loop=crash_loop,
         checks_retry=checks_retry,
+        exclusion=exclusion,
         monitor=monitor,
         memory_limit=memory_limit,
         lifecycle=lifecycle,
@@ -668,3 +671,61 @@ def test_workers_the_guardian_fenced_are_not_failures(tmp_path: Path) -> None:
     first = [e for e in rig.events.events if e.source == "WORKER" and e.metadata["attempt"] == 1]
     assert {e.state for e in first} == {"START", "TERMINATED"}  # no FAILED
     assert rig.events.named(names.FENCED)
+
+
+# -- exclusion: a node that keeps causing failures steps out for a cooldown -------------
+
+
+def test_without_exclusion_no_failure_is_reported(tmp_path: Path) -> None:
+    rig = make_agent(tmp_path, [fail(), fail(), all_succeed(2)], max_restarts=2)
+    assert rig.run().state == WorkerState.SUCCEEDED
+    assert rig.rdzv.failure_reports == [] and rig.rdzv.stepped_out == []
+
+
+def test_the_root_cause_of_two_failures_steps_out_then_joins_again(tmp_path: Path) -> None:
+    judge = ExclusionJudge(failures=2, window=60, cooldown=30)
+    rig = make_agent(tmp_path, [fail(), fail(), all_succeed(2)], max_restarts=3, exclusion=judge)
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED
+    rdzv = rig.rdzv
+    assert len(rdzv.failure_reports) == 2  # one per failed attempt, not per rank
+    assert rdzv.stepped_out == [
+        "excluded for 30 s: the root cause of 2 failures within 60 s (exclusion.failures=2)"
+    ]
+    assert rdzv.sat_out == [2.0 + 30.0]  # the fake clock when it stepped out, plus 30 s
+    # the second failure's restart was counted by step_out; the join after it is no failure
+    assert rdzv.joins == [False, True, False] and result.restart_count == 2
+    [excluded] = rig.events.named(names.NODE_EXCLUDED)
+    assert excluded.metadata["cooldown"] == 30 and excluded.metadata["count"] == 1
+    assert rig.events.named(names.NODE_IN)[0].metadata["after"] == "exclusion"
+    assert result.excluded == [f"node node0 {rdzv.stepped_out[0]}"]
+    assert (judge.excluded, list(judge.strikes)) == (1, [])
+
+
+def test_a_node_that_is_not_the_root_cause_is_never_excluded(tmp_path: Path) -> None:
+    rdzv = FakeRendezvous()
+    rdzv.is_root_cause = False
+    judge = ExclusionJudge(failures=1)
+    rig = make_agent(tmp_path, [fail(), all_succeed(2)], max_restarts=1, rdzv=rdzv, exclusion=judge)
+    assert rig.run().state == WorkerState.SUCCEEDED
+    assert rdzv.failure_reports and rdzv.stepped_out == []
+
+
+def test_a_node_the_job_cannot_spare_restarts_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rdzv = FakeRendezvous()
+    rdzv.can_spare = False
+    judge = ExclusionJudge(failures=1)
+    rig = make_agent(tmp_path, [fail(), all_succeed(2)], max_restarts=1, rdzv=rdzv, exclusion=judge)
+    result = rig.run()
+    assert result.state == WorkerState.SUCCEEDED and result.excluded == []
+    assert rdzv.joins == [False, True] and rdzv.sat_out == []
+    assert "the job cannot spare it" in caplog.text
+    assert judge.excluded == 0  # not committed: the next failure judges again
+
+
+def test_used_up_restarts_fail_the_job_rather_than_exclude(tmp_path: Path) -> None:
+    rig = make_agent(tmp_path, [fail()], max_restarts=0, exclusion=ExclusionJudge(failures=1))
+    assert rig.run().state == WorkerState.FAILED
+    assert rig.rdzv.stepped_out == []

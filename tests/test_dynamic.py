@@ -414,3 +414,120 @@ def test_a_survivor_still_stopping_keeps_its_place_until_the_last_call(
     infos = [j1.join(), j2.join()]  # ... and never joined it
     assert time.monotonic() - t0 >= 0.5
     assert [i.group_world_size for i in infos] == [2, 2]
+
+
+# -- exclusion: failure reports, stepping out and back in ------------------------------
+
+
+def test_the_earliest_failure_report_is_the_root_cause(spares: Callable[..., _Job]) -> None:
+    job = spares(3, 3)
+    a, b, c = _form_job(job, 3)
+    b.report_failure(1000.5)
+    c.report_failure(1000.2)
+    job.store.set(f"rdzv/{job.run_id}/r0/failure/garbage", "not a time")
+    assert [h.root_cause() for h in (a, b, c)] == [False, False, True]
+
+
+def test_a_node_steps_out_and_the_others_re_form_without_it(
+    spares: Callable[..., _Job], caplog: pytest.LogCaptureFixture
+) -> None:
+    job = spares(2, 3, last_call_timeout=0.2)
+    a, b, c = _form_job(job, 3)
+    changed = threading.Event()
+    a.on_membership_change(changed.set)
+    leases: list[float | None] = []
+    c.on_lease(leases.append)
+    assert c.step_out("excluded for 5 s: tests", failed=True)
+    assert changed.wait(5) and leases[-1] is None
+    assert "stepped out of the job (excluded for 5 s: tests): the job re-forms" in caplog.text
+    again = [_Joining(h) for h in (a, b)]
+    infos = [j.join() for j in again]
+    assert [i.group_world_size for i in infos] == [2, 2]
+    assert infos[0].restart_count == 1  # the failure's restart, counted once
+    p = f"rdzv/{job.run_id}/"
+    time.sleep(0.3)  # several heartbeats: none brings c's liveness key back
+    assert job.store.get(p + "alive/" + c.node_id) is None
+    assert job.store.get(p + "out/" + c.node_id) == "excluded for 5 s: tests"
+
+
+def test_a_node_the_job_cannot_spare_does_not_step_out(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 3, last_call_timeout=0.2)
+    _, b = _form_job(job, 2)
+    assert not b.step_out("excluded", failed=True)
+    assert job.store.get(f"rdzv/{job.run_id}/alive/{b.node_id}") == "1"
+    assert b.root_cause() is False  # still in its round, which had no failure
+
+
+def test_a_standby_lets_a_full_job_spare_a_node(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    a, b = _form_job(job, 2)
+    _, joining = _standby(job)
+    assert b.step_out("excluded", failed=True)
+    again = _Joining(a).join()
+    assert again.group_world_size == joining.join().group_world_size == 2
+
+
+def test_sitting_out_ends_at_its_time_or_with_the_job(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 3, last_call_timeout=0.2)
+    *_, c = _form_job(job, 3)
+    assert c.step_out("excluded", failed=False)
+    t0 = time.monotonic()
+    c.sit_out(time.monotonic() + 0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2
+    finisher = threading.Timer(0.2, lambda: job.store.set(f"rdzv/{job.run_id}/finished", "x"))
+    finisher.start()
+    with pytest.raises(RendezvousGracefulExitError, match="while this node sat out"):
+        c.sit_out(time.monotonic() + 30)
+    assert time.monotonic() - t0 < 5
+    finisher.join()
+
+
+def test_sitting_out_ends_when_the_job_fails(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 3, last_call_timeout=0.2)
+    a, _, c = _form_job(job, 3)
+    assert c.step_out("excluded", failed=False)
+    a.fail_job("restarts used up")
+    with pytest.raises(RendezvousError, match="the job failed on another node") as caught:
+        c.sit_out(time.monotonic() + 30)
+    assert not isinstance(caught.value, RendezvousGracefulExitError)
+
+
+def test_a_node_back_from_sitting_out_joins_as_a_newcomer(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 3, last_call_timeout=0.2)
+    a, b, c = _form_job(job, 3)
+    assert c.step_out("excluded", failed=True)
+    infos = [_Joining(h) for h in (a, b)]
+    assert [j.join().group_world_size for j in infos] == [2, 2]
+    changed = threading.Event()
+    a.on_membership_change(changed.set)
+    back = _Joining(c)
+    assert changed.wait(5)  # a node waits to join: the two re-form with it
+    infos = [_Joining(h) for h in (a, b)]
+    assert {j.join().group_world_size for j in [*infos, back]} == {3}
+    p = f"rdzv/{job.run_id}/"
+    assert job.store.get(p + "out/" + c.node_id) is None
+    assert job.store.get(p + "alive/" + c.node_id) == "1"
+
+
+def test_the_store_host_waits_for_a_node_sitting_out(spares: Callable[..., _Job]) -> None:
+    job = spares(1, 2)
+    host = DynamicRendezvous(
+        job.store,
+        RendezvousSettings(job.run_id, 1, 2, heartbeat_interval=0.05, heartbeat_timeout=0.5),
+        backend="test",
+        endpoint="test-store",
+        local_addr="127.0.0.1",
+        on_close=lambda: None,
+    )
+    other = job.node()
+    joins = [_Joining(h) for h in (host, other)]
+    for j in joins:
+        j.join()
+    assert other.step_out("excluded", failed=False)
+    closing = threading.Thread(target=host.shutdown)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # the node sitting out will need the store
+    other.shutdown()
+    closing.join(5)
+    assert not closing.is_alive()

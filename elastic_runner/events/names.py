@@ -14,6 +14,7 @@ __all__ = [
     "FENCED",
     "HEALTH_CHECK_REFUSED",
     "MEMBERSHIP_CHANGED",
+    "NODE_EXCLUDED",
     "NODE_IN",
     "NODE_OUT",
     "RANKS_ASSIGNED",
@@ -48,6 +49,7 @@ SHUTDOWN = "elastic_runner.shutdown"
 HEALTH_CHECK_REFUSED = "elastic_runner.health_check.refused"
 NODE_OUT = "elastic_runner.node.out"
 NODE_IN = "elastic_runner.node.in"
+NODE_EXCLUDED = "elastic_runner.node.excluded"
 WATCHDOG_FIRED = "elastic_runner.watchdog.fired"
 TIMER_EXPIRED = "elastic_runner.timer.expired"
 FENCED = "elastic_runner.fenced"
@@ -80,7 +82,10 @@ EVENTS: Mapping[str, str] = {
     HEALTH_CHECK_REFUSED: "a health check kept this node out (plugin, reason)",
     NODE_OUT: "a health check failed: this node stays out and checks again (plugin, reason, "
     "retry_in)",
-    NODE_IN: "every health check passes again: this node joins the job",
+    NODE_IN: "every health check passes again, or an exclusion's cooldown is over "
+    "(after: exclusion): this node joins the job",
+    NODE_EXCLUDED: "this node was the root cause of exclusion.failures failures within "
+    "exclusion.window: it left the job for a cooldown (reason, cooldown, count)",
     FAULT_INJECTED: "fault=... injected a fault on purpose (fault: what and when)",
     SHUTDOWN: "the agent left the job",
 }

@@ -76,6 +76,17 @@ class RendezvousHandler(Protocol):
     surely holds (its liveness refreshed within the heartbeat timeout), ``0.0`` once it
     lapsed, ``None`` when there is none; past it, the agent kills its workers (fencing)
     and joins again. ``shutdown`` may be called twice.
+
+    Excluding a failing node (:mod:`elastic_runner.exclusion`): ``report_failure`` says
+    this node's workers failed in the current round, first at wall-clock time ``at``;
+    ``root_cause`` says whether this node's report is the round's earliest.
+    ``step_out`` leaves the current round for a while (the others re-form without it,
+    ``failed`` counting the restart as ``next_round`` would) and returns False, doing
+    nothing, when the job cannot spare the node (fewer than its minimum would be left,
+    standbys counted); ``sit_out`` then waits outside the job until the handler's clock
+    reads ``until``, raising :class:`RendezvousGracefulExitError` when the job finishes
+    meanwhile; the next ``next_round`` joins again. A backend of one node never steps
+    out.
     """
 
     @property
@@ -88,6 +99,14 @@ class RendezvousHandler(Protocol):
     def fail_job(self, reason: str) -> None: ...
 
     def leave(self, reason: str) -> None: ...
+
+    def report_failure(self, at: float) -> None: ...
+
+    def root_cause(self) -> bool: ...
+
+    def step_out(self, reason: str, failed: bool) -> bool: ...
+
+    def sit_out(self, until: float) -> None: ...
 
     def on_lease(self, callback: Callable[[float | None], None]) -> None: ...
 

@@ -11,8 +11,10 @@ node's key expires by itself). Waiting is notified by the store. Keys, under
     r<n>/master           MASTER_ADDR/PORT, written by group rank 0
     r<n>/failed           set once when round n ended in a failure (counts one restart)
     r<n>/exit/<node>      the exit barrier
+    r<n>/failure/<node>   when the node's workers first failed in round n (wall clock)
     alive/<node>          liveness (TTL = heartbeat_timeout)
     waiting/<node>        a node that found the round complete and waits for the next
+    out/<node>            a node sitting out after an exclusion (why; TTL, refreshed)
     restarts              failure restarts of the whole job (TORCHELASTIC_RESTART_COUNT)
     failed                the job failed for good (why), so nodes stop re-forming
     finished              the job finished: its nodes passed the exit barrier (who saw it)
@@ -29,6 +31,11 @@ the round has fewer than ``max_nodes``, or when a member's liveness key expires;
 that finishes normally passes the exit barrier (the one that sees every member through
 marks the job ``finished``) and leaves without closing anything for the others.
 
+A node excluded for failing (:mod:`elastic_runner.exclusion`) steps out: its liveness
+key goes (the others re-form without it, as for a lost node, logging the reason its
+``out`` key gives) while its ``out`` key lives, so that the host of the store waits for
+it; after its cooldown it joins as a newcomer.
+
 This module is the protocol only, with no Hydra or OmegaConf behind it: turning a
 backend's ``rdzv.*`` config into one is :mod:`elastic_runner.rendezvous.kit`'s job.
 """
@@ -43,7 +50,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +66,7 @@ from elastic_runner.rendezvous.records import (
     CorruptKey,
     count_of,
     done_record,
+    failure_time,
     join_record,
     master_record,
     round_of,
@@ -151,6 +159,11 @@ class DynamicRendezvous:
         self._watcher: threading.Thread | None = None
         self._waiting = False
         self._lock = threading.Lock()
+        #: Why this node sits out (``step_out``), until it joins again.
+        self._out: str | None = None
+        #: Held while the heartbeat re-announces a key, and while stepping out or back:
+        #: a heartbeat must not bring back the liveness key of a node that stepped out.
+        self._beat_lock = threading.Lock()
         #: Malformed keys already logged (each once).
         self._protocol_errors: set[str] = set()
 
@@ -238,6 +251,7 @@ class DynamicRendezvous:
             self._store.set(p + "left/" + node, reason, ttl=self._s.heartbeat_timeout * 4)
             self._store.delete(p + "alive/" + node)
             self._store.delete(p + "waiting/" + node)
+            self._store.delete(p + "out/" + node)
 
         self._bounded(tell, "tell the other nodes this one left")
 
@@ -271,6 +285,92 @@ class DynamicRendezvous:
         except StoreError as exc:
             log.warning("could not tell the other nodes the job failed: %s", exc)
 
+    def report_failure(self, at: float) -> None:
+        """This node's workers failed in the current round, first at wall-clock time
+        ``at`` (one key per node; ``root_cause`` compares them)."""
+        n = self._round
+        if n is not None:
+            with self._store_errors():
+                self._store.set(f"{self._p}r{n}/failure/{self.node_id}", repr(at))
+
+    def root_cause(self) -> bool:
+        """This node reported the current round's earliest failure (ties: the lowest
+        node id)."""
+        n = self._round
+        if n is None:
+            return False
+        prefix = f"{self._p}r{n}/failure/"
+        with self._store_errors():
+            found, _ = self._store.scan(prefix)
+        reports: dict[str, float] = {}
+        for key, value in found.items():
+            at = failure_time(value)
+            if at is None:
+                self._protocol_error(f"ignoring the malformed failure report {key}")
+            else:
+                reports[key[len(prefix) :]] = at
+        first = min(reports.items(), key=lambda item: (item[1], item[0]), default=None)
+        return first is not None and first[0] == self.node_id
+
+    def step_out(self, reason: str, failed: bool) -> bool:
+        """Leave the current round for a while (excluded: ``reason``), unless fewer than
+        ``min_nodes`` would be left, standbys and waiting nodes counted (then False).
+        ``failed`` counts the round's failure restart, as ``next_round`` would."""
+        n, members = self._round, self._members
+        if n is None:
+            return False
+        p, store, node = self._p, self._store, self.node_id
+        with self._store_errors():
+            waiting = len(store.scan(p + "waiting/")[0])
+            if len(members) - 1 + waiting < self._s.min_nodes:
+                return False
+            with self._beat_lock:
+                self._out = reason
+                self._lease_gen += 1
+                self._lease_until = None
+            with self._lock:
+                self._round, self._members = None, []
+            if self._lease_callback is not None:
+                self._lease_callback(None)  # no workers, nothing to fence
+            if failed and store.compare_set(f"{p}r{n}/failed", None, node)[0]:
+                store.add(p + "restarts", 1)
+            # The reason first: the others look it up when they see the liveness key go.
+            store.set(p + "out/" + node, reason, ttl=self._s.heartbeat_timeout)
+            store.delete(p + "alive/" + node)
+        log.info("stepped out of round %d: %s", n, reason)
+        return True
+
+    def sit_out(self, until: float) -> None:
+        """Wait outside the job until the clock reads ``until``; the job's end ends the
+        wait (finished: :class:`RendezvousGracefulExitError`; failed, or this node
+        leaving: :class:`RendezvousError`)."""
+        p, store = self._p, self._store
+        # The prefix p + "f" holds exactly the keys "failed" and "finished".
+        prefix = p + "f"
+        with self._store_errors():
+            while not self._stop.is_set():
+                found, version = store.scan(prefix)
+                if why := found.get(p + "failed"):
+                    raise RendezvousError(f"the job failed on another node ({why})")
+                if p + "finished" in found:
+                    raise RendezvousGracefulExitError(
+                        "the job finished while this node sat out its exclusion"
+                    )
+                left = until - self._clock()
+                if left <= 0:
+                    return
+                with contextlib.suppress(StoreTimeoutError):
+                    store.wait_for_change(prefix, version, min(left, self._watch_timeout))
+        raise RendezvousError("this node is leaving the job")
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """A store error, as a rendezvous error naming the store."""
+        try:
+            yield
+        except StoreError as exc:
+            raise RendezvousError(f"rendezvous store at {self._endpoint}: {exc}") from None
+
     def shutdown(self) -> None:
         """Leave the job, then close the store. Only the first call does anything: the
         agent leaves when its loop ends, and the run's assembly step calls it again in
@@ -289,13 +389,14 @@ class DynamicRendezvous:
                 # gone: one more request would wait heartbeat_timeout (15 s) for a store
                 # that is no more. The host removes the job's keys.
                 self._store.delete(self._p + "waiting/" + self.node_id)
+                self._store.delete(self._p + "out/" + self.node_id)
                 self._store.delete(self._p + "alive/" + self.node_id)
                 return
-            self._store.delete(self._p + "alive/" + self.node_id)
-            self._store.delete(self._p + "waiting/" + self.node_id)
+            for kind in ("alive/", "waiting/", "out/"):
+                self._store.delete(self._p + kind + self.node_id)
             if self._on_close and self._left is None:
                 self._linger()
-            if not self._store.scan(self._p + "alive/")[0]:
+            if not self._others():
                 self._store.delete_prefix(self._p)  # the last node out removes the job's keys
 
         if self._left is None:
@@ -323,15 +424,22 @@ class DynamicRendezvous:
         if thread.is_alive():
             log.warning("could not %s within %g s (store at %s)", what, seconds, self._endpoint)
 
+    def _others(self) -> tuple[list[str], int]:
+        """The other nodes still in the job (alive, or sitting out an exclusion), and the
+        store's version when they were read."""
+        alive, version = self._store.scan(self._p + "alive/")
+        out, _ = self._store.scan(self._p + "out/")
+        return [*alive, *out], version
+
     def _linger(self) -> None:
         """This node hosts the store, which must outlive every other node of the job: wait
-        until each has left (its liveness key deleted, or expired if it died)."""
-        prefix = self._p + "alive/"
+        until each has left (its liveness key deleted, or expired if it died; a node
+        sitting out an exclusion counts as in the job)."""
         said = False
         limit = self._s.close_timeout
         deadline = None if limit is None else self._clock() + limit
         while True:
-            others, version = self._store.scan(prefix)
+            others, version = self._others()
             if not others:
                 return
             if deadline is not None and self._clock() >= deadline:
@@ -347,8 +455,12 @@ class DynamicRendezvous:
                     "keeping the rendezvous store up until %d other node(s) leave", len(others)
                 )
                 said = True
+            # Only liveness keys wake this wait: an ``out`` key's expiry is seen within
+            # the timeout.
             with contextlib.suppress(StoreTimeoutError):
-                self._store.wait_for_change(prefix, version, 2 * self._s.heartbeat_timeout)
+                self._store.wait_for_change(
+                    self._p + "alive/", version, 2 * self._s.heartbeat_timeout
+                )
 
     # -- the protocol -------------------------------------------------------------------
 
@@ -380,6 +492,10 @@ class DynamicRendezvous:
     def _next_round(self, node: NodeInfo, failed: bool) -> RendezvousInfo:
         s, p, store = self._s, self._p, self._store
         self._reach_store(self._clock() + s.join_timeout)
+        if self._out is not None:  # back after an exclusion: alive again, no longer out
+            with self._beat_lock:
+                self._out = None
+            store.delete(p + "out/" + self.node_id)
         self._start_heartbeat()
         if self._round is not None:  # leave the old round: start the next one
             if failed and store.compare_set(f"{p}r{self._round}/failed", None, self.node_id)[0]:
@@ -647,8 +763,15 @@ class DynamicRendezvous:
         lease lapses until the next round (the agent fences its workers)."""
         ttl = self._s.heartbeat_timeout
         alive = self._p + "alive/" + self.node_id
+        out = self._p + "out/" + self.node_id
         while not self._stop.wait(self._s.heartbeat_interval):
             try:
+                if self._out is not None:  # sitting out: only the out key lives
+                    if not self._store.refresh(out, ttl):
+                        with self._beat_lock:
+                            if self._out is not None:
+                                self._store.set(out, self._out, ttl=ttl)
+                    continue
                 keys = [alive] + ([self._p + "waiting/" + self.node_id] if self._waiting else [])
                 for key in keys:
                     sent, gen = self._clock(), self._lease_gen
@@ -671,7 +794,9 @@ class DynamicRendezvous:
                             self._endpoint,
                             ttl,
                         )
-                    self._store.set(key, "1", ttl=ttl)  # announce again
+                    with self._beat_lock:
+                        if self._out is None:  # not stepped out meanwhile
+                            self._store.set(key, "1", ttl=ttl)  # announce again
             except Exception as exc:  # never let the heartbeat thread die
                 log.warning("heartbeat to %s failed: %s", self._endpoint, exc)
 
@@ -761,6 +886,8 @@ class DynamicRendezvous:
 
     def _gone(self, member: str, found: dict[str, str]) -> str:
         """How ``member``, whose liveness key is gone, left: on purpose or lost."""
+        if (out := found.get(self._p + "out/" + member)) is not None:
+            return f"node {member} stepped out of the job ({out})"
         reason = found.get(self._p + "left/" + member)
         if reason is not None:
             return f"node {member} left the job ({reason})"

@@ -80,6 +80,20 @@ class LocalRendezvous:
     def leave(self, reason: str) -> None:
         """One node: nobody waits for it."""
 
+    def report_failure(self, at: float) -> None:
+        """One node: nobody to compare with."""
+
+    def root_cause(self) -> bool:
+        """One node: every failure is its own."""
+        return True
+
+    def step_out(self, reason: str, failed: bool) -> bool:
+        """One node: the job cannot spare it."""
+        return False
+
+    def sit_out(self, until: float) -> None:
+        """One node: never steps out."""
+
     def on_lease(self, callback: Callable[[float | None], None]) -> None:
         """One node: its membership cannot lapse."""
 

@@ -5,11 +5,20 @@ Private to :mod:`elastic_runner.rendezvous.dynamic`."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from elastic_runner.rendezvous.store import StoreError
 
-__all__ = ["CorruptKey", "count_of", "done_record", "join_record", "master_record", "round_of"]
+__all__ = [
+    "CorruptKey",
+    "count_of",
+    "done_record",
+    "failure_time",
+    "join_record",
+    "master_record",
+    "round_of",
+]
 
 
 class CorruptKey(StoreError):
@@ -92,3 +101,12 @@ def count_of(value: str | None) -> int:
     except ValueError:
         shown = (value or "")[:60]
         raise CorruptKey(f"the key 'restarts' holds {shown!r}, not a count") from None
+
+
+def failure_time(value: str) -> float | None:
+    """The wall-clock time in a node's failure report (``None``: not one)."""
+    try:
+        at = float(value)
+    except ValueError:
+        return None
+    return at if math.isfinite(at) else None

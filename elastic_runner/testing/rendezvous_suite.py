@@ -169,3 +169,26 @@ class RendezvousSuite:
             RendezvousTimeoutError, match=r"1 of 2\.\.3 nodes arrived at test store test-store"
         ):
             lonely.next_round(NodeInfo("r", 1))
+
+    def test_the_root_cause_steps_out_and_comes_back(self, nodes: Any) -> None:
+        a, b, c = (nodes(2, 3) for _ in range(3))
+        self._join_all([a, b, c])
+        c.report_failure(time.time())
+        b.report_failure(time.time() + 0.01)
+        assert [h.root_cause() for h in (a, b, c)] == [False, False, True]
+        changed = threading.Event()
+        a.on_membership_change(changed.set)
+        assert c.step_out("excluded for a while", failed=True)
+        assert changed.wait(10 * self.TTL), "the others were not told"
+        infos = self._join_all([a, b])
+        assert [i.group_world_size for i in infos] == [2, 2]
+        assert infos[0].restart_count == 1
+        c.sit_out(time.monotonic() + 2 * self.TTL)  # its out key outlives its TTL meanwhile
+        changed.clear()
+        back: list[RendezvousInfo] = []
+        thread = threading.Thread(target=lambda: back.append(c.next_round(NodeInfo("r", 1))))
+        thread.start()
+        assert changed.wait(10 * self.TTL), "the returning node was not seen"
+        infos = self._join_all([a, b])
+        thread.join(30)
+        assert {i.group_world_size for i in [*infos, *back]} == {3}
