@@ -16,7 +16,8 @@ reported as ``killed by SIGKILL (injected fault)``::
 - ``kill_agent``: SIGKILL this agent (or, with ``fault.node``, the agent of that group
   rank when every node gets the same overrides) ``fault.after`` seconds into attempt
   ``fault.attempt``: a whole node lost (its guardian kills its workers). The agent that
-  hosts the ``tcp`` store takes the job with it;
+  hosts the ``tcp`` store takes a job of two with it (with three nodes or more, the
+  store moves to a survivor);
 - ``fail_check``: this node fails its health check ``fault.checks`` times in a row (with
   ``checks.retry_for`` it stays out, then joins); ``fault.host`` limits it to the node of
   that hostname when every node gets the same overrides.

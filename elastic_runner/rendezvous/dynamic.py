@@ -36,6 +36,13 @@ key goes (the others re-form without it, as for a lost node, logging the reason 
 ``out`` key gives) while its ``out`` key lives, so that the host of the store waits for
 it; after its cooldown it joins as a newcomer.
 
+With ``failover`` (the agent-hosted TCP store), a node that finds the store gone moves it
+to the first member of its last round that answers (:mod:`~elastic_runner.rendezvous.
+failover`; each join record carries the port a node would serve at), carrying the round
+number and the restart count over to the empty store. Then, and whenever the last round
+had three members or more, a round completes only with a strict majority of the last
+round's members that did not leave on purpose: a partition never leaves two live worlds.
+
 This module is the protocol only, with no Hydra or OmegaConf behind it: turning a
 backend's ``rdzv.*`` config into one is :mod:`elastic_runner.rendezvous.kit`'s job.
 """
@@ -61,6 +68,7 @@ from elastic_runner.rendezvous.api import (
     RendezvousInfo,
     RendezvousTimeoutError,
 )
+from elastic_runner.rendezvous.failover import Candidate, StoreFailover
 from elastic_runner.rendezvous.network import find_free_port, pinned_port, reachable_address
 from elastic_runner.rendezvous.records import (
     CorruptKey,
@@ -109,6 +117,10 @@ class RendezvousSettings:
     #: The store is served by one of the agents (``tcp``, ``static``), which removes the
     #: job's keys once every other node has left, then closes it.
     agent_hosted: bool = False
+    #: A round after one of three nodes or more needs a strict majority of that round's
+    #: nodes that did not leave on purpose (the agent-hosted store that can move: a
+    #: partition must never leave two live worlds).
+    majority: bool = False
 
 
 class DynamicRendezvous:
@@ -127,6 +139,7 @@ class DynamicRendezvous:
         endpoint: str,
         local_addr: str | Callable[[], str],
         on_close: Callable[[], None] | None = None,
+        failover: StoreFailover | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -134,7 +147,17 @@ class DynamicRendezvous:
         self._s = settings
         self._endpoint = endpoint
         self._addr = local_addr
+        #: ``local_addr()``'s answer, asked once (after a move of the store, the client
+        #: that would answer it is gone).
+        self._found_addr: str | None = None
         self._on_close = on_close
+        self._failover = failover
+        #: The last round this node was in (its record), and the job's restart count
+        #: then: what a move of the store carries over.
+        self._record: list[list[Any]] = []
+        self._restarts_seen = 0
+        #: Rounds formed while this node waited for a majority (each logged once).
+        self._no_quorum: set[int] = set()
         self._clock = clock
         self.node_id = f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self._p = f"rdzv/{settings.run_id}/"
@@ -384,7 +407,7 @@ class DynamicRendezvous:
         # The watcher may be inside a long store wait: closing the store below ends it.
 
         def leave_store() -> None:
-            if self._s.agent_hosted and not self._on_close:
+            if self._s.agent_hosted and not self._hosting:
                 # Another agent hosts the store and may close it the moment this key is
                 # gone: one more request would wait heartbeat_timeout (15 s) for a store
                 # that is no more. The host removes the job's keys.
@@ -394,7 +417,7 @@ class DynamicRendezvous:
                 return
             for kind in ("alive/", "waiting/", "out/"):
                 self._store.delete(self._p + kind + self.node_id)
-            if self._on_close and self._left is None:
+            if self._hosting and self._left is None:
                 self._linger()
             if not self._others():
                 self._store.delete_prefix(self._p)  # the last node out removes the job's keys
@@ -405,8 +428,15 @@ class DynamicRendezvous:
         else:  # stopping for a signal: do not hold the stop up
             self._bounded(leave_store, "leave the store")
         self._store.close()
+        if self._failover is not None:
+            self._failover.close()
         if self._on_close:
             self._on_close()
+
+    @property
+    def _hosting(self) -> bool:
+        """This node serves the store (from the start, or since a move)."""
+        return self._on_close is not None or (self._failover is not None and self._failover.serving)
 
     def _bounded(self, work: Callable[[], None], what: str, seconds: float = 1.0) -> None:
         """Run ``work`` (store requests) in a thread and wait at most ``seconds``: a store
@@ -481,7 +511,13 @@ class DynamicRendezvous:
                 self._lease_gen += 1
                 self._lease_until = sent + self._lease_span
                 return
-            except StoreUnavailableError as exc:
+            except StoreError as exc:
+                if self._can_move and self._clock() < deadline:
+                    log.warning("the rendezvous store at %s is gone: %s", self._endpoint, exc)
+                    self._move_store()
+                    continue
+                if not isinstance(exc, StoreUnavailableError):
+                    raise
                 if self._clock() + delay >= deadline:
                     raise StoreUnavailableError(
                         f"{exc}; gave up after rdzv.join_timeout={self._s.join_timeout:g} s"
@@ -489,9 +525,50 @@ class DynamicRendezvous:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
 
+    @property
+    def _can_move(self) -> bool:
+        """Whether this node may move the store: with failover, after a round of three
+        nodes or more (a lone survivor of two cannot tell the host's death from a cut
+        link, and the host goes on alone in that case)."""
+        return self._failover is not None and len(self._record) >= 3
+
+    def _move_store(self) -> None:
+        """Move to the store of the first member of the last round that answers (this
+        node's own, when it comes first), then carry the round number and the restart
+        count over to it (every survivor writes the same values; the first one counts)."""
+        assert self._failover is not None
+        candidates = [
+            Candidate(str(m[0]), str(m[3]), int(m[4]))
+            for m in self._record
+            if len(m) > 4 and m[3] and m[4]
+        ]
+        store, endpoint = self._failover.elect(candidates, self.node_id)
+        old, self._store = self._store, store
+        log.warning("rendezvous store: %s (was %s)", endpoint, self._endpoint)
+        self._endpoint = endpoint
+        with contextlib.suppress(Exception):
+            old.close()
+        p, n = self._p, self._round
+        store.compare_set(p + "round", None, str(n if n is not None else 0))
+        store.compare_set(p + "restarts", None, str(self._restarts_seen))
+
+    def _quorum(self, joined: dict[str, Any]) -> bool:
+        """Whether ``joined`` holds a strict majority of the last round's members that did
+        not leave on purpose (always, without ``majority`` or after a round of one or
+        two)."""
+        members = {str(m[0]) for m in self._record}
+        if not self._s.majority or len(members) < 3:
+            return True
+        p = self._p
+        gone = {k.rsplit("/", 1)[1] for k in self._store.scan(p + "left/")[0]}
+        gone |= {k.rsplit("/", 1)[1] for k in self._store.scan(p + "out/")[0]}
+        counted = members - gone
+        return 2 * len(counted & joined.keys()) > len(counted)
+
     def _next_round(self, node: NodeInfo, failed: bool) -> RendezvousInfo:
-        s, p, store = self._s, self._p, self._store
+        s, p = self._s, self._p
         self._reach_store(self._clock() + s.join_timeout)
+        store = self._store  # (reaching it may have moved it to another node)
         if self._out is not None:  # back after an exclusion: alive again, no longer out
             with self._beat_lock:
                 self._out = None
@@ -567,15 +644,33 @@ class DynamicRendezvous:
                 elif last_call is None:
                     last_call = self._clock() + s.last_call_timeout
                 self._progress = (len(joined), s.min_nodes, s.max_nodes, deadline, last_call)
-                if (len(joined) >= s.max_nodes and not awaited) or (
+                ready = (len(joined) >= s.max_nodes and not awaited) or (
                     last_call is not None and self._clock() >= last_call
-                ):
+                )
+                if ready and not self._quorum(joined):
+                    ready = False
+                    if n not in self._no_quorum:
+                        self._no_quorum.add(n)
+                        log.warning(
+                            "round %d waits for a majority of the last round's %d nodes "
+                            "(%d here): a side cut off with fewer never goes on",
+                            n,
+                            len(self._record),
+                            len(joined),
+                        )
+                if ready:
                     chosen = sorted(
                         joined, key=lambda k: (k not in earlier[1], self._order_key(k, joined[k]))
                     )[: s.max_nodes]
                     order = sorted(chosen, key=lambda k: self._order_key(k, joined[k]))
                     record = [
-                        [k, joined[k]["role"], joined[k]["nproc"], joined[k].get("addr")]
+                        [
+                            k,
+                            joined[k]["role"],
+                            joined[k]["nproc"],
+                            joined[k].get("addr"),
+                            joined[k].get("failover"),
+                        ]
                         for k in order
                     ]
                     store.compare_set(f"{p}r{n}/done", None, json.dumps(record))
@@ -667,7 +762,9 @@ class DynamicRendezvous:
                 "nproc": node.local_world_size,
                 "node_rank": self._s.node_rank,
                 # what this node would advertise as MASTER_ADDR (see _complete)
-                "addr": self._addr if isinstance(self._addr, str) else self._addr(),
+                "addr": self._local_addr(),
+                # where it would serve the store if the host dies
+                "failover": self._failover.port if self._failover is not None else None,
             }
             store.set(key, json.dumps(record))
         joined, _ = store.scan(f"{p}r{n}/join/")
@@ -683,6 +780,14 @@ class DynamicRendezvous:
                     continue
                 out[node_id] = announced
         return out, alive
+
+    def _local_addr(self) -> str:
+        """What this node would advertise as MASTER_ADDR: ``local_addr``, or its answer."""
+        if isinstance(self._addr, str):
+            return self._addr
+        if self._found_addr is None:
+            self._found_addr = self._addr()
+        return self._found_addr
 
     def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
         """This node is in completed round ``n``; ``record`` lists [node id, role, workers,
@@ -704,7 +809,9 @@ class DynamicRendezvous:
                 addr = self._addr
             else:
                 addrs = [str(m[3]) if len(m) > 3 and m[3] else "" for m in record]
-                addr = reachable_address(addrs[0] or self._addr(), [a for a in addrs[1:] if a])
+                addr = reachable_address(
+                    addrs[0] or self._local_addr(), [a for a in addrs[1:] if a]
+                )
             pinned = self._s.master_port
             port = find_free_port(addr) if pinned is None else pinned_port(pinned)
             store.set(master_key, json.dumps([addr, port]))
@@ -713,14 +820,14 @@ class DynamicRendezvous:
         master = store.get(master_key)
         assert master is not None
         addr, port = master_record(master_key, master)
+        restarts = count_of(store.get(p + "restarts"))
         with self._lock:
             self._round, self._members = n, members
+            self._record, self._restarts_seen = record, restarts
         self._tell_lease()
         self._set_waiting(False)
         self._start_watcher()
-        return RendezvousInfo(
-            n, group_rank, nodes, addr, port, restart_count=count_of(store.get(p + "restarts"))
-        )
+        return RendezvousInfo(n, group_rank, nodes, addr, port, restart_count=restarts)
 
     def _timeout_error(self, n: int) -> RendezvousTimeoutError:
         try:
@@ -732,6 +839,8 @@ class DynamicRendezvous:
             if self._s.min_nodes == self._s.max_nodes
             else f"{self._s.min_nodes}..{self._s.max_nodes}"
         )
+        if n in self._no_quorum:
+            want = f"a majority of the last round's {len(self._record)}"
         return RendezvousTimeoutError(
             f"rendezvous timed out after {self._s.join_timeout:g} s (rdzv.join_timeout): "
             f"{joined} of {want} nodes arrived at {self.backend} store {self._endpoint} "

@@ -36,6 +36,7 @@ from elastic_runner.config import (
 )
 from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
+from elastic_runner.rendezvous.failover import StoreFailover
 from elastic_runner.rendezvous.network import parse_endpoints
 from elastic_runner.rendezvous.store import Store
 from elastic_runner.spec import RunContext
@@ -84,12 +85,17 @@ class StoreConnection:
     #: Called after the store is closed when the rendezvous shuts down (e.g. to close a
     #: store server this node hosts).
     on_close: Callable[[], None] | None = None
+    #: How the store moves to a surviving node when the agent hosting it dies (the
+    #: agent-hosted TCP store); closed with the store.
+    failover: StoreFailover | None = None
 
     def close(self) -> None:
         """Close the store, then call ``on_close``, even when closing the store fails."""
         try:
             self.store.close()
         finally:
+            if self.failover is not None:
+                self.failover.close()
             if self.on_close is not None:
                 self.on_close()
 
@@ -150,6 +156,7 @@ def store_rendezvous(
     node_rank: int | None = None,
     close_timeout: float | None = None,
     agent_hosted: bool = False,
+    majority: bool = False,
 ) -> DynamicRendezvous:
     """A :class:`DynamicRendezvous` on the store that ``connect`` reaches.
 
@@ -158,7 +165,8 @@ def store_rendezvous(
     endpoint (a missing port is ``default_port``), then the settings
     (:func:`settings_from`, with ``node_rank`` and ``close_timeout``); with
     ``agent_hosted`` (the store is served by one of the agents, at the endpoint's port,
-    maybe on group rank 0's machine), ``rdzv.master_port`` may not be that port. Only
+    maybe on group rank 0's machine), ``rdzv.master_port`` may not be that port;
+    ``majority`` goes into the settings (:class:`RendezvousSettings`). Only
     then calls ``connect`` with the parsed endpoints; ``connect`` cleans up after itself
     if it fails. MASTER_ADDR is ``rdzv.master_addr``, else ``rdzv.local_addr``, else
     the connection's ``local_addr``, else this machine's address towards the first
@@ -178,7 +186,9 @@ def store_rendezvous(
         )
     endpoints = parse_endpoints(config.endpoint, default_port)
     settings = dataclasses.replace(
-        settings_from(config, context, node_rank, close_timeout), agent_hosted=agent_hosted
+        settings_from(config, context, node_rank, close_timeout),
+        agent_hosted=agent_hosted,
+        majority=majority,
     )
     if agent_hosted and settings.master_port in {port for _, port in endpoints}:
         # The agent hosting the store may be group rank 0's: worker rank 0 could not bind
@@ -207,6 +217,7 @@ def store_rendezvous(
             endpoint=connection.address,
             local_addr=local_addr,
             on_close=connection.on_close,
+            failover=connection.failover,
         )
     except BaseException:
         # Nothing may leak: the caller never sees the store (or the server behind it).

@@ -40,7 +40,8 @@ def round_of(value: str | None, default: int) -> int:
 
 
 def done_record(n: int, value: str) -> list[list[Any]]:
-    """The completed round's record: [[node id, role, workers, address], ...]."""
+    """The completed round's record: [[node id, role, workers, address, failover port],
+    ...] (the last two may be missing or null)."""
     try:
         record = json.loads(value)
     except (ValueError, RecursionError):
@@ -57,6 +58,7 @@ def done_record(n: int, value: str) -> list[list[Any]]:
             and not isinstance(m[2], bool)
             and m[2] >= 0
             and (len(m) < 4 or m[3] is None or isinstance(m[3], str))
+            and (len(m) < 5 or m[4] is None or _is_port(m[4]))
             for m in record
         )
     ):
@@ -78,9 +80,14 @@ def join_record(value: str) -> dict[str, Any] | None:
         and record["nproc"] >= 0
         and (record.get("node_rank") is None or type(record.get("node_rank")) is int)
         and (record.get("addr") is None or isinstance(record.get("addr"), str))
+        and (record.get("failover") is None or _is_port(record.get("failover")))
     ):
         return None
     return record
+
+
+def _is_port(value: object) -> bool:
+    return type(value) is int and 0 < value < 65536
 
 
 def master_record(key: str, value: str | None) -> tuple[str, int]:

@@ -9,8 +9,10 @@ machine would host, the first to bind does and the others connect. The store lis
 on every interface (``rdzv.bind``: on one address only), so the other nodes reach it
 however the endpoint's name resolves on the hosting machine; that agent itself connects
 over loopback, without asking DNS. Clients retry resolving and connecting until
-``rdzv.join_timeout``. If the hosting agent dies, the others fail with an error naming
-the endpoint (the store does not move to another node).
+``rdzv.join_timeout``. If the hosting agent dies, the store moves to a surviving node
+(``rdzv.failover``, on for ``tcp``; :mod:`elastic_runner.rendezvous.failover`) when a
+strict majority of the last round's nodes survive; else the others fail with an error
+naming the endpoint.
 
 Security: the token (``rdzv.token``, or read from ``rdzv.token_file``, or from the
 environment variable ``rdzv.token_env``, else ``$ELASTIC_RUNNER_RDZV_TOKEN``) is what
@@ -42,6 +44,7 @@ from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous
+from elastic_runner.rendezvous.failover import StoreFailover
 from elastic_runner.rendezvous.kit import StoreConnection, StoreRendezvousConfig, store_rendezvous
 from elastic_runner.rendezvous.network import is_local_address
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
@@ -93,6 +96,10 @@ class TcpRendezvousConfig(StoreRendezvousConfig):
     #: How long the agent hosting the store keeps it up for nodes still running after it
     #: finished (null: as long as they are alive; closing earlier fails their run).
     close_timeout: float | None = None
+    #: When the agent hosting the store dies, a surviving node hosts it (each node that
+    #: does not host keeps a port ready for that); rounds after a move need a strict
+    #: majority of the last round's nodes.
+    failover: bool = True
 
 
 @dataclass
@@ -101,6 +108,7 @@ class StaticRendezvousConfig(TcpRendezvousConfig):
     #: This node's group rank, 0 .. nnodes-1.
     node_rank: int = MISSING
     last_call_timeout: float = 0.0
+    failover: bool = False
 
 
 def _hosts(config: TcpRendezvousConfig, host: str, node_rank: int | None) -> bool:
@@ -297,6 +305,9 @@ def _tcp_store_rendezvous(
             if server is not None:
                 server.close()
             raise
+        failover = None
+        if server is None and config.failover and (server_tls is not None or not client_tls):
+            failover = _failover(config, token, server_tls, client_tls, host)
         return StoreConnection(
             client,
             address=f"{host}:{port}",
@@ -306,6 +317,7 @@ def _tcp_store_rendezvous(
             # towards the other nodes instead.
             local_addr=lambda: client.local_address,
             on_close=server.close if server is not None else None,
+            failover=failover,
         )
 
     return store_rendezvous(
@@ -318,6 +330,46 @@ def _tcp_store_rendezvous(
         node_rank=node_rank,
         close_timeout=config.close_timeout,
         agent_hosted=True,
+        majority=config.failover,
+    )
+
+
+def _failover(
+    config: TcpRendezvousConfig,
+    token: str,
+    server_tls: ssl.SSLContext | None,
+    client_tls: ssl.SSLContext | None,
+    endpoint_host: str,
+) -> StoreFailover:
+    """This node's part in moving the store: a port reserved now, served if elected."""
+    from elastic_runner.rendezvous import tcp_server  # asyncio: only where it serves
+
+    def serve(sock: socket.socket) -> TCPStoreServer:
+        return tcp_server.TCPStoreServer(
+            config.bind, 0, token, ssl_context=server_tls, listening=sock
+        )
+
+    def connect(addr: str, port: int, patience: float) -> TCPStoreClient:
+        return TCPStoreClient(
+            addr,
+            port,
+            token,
+            connect_timeout=1.0,  # refused: that node is gone
+            reconnect_timeout=config.heartbeat_timeout,
+            request_timeout=max(patience, 2.0, config.heartbeat_timeout),
+            ssl_context=client_tls,
+            # TLS: the certificates name the endpoint; each node's must name its own
+            # address too, for it to host the store after a move
+            server_hostname=addr.strip("[]") if client_tls else endpoint_host.strip("[]"),
+        )
+
+    return StoreFailover(
+        lambda: tcp_server.listen_socket(config.bind, 0),
+        serve,
+        connect,
+        # a survivor elected later than this one (it noticed the loss later, or was
+        # stopping its workers) starts serving within about this long
+        patience=2 * config.heartbeat_timeout + 5.0,
     )
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "MAX_UNAUTHENTICATED",
     "StoreLimits",
     "TCPStoreServer",
+    "listen_socket",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,9 @@ class TCPStoreServer:
     ``token``: what every client must present in ``hello`` (empty: no secret; a client
     that presents one is refused all the same, its agent and this one disagree).
     ``ssl_context``: a server-side context to speak TLS. ``limits``:
-    :meth:`StoreLimits.for_this_process` unless given."""
+    :meth:`StoreLimits.for_this_process` unless given. ``listening``: a socket already
+    listening (from :func:`listen_socket`), served instead of binding ``host:port``; the
+    connections waiting in its backlog are served too."""
 
     def __init__(
         self,
@@ -201,6 +204,7 @@ class TCPStoreServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         limits: StoreLimits | None = None,
+        listening: socket.socket | None = None,
     ) -> None:
         self._token = token.encode()
         self._ssl = ssl_context
@@ -218,10 +222,15 @@ class TCPStoreServer:
         self.store = MemoryStore(on_change=self._changed)
         #: Requests answered, by operation (for benchmarks and diagnostics).
         self.requests: collections.Counter[str] = collections.Counter()
+        #: Bytes of the frames read (headers included) and written, on every connection,
+        #: for benchmarks and diagnostics (``bench/scale.py``): two integer additions per
+        #: request, always on.
+        self.bytes_in = 0
+        self.bytes_out = 0
         #: Connections refused or closed for the limits, by reason (for tests).
         self.refused: collections.Counter[str] = collections.Counter()
         try:
-            sock = _listen(host, port)
+            sock = listen_socket(host, port) if listening is None else listening
         except BaseException:
             self._loop.close()
             raise
@@ -472,6 +481,7 @@ class TCPStoreServer:
             if not conn.authenticated:
                 self.refused["no hello in time"] += 1
             raise _Closed(f"a frame of {size} bytes did not arrive within {read:g} s") from None
+        self.bytes_in += HEADER.size + size
         return decode(body)
 
     async def _send(self, writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
@@ -488,6 +498,7 @@ class TCPStoreServer:
                 }
             )
         writer.write(frame)
+        self.bytes_out += len(frame)
         try:
             await asyncio.wait_for(writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
@@ -606,7 +617,7 @@ def _peer(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _listen(host: str | None, port: int) -> socket.socket:
+def listen_socket(host: str | None, port: int) -> socket.socket:
     """One listening socket: on every interface (one port for IPv4 and IPv6, where the
     machine has both), or on ``host``'s first address."""
     if host is None:

@@ -1,0 +1,189 @@
+"""The store moves to a surviving node: the election over real TCP store servers, and
+the rendezvous that carries the round and the restart count over to the new store."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from elastic_runner.rendezvous import dynamic
+from elastic_runner.rendezvous.api import NodeInfo, RendezvousError, RendezvousInfo
+from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
+from elastic_runner.rendezvous.failover import Candidate, StoreFailover
+from elastic_runner.rendezvous.store import Store, StoreUnavailableError
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer, listen_socket
+from elastic_runner.rendezvous.tcp_store import TCPStoreClient
+
+
+def _failover() -> StoreFailover:
+    return StoreFailover(
+        lambda: listen_socket("127.0.0.1", 0),
+        lambda sock: TCPStoreServer(None, 0, listening=sock),
+        lambda addr, port, patience: TCPStoreClient(
+            addr, port, connect_timeout=1.0, request_timeout=max(patience, 2.0)
+        ),
+        patience=5.0,
+    )
+
+
+@pytest.fixture
+def failovers() -> Iterator[list[StoreFailover]]:
+    made = [_failover() for _ in range(3)]
+    yield made
+    for f in made:
+        f.close()
+
+
+def _candidates(failovers: list[StoreFailover]) -> list[Candidate]:
+    return [Candidate(f"n{i}", "127.0.0.1", f.port) for i, f in enumerate(failovers)]
+
+
+def test_the_first_candidate_that_answers_hosts(failovers: list[StoreFailover]) -> None:
+    candidates = _candidates(failovers)
+    failovers[0].close()  # n0 is gone: its port refuses
+    found: list[tuple[Store, str]] = []
+    # n2 asks first: n1 serves only once it elects itself, and n2's request waits for it
+    asking = threading.Thread(target=lambda: found.append(failovers[2].elect(candidates, "n2")))
+    asking.start()
+    store1, endpoint1 = failovers[1].elect(candidates, "n1")
+    asking.join(10)
+    store2, endpoint2 = found[0]
+    assert endpoint1 == endpoint2 == f"127.0.0.1:{failovers[1].port}"
+    assert failovers[1].serving and not failovers[2].serving
+    store1.set("k", "v")
+    assert store2.get("k") == "v"  # one store
+    store1.close()
+    store2.close()
+
+
+def test_no_candidate_left_is_an_error(failovers: list[StoreFailover]) -> None:
+    candidates = _candidates(failovers)[:2]
+    for f in failovers[:2]:
+        f.close()
+    with pytest.raises(StoreUnavailableError, match="no surviving member"):
+        failovers[2].elect(candidates, "n2")
+
+
+# -- the rendezvous over a store whose host dies -----------------------------------------
+
+
+class _Cluster:
+    """A job whose store is hosted by a server that ``kill_host`` closes, and nodes with
+    failover (each its own client of the store)."""
+
+    def __init__(self, min_nodes: int, max_nodes: int, join_timeout: float = 20) -> None:
+        self.host = TCPStoreServer("127.0.0.1", 0)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.settings = RendezvousSettings(
+            self.run_id,
+            min_nodes,
+            max_nodes,
+            join_timeout=join_timeout,
+            last_call_timeout=0.3,
+            heartbeat_interval=0.1,
+            heartbeat_timeout=0.8,
+            agent_hosted=True,
+            majority=True,
+        )
+        self.nodes: list[DynamicRendezvous] = []
+
+    def node(self) -> DynamicRendezvous:
+        handler = DynamicRendezvous(
+            TCPStoreClient("127.0.0.1", self.host.port, reconnect_timeout=0.5),
+            self.settings,
+            backend="test",
+            endpoint=f"127.0.0.1:{self.host.port}",
+            local_addr="127.0.0.1",
+            failover=_failover(),
+        )
+        self.nodes.append(handler)
+        return handler
+
+    def close(self) -> None:
+        # at once, as agents would: the node that hosts since the move waits for the others
+        closing = [threading.Thread(target=h.shutdown) for h in self.nodes]
+        for t in closing:
+            t.start()
+        for t in closing:
+            t.join(30)
+        self.host.close()
+
+
+def _rounds(handlers: list[DynamicRendezvous], failed: bool = False) -> list[RendezvousInfo]:
+    results: list[object] = [None] * len(handlers)
+
+    def join(i: int) -> None:
+        try:
+            results[i] = handlers[i].next_round(NodeInfo("r", 1), failed)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(len(handlers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Cluster]]:
+    monkeypatch.setattr(dynamic, "find_free_port", lambda addr: 4242)
+    made: list[_Cluster] = []
+
+    class Made(_Cluster):
+        def __init__(self, min_nodes: int, max_nodes: int, join_timeout: float = 20) -> None:
+            super().__init__(min_nodes, max_nodes, join_timeout)
+            made.append(self)
+
+    yield Made
+    for c in made:
+        c.close()
+
+
+def test_survivors_move_the_store_and_form_the_next_round(cluster: type[_Cluster]) -> None:
+    job = cluster(2, 3)
+    a, b, c = (job.node() for _ in range(3))
+    first = _rounds([a, b, c])
+    assert {i.group_world_size for i in first} == {3}
+    again = _rounds([a, b], failed=True)  # one failure: the restart count is 1
+    job.node()  # (a third node, so that the next round is of three)
+    assert {i.restart_count for i in again} == {1}
+    # c is gone with the host: a round of a, b and a newcomer, then the host dies
+    c.leave("stopped")
+    third = _rounds([a, b, job.nodes[-1]])
+    assert {i.group_world_size for i in third} == {3}
+    job.nodes[-1]._stop.set()  # the newcomer dies too (its key expires)
+    job.host.close()
+    moved = _rounds([a, b])
+    assert {i.group_world_size for i in moved} == {2}
+    assert {i.round for i in moved} == {third[0].round + 1}  # the round number goes on
+    assert {i.restart_count for i in moved} == {1}  # and the restart count
+
+
+def test_a_minority_never_forms_a_round(cluster: type[_Cluster]) -> None:
+    """The store gone, and only one of the last round's three nodes comes: nnodes allows
+    one node, but one of three is no majority: it never forms a round, and says why."""
+    job = cluster(1, 3, join_timeout=3)
+    a, b, c = (job.node() for _ in range(3))
+    _rounds([a, b, c])
+    b._stop.set()  # lost (not left): its key expires
+    job.host.close()
+    with pytest.raises(
+        RendezvousError, match="1 of a majority of the last round's 3 nodes arrived"
+    ):
+        a.next_round(NodeInfo("r", 1))
+
+
+def test_the_reserved_port_is_released(failovers: list[StoreFailover]) -> None:
+    port = failovers[0].port
+    failovers[0].close()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
