@@ -29,9 +29,9 @@ from elastic_runner.attempt import Attempt
 from elastic_runner.blocking_calls import BlockingCalls, Stopped
 from elastic_runner.crash_loop import CrashLoopJudge
 from elastic_runner.events import EventEmitter, EventSink, names
-from elastic_runner.exclusion import Exclusion, ExclusionJudge
+from elastic_runner.exclusion import ExclusionJudge
 from elastic_runner.faults import FaultInjector
-from elastic_runner.lifecycle import Lifecycle, NoLifecycle, Refusal
+from elastic_runner.lifecycle import Lifecycle, NoLifecycle
 from elastic_runner.metrics import MetricHandler
 from elastic_runner.outside import SignalWitness, answers, stop_reason
 from elastic_runner.rendezvous.api import (
@@ -52,6 +52,7 @@ from elastic_runner.spec import (
     WorkerState,
     WorkerStatus,
 )
+from elastic_runner.staying_out import Refused, StayingOut
 from elastic_runner.workers.environment import worker_environment
 from elastic_runner.workers.interfaces import collective_interface_env
 from elastic_runner.workers.launcher import WorkerLaunch, WorkerLauncher
@@ -70,14 +71,6 @@ __all__ = ["FAILING_GRACE", "ElasticAgent", "WorkerLauncher"]
 FAILING_GRACE = 1.0
 
 log = logging.getLogger(__name__)
-
-
-class _Refused(Exception):
-    """A health check kept this node out of the next rendezvous."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.describe())
-        self.refusal = refusal
 
 
 class ElasticAgent:
@@ -128,9 +121,6 @@ class ElasticAgent:
         self._policy = restart_policy or RestartPolicy()
         self._crash_loop = crash_loop or CrashLoopJudge(limit=0)
         #: A node its health checks keep out checks again every [1] s for [0] s.
-        self._checks_retry = checks_retry
-        self._exclusion = exclusion or ExclusionJudge()
-        self._excluded: list[str] = []
         self._faults = faults
         self._injected: list[str] = []
         self._no_progress = False
@@ -145,6 +135,19 @@ class ElasticAgent:
         self._lease: float | None = None
         self._clock = clock
         self._calls = BlockingCalls(launcher, lambda: self._stop_signal is not None)
+        self._out = StayingOut(
+            self.group,
+            rendezvous,
+            self._calls,
+            self._events,
+            self._lifecycle,
+            node=context.node,
+            wait=launcher.wait,
+            stopped=lambda: self._stop_signal is not None,
+            clock=clock,
+            checks_retry=checks_retry,
+            exclusion=exclusion or ExclusionJudge(),
+        )
         #: Set per round: GLOO_SOCKET_IFNAME where gloo's own choice would be loopback.
         self._network_env: dict[str, str] = {}
         self._stop_signal: int | None = None
@@ -195,7 +198,7 @@ class ElasticAgent:
             self._timers.on_expired(self._on_timer_expired)
         try:
             return self._loop()
-        except _Refused as refused:
+        except Refused as refused:
             log.error("%s: leaving the job", refused.refusal.describe())
             self._events.agent(
                 names.HEALTH_CHECK_REFUSED,
@@ -270,8 +273,11 @@ class ElasticAgent:
                 if reason:
                     self._rdzv.fail_job(reason)
                     return self._finish(WorkerState.FAILED, reason)
-                if (exclusion := self._judge_exclusion()) is not None:
-                    self._sit_out(exclusion)
+                if (exclusion := self._out.judge()) is not None:
+                    # The failed attempt is over: if the job finishes meanwhile, this
+                    # node's report is of its exclusion, not of a failure the job got past.
+                    self._attempt = Attempt(self.spec.local_world_size, self._paths)
+                    self._out.sit_out(exclusion)
                     self._start_attempt()
                     continue
                 self._events.agent(names.RESTART, reason="failure")
@@ -308,85 +314,6 @@ class ElasticAgent:
         self._events.agent(names.RESTART, reason="fenced")
         self._start_attempt()
 
-    def _stay_out(self, refusal: Refusal | None) -> None:
-        """A health check keeps this node out: check again every ``checks.retry_interval``
-        seconds for ``checks.retry_for`` (the job runs on without it, if ``nnodes``
-        allows), and return once every check passes; else leave the job."""
-        retry_for, interval = self._checks_retry
-        deadline = self._clock() + retry_for
-        said = None
-        while refusal is not None:
-            left = deadline - self._clock()
-            if left <= 0:
-                raise _Refused(refusal)
-            pause = min(interval, left)
-            if refusal != said:  # once per reason: a node may stay out for hours
-                said = refusal
-                log.warning(
-                    "%s: this node stays out, checking again every %g s for up to %g s",
-                    refusal.describe(),
-                    interval,
-                    left,
-                )
-                self._events.agent(
-                    names.NODE_OUT, plugin=refusal.plugin, reason=refusal.reason, retry_in=pause
-                )
-            wake = self._clock() + pause
-            while (now := self._clock()) < wake:
-                self._launcher.wait(wake - now)
-                if self._stop_signal is not None:
-                    raise Stopped
-            group = self.group
-            refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
-        log.info("every health check passes: this node joins the job")
-        self._events.agent(names.NODE_IN)
-
-    def _report_failure(self) -> None:
-        """Tell the rendezvous when this node's workers first failed in this round (the
-        earliest report is the root cause), when exclusion is on."""
-        if self._exclusion.enabled:
-            at = time.time()
-            report = "report this node's failure to the rendezvous"
-            self._calls.start(lambda: self._rdzv.report_failure(at), report)
-
-    def _judge_exclusion(self) -> Exclusion | None:
-        """Whether this node, the root cause of the failure, must step out of the job
-        (``exclusion.*``): if so, it has left the current round."""
-        judge = self._exclusion
-        if not judge.enabled:
-            return None
-        exclusion = judge.failed(self._clock(), self._calls.run(self._rdzv.root_cause))
-        if exclusion is None:
-            return None
-        if not self._calls.run(lambda: self._rdzv.step_out(exclusion.reason, True)):
-            log.warning(
-                "this node would be %s, but the job cannot spare it (too few nodes would be "
-                "left): it restarts with the others",
-                exclusion.reason,
-            )
-            return None
-        judge.stepped_out()
-        return exclusion
-
-    def _sit_out(self, exclusion: Exclusion) -> None:
-        """This node stepped out: wait out the cooldown outside the job (its end ends the
-        wait); the caller joins again (once the health checks pass)."""
-        node = self._context.node
-        log.error("node %s leaves the job: %s", node, exclusion.reason)
-        self._excluded.append(f"node {node} {exclusion.reason}")
-        # The failed attempt is over: if the job finishes meanwhile, this node's report
-        # is of its exclusion, not of a failure the job got past.
-        self._attempt = Attempt(self.spec.local_world_size, self._paths)
-        self._events.agent(
-            names.NODE_EXCLUDED,
-            reason=exclusion.reason,
-            cooldown=exclusion.cooldown,
-            count=exclusion.count,
-        )
-        self._calls.run(lambda: self._rdzv.sit_out(self._clock() + exclusion.cooldown))
-        log.info("cooldown over: this node joins the job again once its checks pass")
-        self._events.agent(names.NODE_IN, after="exclusion")
-
     def _regroup(self, during: str) -> None:
         """The job's membership changed: stop, re-form and start again, no restart spent."""
         self._events.agent(names.MEMBERSHIP_CHANGED, during=during)
@@ -399,9 +326,8 @@ class ElasticAgent:
         ``failed``: the previous attempt failed (one restart of the job's budget)."""
         group, spec = self.group, self.spec
         # Before the last attempt is forgotten: a refusal ends the run with its report.
-        refusal = self._lifecycle.before_rendezvous(group.attempt + 1, group.restart_count)
-        if refusal is not None:
-            self._stay_out(refusal)
+        if (refusal := self._out.check()) is not None:
+            self._out.until_checks_pass(refusal)
         self._attempt = Attempt(spec.local_world_size, self._paths)
         self.usage.clear()
         group.state = WorkerState.INIT
@@ -511,7 +437,7 @@ class ElasticAgent:
             self._metrics.put("workers.failures", 1, {"kind": failure.kind.name})
             if self._failed_at is None:
                 self._failed_at = self._clock()
-                self._report_failure()
+                self._out.report_failure()
             log.warning(
                 "worker rank %d (pid %d) failed: %s",
                 exit_.global_rank,
@@ -673,5 +599,5 @@ class ElasticAgent:
             started_at=self._attempt.started_wall,
             no_progress=self._no_progress,
             injected=list(self._injected),
-            excluded=list(self._excluded),
+            excluded=list(self._out.excluded),
         )

@@ -267,7 +267,7 @@ BAD_INPUTS = [
     (["job=hello"], "select a preset with +job=NAME"),
     (
         ["+job=hello", "foo=1"],
-        "foo=1: no such key; allowed keys at top level: checks, events, fault, health, job",
+        "foo=1: no such key; allowed keys at top level: checks, events, exclusion, fault, health",
     ),
     (["+job=hello", "job.nprocs=2"], "job.nprocs=2: no such key; allowed keys at job: args"),
     (["+job=hello", "max_restarts=abc"], "max_restarts=abc: Value 'abc'"),
