@@ -12,6 +12,18 @@ signal N.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the imports follow the collector's pause below, on purpose)
+import gc
+
+# The imports below create ~60k objects that live as long as the process (modules,
+# classes, Hydra's and OmegaConf's tables) and almost no garbage: the cyclic collector's
+# passes over them (~90 young and 8 middle-generation collections) cost ~20 ms of CPU per
+# start. So it is paused while they run, and they are frozen (left out of every later
+# collection) when it resumes: resuming without the freeze costs as much again in one
+# pass over them. :class:`_StartupGC` does the same for the rest of start-up.
+_GC_WAS_ENABLED = gc.isenabled()
+gc.disable()
+
 import contextlib
 import logging
 import os
@@ -49,13 +61,12 @@ from elastic_runner.run import run
 from elastic_runner.schedulers.slurm import SlurmError
 from elastic_runner.schedulers.slurm import command_line as slurm_command_line
 from elastic_runner.sweep import PointResult
-from elastic_runner.torchrun.front import (
-    TorchrunUsageError,
-    prepare,
-    split_torchrun_form,
-)
 from elastic_runner.torchrun.hints import misuse_hint
 from elastic_runner.workers.logs import guard_log_files
+
+if _GC_WAS_ENABLED:
+    gc.freeze()
+    gc.enable()
 
 __all__ = ["main", "run_job"]
 
@@ -64,8 +75,20 @@ EXIT_CONFIG_ERROR = 2
 
 def main() -> None:
     """Console entry point of ``elastic-run``."""
+    startup_gc = _StartupGC()
+    try:
+        _main(startup_gc)
+    finally:
+        startup_gc.close()
+
+
+def _main(startup_gc: _StartupGC) -> None:
     base_env = dict(os.environ)
-    torchrun_form = split_torchrun_form(sys.argv[1:])
+    torchrun_form = None
+    if "torchrun" in sys.argv[1:]:  # lazy: the torchrun front end costs ~7 ms to import
+        from elastic_runner.torchrun.front import split_torchrun_form
+
+        torchrun_form = split_torchrun_form(sys.argv[1:])
     if torchrun_form is None:
         if "--version" in sys.argv[1:]:  # Hydra's flag would print Hydra's version
             from elastic_runner import __version__
@@ -95,6 +118,8 @@ def main() -> None:
     OmegaConf.register_new_resolver("er.example", example_path, replace=True)
     patch: ConfigPatch | None = None
     if torchrun_form is not None:
+        from elastic_runner.torchrun.front import TorchrunUsageError, prepare
+
         try:
             sys.argv[1:], patch = prepare(
                 *torchrun_form,
@@ -117,6 +142,7 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf.errors import OmegaConfBaseException
 
+        startup_gc.run_starts()
         started = time.monotonic()
         hydra_cfg = HydraConfig.get()
         guard_log_files(logging.getLogger())  # elastic-run.log on a full disk: one warning
@@ -154,7 +180,11 @@ def main() -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        with _skip_mode_probe(sys.argv[1:]), _remember_job_dirs(job_dirs):
+        with (
+            _skip_mode_probe(sys.argv[1:]),
+            _share_config_store(),
+            _remember_job_dirs(job_dirs),
+        ):
             hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(
                 task
             )()
@@ -229,6 +259,58 @@ def _skip_mode_probe(argv: list[str]) -> Iterator[None]:
         yield
     finally:
         Hydra.get_mode = probe  # type: ignore[method-assign]
+
+
+class _StartupGC:
+    """Pauses the cyclic garbage collector from the start of :func:`main` until the
+    composed run starts (the first job's task), then freezes what start-up built.
+
+    Start-up (imports, plugins, Hydra's composition) allocates ~90k objects that live as
+    long as the agent and leaves ~7k in garbage cycles: with the collector on, its passes
+    over them cost 45-65 ms of CPU per start (measured: 117 young, 11 middle and one full
+    collection), ~10% of an agent's start. Frozen (``gc.freeze``), they are left out of
+    the agent's later collections too; the price is that start-up's garbage cycles (about
+    1.2 MiB) stay. Nothing changes when the collector was off already."""
+
+    def __init__(self) -> None:
+        self._enabled = gc.isenabled()
+        self._frozen = False
+        gc.disable()
+
+    def run_starts(self) -> None:
+        """The job starts: freeze start-up's objects and turn the collector back on (at
+        the first job only; later sweep points run with the collector on)."""
+        if self._enabled and not self._frozen:
+            gc.freeze()
+            self._frozen = True
+            gc.enable()
+
+    def close(self) -> None:
+        """Leave the collector as it was found (an in-process caller, e.g. a test)."""
+        if self._frozen:
+            gc.unfreeze()
+        if self._enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _share_config_store() -> Iterator[None]:
+    """Hydra deep-copies its config repository for each composition, and with it the
+    ConfigStore singleton (~10 ms for our schemas: 27 structured configs), only to keep
+    the repository's list of sources unchanged. The store is not mutated by a
+    composition (each config it hands out is a deep copy already), so the copy shares it.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    previous = vars(ConfigStore).get("__deepcopy__")
+    ConfigStore.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ConfigStore.__deepcopy__  # type: ignore[attr-defined]
+        else:
+            ConfigStore.__deepcopy__ = previous  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

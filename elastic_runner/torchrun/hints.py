@@ -8,8 +8,6 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from elastic_runner.torchrun.options import OPTION_STRINGS
-
 __all__ = ["misuse_hint"]
 
 #: Hydra's own flags; ``-m`` (multirun) and ``-r`` (run) are Hydra's, not torchrun's.
@@ -31,12 +29,16 @@ def misuse_hint(argv: Sequence[str]) -> str | None:
         name = arg.partition("=")[0]
         if name in _HYDRA_FLAGS:
             continue
-        if name in OPTION_STRINGS:
-            return (
-                f"{name} is a torchrun option; to run a torchrun command line, put 'torchrun' "
-                f"before it: {working}"
-            )
-        if arg.startswith("-"):
+        if arg.startswith("-"):  # every torchrun option does
+            # lazy: the option table costs ~5 ms to import, and a Hydra-form command line
+            # (key=value ...) never needs it
+            from elastic_runner.torchrun.options import OPTION_STRINGS
+
+            if name in OPTION_STRINGS:
+                return (
+                    f"{name} is a torchrun option; to run a torchrun command line, put "
+                    f"'torchrun' before it: {working}"
+                )
             continue
         if "=" in arg or arg.startswith(("+", "~")):
             continue
