@@ -47,9 +47,9 @@ def test_the_first_candidate_that_answers_hosts(failovers: list[StoreFailover]) 
     failovers[0].close()  # n0 is gone: its port refuses
     found: list[tuple[Store, str]] = []
     # n2 asks first: n1 serves only once it elects itself, and n2's request waits for it
-    asking = threading.Thread(target=lambda: found.append(failovers[2].elect(candidates, "n2")))
+    asking = threading.Thread(target=lambda: found.append(failovers[2].elect(candidates, "n2", 3)))
     asking.start()
-    store1, endpoint1 = failovers[1].elect(candidates, "n1")
+    store1, endpoint1 = failovers[1].elect(candidates, "n1", 3)
     asking.join(10)
     store2, endpoint2 = found[0]
     assert endpoint1 == endpoint2 == f"127.0.0.1:{failovers[1].port}"
@@ -60,12 +60,12 @@ def test_the_first_candidate_that_answers_hosts(failovers: list[StoreFailover]) 
     store2.close()
 
 
-def test_no_candidate_left_is_an_error(failovers: list[StoreFailover]) -> None:
-    candidates = _candidates(failovers)[:2]
+def test_a_node_that_reaches_no_majority_does_not_move(failovers: list[StoreFailover]) -> None:
+    candidates = _candidates(failovers)
     for f in failovers[:2]:
         f.close()
-    with pytest.raises(StoreUnavailableError, match="no surviving member"):
-        failovers[2].elect(candidates, "n2")
+    with pytest.raises(StoreUnavailableError, match="reaches 1 of the last round's 3 nodes"):
+        failovers[2].elect(candidates, "n2", 3)
 
 
 # -- the rendezvous over a store whose host dies -----------------------------------------
@@ -160,7 +160,10 @@ def test_survivors_move_the_store_and_form_the_next_round(cluster: type[_Cluster
     c.leave("stopped")
     third = _rounds([a, b, job.nodes[-1]])
     assert {i.group_world_size for i in third} == {3}
-    job.nodes[-1]._stop.set()  # the newcomer dies too (its key expires)
+    newcomer = job.nodes[-1]
+    newcomer._stop.set()  # the newcomer dies too: its key expires, its port goes
+    assert newcomer._failover is not None
+    newcomer._failover.close()
     job.host.close()
     moved = _rounds([a, b])
     assert {i.group_world_size for i in moved} == {2}
@@ -169,17 +172,39 @@ def test_survivors_move_the_store_and_form_the_next_round(cluster: type[_Cluster
 
 
 def test_a_minority_never_forms_a_round(cluster: type[_Cluster]) -> None:
-    """The store gone, and only one of the last round's three nodes comes: nnodes allows
-    one node, but one of three is no majority: it never forms a round, and says why."""
+    """Two of the last round's three nodes lost (not left): nnodes allows one node, but
+    one of three is no majority: the survivor never forms a round, and says why."""
     job = cluster(1, 3, join_timeout=3)
     a, b, c = (job.node() for _ in range(3))
     _rounds([a, b, c])
-    b._stop.set()  # lost (not left): its key expires
-    job.host.close()
+    for lost in (b, c):
+        lost._stop.set()  # their keys expire
     with pytest.raises(
         RendezvousError, match="1 of a majority of the last round's 3 nodes arrived"
     ):
         a.next_round(NodeInfo("r", 1))
+
+
+def test_a_live_host_that_does_not_serve_is_not_moved_past(
+    failovers: list[StoreFailover],
+) -> None:
+    """n0 is alive (its port takes connections) but still on the old store: n1 does not
+    make itself the host."""
+    candidates = _candidates(failovers)
+    quick = StoreFailover(
+        lambda: listen_socket("127.0.0.1", 0),
+        lambda sock: TCPStoreServer(None, 0, listening=sock),
+        lambda addr, port, patience: TCPStoreClient(
+            addr, port, connect_timeout=1.0, request_timeout=max(patience, 0.5)
+        ),
+        patience=0.5,
+    )
+    try:
+        with pytest.raises(StoreUnavailableError, match="does not host the store"):
+            quick.elect(candidates, "n1", 3)
+        assert not quick.serving
+    finally:
+        quick.close()
 
 
 def test_the_reserved_port_is_released(failovers: list[StoreFailover]) -> None:

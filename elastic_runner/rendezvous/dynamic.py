@@ -498,6 +498,7 @@ class DynamicRendezvous:
         """Announce this node, waiting for an unavailable store until ``deadline`` (it
         may start after us, or be restarting); then, or on any other error, raise."""
         delay = 0.05
+        cut_off = False
         while True:
             if self._stop.is_set():
                 raise RendezvousError("this node is leaving the job")
@@ -513,9 +514,15 @@ class DynamicRendezvous:
                 return
             except StoreError as exc:
                 if self._can_move and self._clock() < deadline:
-                    log.warning("the rendezvous store at %s is gone: %s", self._endpoint, exc)
-                    self._move_store()
-                    continue
+                    # once per outage: a node cut off tries again until join_timeout
+                    say = log.debug if cut_off else log.warning
+                    say("the rendezvous store at %s is gone: %s", self._endpoint, exc)
+                    try:
+                        self._move_store()
+                        continue
+                    except StoreUnavailableError as why:
+                        say("%s", why)  # cut off: retry the store, its link may heal
+                        cut_off = True
                 if not isinstance(exc, StoreUnavailableError):
                     raise
                 if self._clock() + delay >= deadline:
@@ -537,12 +544,15 @@ class DynamicRendezvous:
         node's own, when it comes first), then carry the round number and the restart
         count over to it (every survivor writes the same values; the first one counts)."""
         assert self._failover is not None
+        host, _, port = self._endpoint.rpartition(":")
+        if port.isdigit() and self._failover.answers(host.strip("[]"), int(port)):
+            raise StoreUnavailableError(f"the rendezvous store at {self._endpoint} answers again")
         candidates = [
             Candidate(str(m[0]), str(m[3]), int(m[4]))
             for m in self._record
             if len(m) > 4 and m[3] and m[4]
         ]
-        store, endpoint = self._failover.elect(candidates, self.node_id)
+        store, endpoint = self._failover.elect(candidates, self.node_id, len(self._record))
         old, self._store = self._store, store
         log.warning("rendezvous store: %s (was %s)", endpoint, self._endpoint)
         self._endpoint = endpoint

@@ -3,11 +3,16 @@
 Every agent that does not host the store reserves a listening socket at start (no
 thread, nothing served: connections wait in its backlog) and announces its port in its
 join record, so every member of a round knows where each other member would serve. When
-the store cannot be reached any more, each survivor tries the members of its last round
-in group-rank order: a member whose port refuses connections is gone (its process holds
-the socket); the first that answers is the new host, and the member that finds itself
+the store cannot be reached any more (not even on a new connection), each survivor
+connects to the other members' ports:
+a member whose port refuses or does not answer is gone or cut off. A survivor that
+reaches a strict majority of the last round's members (itself included) moves: the first
+member it reached, in group-rank order, is the new host, and the member that finds itself
 first starts serving on its socket (the others' requests, queued meanwhile, are then
-answered). Every survivor that sees the same members gone picks the same host.
+answered). Every survivor that sees the same members gone picks the same host. A node
+that reaches no majority does not move: it is the one cut off, and keeps trying the old
+store, which it finds again when its link heals; nor does one whose elected host is
+alive but does not serve (it still reaches the old store).
 
 The new store starts empty: the survivors announce themselves again and form the next
 round there (:class:`~elastic_runner.rendezvous.dynamic.DynamicRendezvous` carries the
@@ -77,11 +82,19 @@ class StoreFailover:
     def serving(self) -> bool:
         return self._server is not None
 
-    def elect(self, candidates: Sequence[Candidate], me: str) -> tuple[Store, str]:
+    def elect(self, candidates: Sequence[Candidate], me: str, members: int) -> tuple[Store, str]:
         """A client of the new host's store and its ``addr:port``: the first of
-        ``candidates`` (group-rank order) that answers; this node's own when it comes
-        first. :class:`StoreUnavailableError` when none answers."""
-        for c in candidates:
+        ``candidates`` (group-rank order) that this node reaches, this node's own when it
+        comes first, if it reaches a strict majority of the last round's ``members``;
+        else :class:`StoreUnavailableError` (also when the elected node does not serve
+        within the patience)."""
+        reached = [c for c in candidates if c.node_id == me or self._reaches(c)]
+        if 2 * len(reached) <= members:
+            raise StoreUnavailableError(
+                f"this node reaches {len(reached)} of the last round's {members} nodes, no "
+                "majority: not moving the store"
+            )
+        for c in reached:
             if c.node_id == me:
                 local = self._start().local_host
                 log.warning("this node hosts the rendezvous store now (port %d)", c.port)
@@ -90,13 +103,38 @@ class StoreFailover:
             try:
                 probe.get("failover")  # answered once that node serves
             except StoreError as exc:
-                log.info("node %s cannot host the rendezvous store: %s", c.node_id, exc)
+                # alive, and still on the old store (it reaches it, this node does not)
+                raise StoreUnavailableError(
+                    f"node {c.node_id} does not host the store after the move ({exc}): "
+                    "not moving it"
+                ) from None
+            finally:
                 probe.close()
-                continue
-            probe.close()
             log.warning("the rendezvous store moved to node %s at %s:%d", c.node_id, c.addr, c.port)
             return self._connect(c.addr, c.port, 0.0), f"{c.addr}:{c.port}"
         raise StoreUnavailableError("no surviving member of the last round can host the store")
+
+    def answers(self, addr: str, port: int) -> bool:
+        """Whether the store at ``addr:port`` answers a new connection now (a store this
+        node lost on a link that has healed since, say)."""
+        store = self._connect(addr, port, 0.0)
+        try:
+            store.get("failover")
+            return True
+        except StoreError:
+            return False
+        finally:
+            store.close()
+
+    @staticmethod
+    def _reaches(c: Candidate) -> bool:
+        """Whether ``c``'s reserved port takes a connection (its agent lives, and the way
+        there is open) within a second."""
+        try:
+            with socket.create_connection((c.addr, c.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
 
     def _start(self) -> Server:
         if self._server is None:
