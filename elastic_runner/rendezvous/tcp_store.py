@@ -44,6 +44,11 @@ class TCPStoreClient:
     store over loopback but checks the name the other nodes use). A connection idle for
     half the server's idle timeout, or that the server closed, is replaced before the
     next request, without counting as lost.
+
+    ``source_address``: the local address its connections are made from (port 0: any),
+    as :func:`socket.create_connection` takes it; ``None`` (the default) lets the
+    kernel choose. A benchmark spreads many clients over 127.0.0.x this way, so they do
+    not run out of ephemeral ports towards one server.
     """
 
     def __init__(
@@ -57,8 +62,10 @@ class TCPStoreClient:
         *,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        source_address: tuple[str, int] | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
+        self._source_address = source_address
         self._host, self._port, self._token = host, port, token
         self._ssl = ssl_context
         self._server_hostname = server_hostname or host
@@ -101,7 +108,9 @@ class TCPStoreClient:
             try:
                 # No longer than the patience left: a cut link answers no SYN at all.
                 wait = min(5.0, max(0.2, deadline - time.monotonic()))
-                sock = socket.create_connection((self._host, self._port), timeout=wait)
+                sock = socket.create_connection(
+                    (self._host, self._port), timeout=wait, source_address=self._source_address
+                )
                 break
             except OSError as exc:  # socket.gaierror too: the name may resolve later
                 if time.monotonic() + delay > deadline:
