@@ -531,3 +531,10 @@ def test_the_store_host_waits_for_a_node_sitting_out(spares: Callable[..., _Job]
     other.shutdown()
     closing.join(5)
     assert not closing.is_alive()
+
+
+def test_the_last_node_out_removes_the_jobs_keys(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2)
+    for handler in _form_job(job, 2):
+        handler.shutdown()
+    assert job.store.scan(f"rdzv/{job.run_id}/")[0] == {}

@@ -419,7 +419,7 @@ class DynamicRendezvous:
                 self._store.delete(self._p + kind + self.node_id)
             if self._hosting and self._left is None:
                 self._linger()
-            if not self._others():
+            if not self._others()[0]:
                 self._store.delete_prefix(self._p)  # the last node out removes the job's keys
 
         if self._left is None:
