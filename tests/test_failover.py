@@ -11,12 +11,13 @@ from collections.abc import Iterator
 import pytest
 
 from elastic_runner.rendezvous import dynamic
-from elastic_runner.rendezvous.api import NodeInfo, RendezvousError, RendezvousInfo
+from elastic_runner.rendezvous.api import NodeInfo, RendezvousError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.failover import Candidate, StoreFailover
 from elastic_runner.rendezvous.store import Store, StoreUnavailableError
 from elastic_runner.rendezvous.tcp_server import TCPStoreServer, listen_socket
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
+from elastic_runner.testing.rendezvous_suite import RendezvousSuite
 
 
 def _failover() -> StoreFailover:
@@ -113,24 +114,7 @@ class _Cluster:
         self.host.close()
 
 
-def _rounds(handlers: list[DynamicRendezvous], failed: bool = False) -> list[RendezvousInfo]:
-    results: list[object] = [None] * len(handlers)
-
-    def join(i: int) -> None:
-        try:
-            results[i] = handlers[i].next_round(NodeInfo("r", 1), failed)
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=join, args=(i,)) for i in range(len(handlers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for r in results:
-        if isinstance(r, Exception):
-            raise r
-    return results  # type: ignore[return-value]
+_rounds = RendezvousSuite._join_all
 
 
 @pytest.fixture

@@ -63,12 +63,14 @@ class RendezvousSuite:
             handler.shutdown()
 
     @staticmethod
-    def _join_all(handlers: list[DynamicRendezvous], nproc: int = 1) -> list[RendezvousInfo]:
+    def _join_all(
+        handlers: list[DynamicRendezvous], nproc: int = 1, failed: bool = False
+    ) -> list[RendezvousInfo]:
         results: list[Any] = [None] * len(handlers)
 
         def join(i: int) -> None:
             try:
-                results[i] = handlers[i].next_round(NodeInfo("r", nproc))
+                results[i] = handlers[i].next_round(NodeInfo("r", nproc), failed)
             except Exception as exc:
                 results[i] = exc
 
