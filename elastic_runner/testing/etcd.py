@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from elastic_runner.testing.runner import free_port
 
 __all__ = ["EtcdServer", "etcd_binary", "etcd_server"]
 
@@ -47,12 +48,6 @@ def etcd_binary() -> str | None:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EtcdServer:
     """One etcd member on loopback."""
 
@@ -63,8 +58,8 @@ class EtcdServer:
         self.binary = binary
         self.data_dir = data_dir
         self.tls = tls
-        self.port = _free_port()
-        self.peer_port = _free_port()
+        self.port = free_port()
+        self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -189,9 +190,33 @@ def describe_process(proc: psutil.Process) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now on every interface, below the kernel's ephemeral range: a port
+    the kernel hands out by itself (an outgoing connection's, or a listener's on port 0
+    such as an agent's reserved store-failover port) cannot take it between this call
+    and the test binding it, as one picked by binding port 0 could (seen as a store's
+    host finding its endpoint's port in use, once in a CI run)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (no free port there: take any)
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+    return low if low > 11000 else 32768
 
 
 def http_status(port: int, path: str = "/healthz") -> int | None:
