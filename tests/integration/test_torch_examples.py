@@ -79,10 +79,15 @@ def test_resnet_resumes_after_an_injected_fault(elastic_run: ElasticRunner, tmp_
     assert run.returncode == 0, _explain(run)
     assert "FAULT INJECTION is on: fault=kill_rank: SIGKILL to rank 1 at step 15" in run.stderr
     assert "killed by SIGKILL (injected fault)" in run.stderr
-    assert "resumed from epoch 1" in run.stdout
-    assert "training done: epochs=3 world_size=2" in run.stdout
     injected = [e for e in run.events() if e["name"] == "elastic_runner.fault.injected"]
     assert len(injected) == 1
+    # Steps reach the agent rate-limited: the kill comes at step 15 or a few steps later
+    # (seen: 21, in epoch 3), and the job resumes from the last epoch done before it.
+    at = re.search(r"at step (\d+)", injected[0]["metadata"]["fault"])
+    resumed = re.search(r"resumed from epoch (\d+)", run.stdout)
+    assert at and resumed, run.stdout
+    assert int(at[1]) >= 15 and (int(at[1]) - 1) // 10 <= int(resumed[1]) <= 2
+    assert "training done: epochs=3 world_size=2" in run.stdout
 
 
 def test_torch_record_error_file_is_reported(elastic_run: ElasticRunner) -> None:
