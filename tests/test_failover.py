@@ -14,8 +14,9 @@ from elastic_runner.rendezvous import dynamic
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.failover import Candidate, StoreFailover
+from elastic_runner.rendezvous.network import listen_socket
 from elastic_runner.rendezvous.store import Store, StoreUnavailableError
-from elastic_runner.rendezvous.tcp_server import TCPStoreServer, listen_socket
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.testing.rendezvous_suite import RendezvousSuite
 

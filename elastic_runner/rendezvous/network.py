@@ -22,6 +22,7 @@ from elastic_runner.errors import ConfigError
 __all__ = [
     "find_free_port",
     "is_local_address",
+    "listen_socket",
     "parse_endpoints",
     "pinned_port",
     "reachable_address",
@@ -145,3 +146,28 @@ def is_local_address(host: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+#: Connections the kernel queues before the store accepts them (capped by
+#: net.core.somaxconn): a thousand agents connecting at once overflowed a queue of 128
+#: 2,836 times (each a SYN retried a second or more later; bench/scale.py, N=1,024).
+_BACKLOG = 4096
+
+
+def listen_socket(host: str | None, port: int) -> socket.socket:
+    """One listening socket: on every interface (one port for IPv4 and IPv6, where the
+    machine has both), or on ``host``'s first address."""
+    if host is None:
+        if socket.has_dualstack_ipv6():
+            try:
+                return socket.create_server(
+                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=_BACKLOG
+                )
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                # IPv6 there but unusable (disabled, say): IPv4 is what matters
+        return socket.create_server(("", port), backlog=_BACKLOG)
+    host = host.strip("[]")  # "[fd00::1]" as in an endpoint
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    return socket.create_server(address, family=family, backlog=_BACKLOG)

@@ -46,7 +46,7 @@ from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous
 from elastic_runner.rendezvous.failover import StoreFailover
 from elastic_runner.rendezvous.kit import StoreConnection, StoreRendezvousConfig, store_rendezvous
-from elastic_runner.rendezvous.network import is_local_address
+from elastic_runner.rendezvous.network import is_local_address, listen_socket
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.spec import RunContext
 
@@ -341,13 +341,14 @@ def _failover(
     client_tls: ssl.SSLContext | None,
     endpoint_host: str,
 ) -> StoreFailover:
-    """This node's part in moving the store: a port reserved now, served if elected."""
-    from elastic_runner.rendezvous import tcp_server  # asyncio: only where it serves
+    """This node's part in moving the store: a port reserved now (a listening socket,
+    nothing imported or started), served if elected."""
 
     def serve(sock: socket.socket) -> TCPStoreServer:
-        return tcp_server.TCPStoreServer(
-            config.bind, 0, token, ssl_context=server_tls, listening=sock
-        )
+        # Imported here: asyncio costs every agent that does not host ~11 ms.
+        from elastic_runner.rendezvous.tcp_server import TCPStoreServer
+
+        return TCPStoreServer(config.bind, 0, token, ssl_context=server_tls, listening=sock)
 
     def connect(addr: str, port: int, patience: float) -> TCPStoreClient:
         return TCPStoreClient(
@@ -364,7 +365,7 @@ def _failover(
         )
 
     return StoreFailover(
-        lambda: tcp_server.listen_socket(config.bind, 0),
+        lambda: listen_socket(config.bind, 0),
         serve,
         connect,
         # a survivor elected later than this one (it noticed the loss later, or was

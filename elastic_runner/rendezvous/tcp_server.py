@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from elastic_runner.rendezvous.network import listen_socket
 from elastic_runner.rendezvous.store import (
     MemoryStore,
     StoreArgumentError,
@@ -71,7 +72,6 @@ __all__ = [
     "MAX_UNAUTHENTICATED",
     "StoreLimits",
     "TCPStoreServer",
-    "listen_socket",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,9 @@ class TCPStoreServer:
     that presents one is refused all the same, its agent and this one disagree).
     ``ssl_context``: a server-side context to speak TLS. ``limits``:
     :meth:`StoreLimits.for_this_process` unless given. ``listening``: a socket already
-    listening (from :func:`listen_socket`), served instead of binding ``host:port``; the
-    connections waiting in its backlog are served too."""
+    listening (from :func:`~elastic_runner.rendezvous.network.listen_socket`), served
+    instead of binding ``host:port``; the connections waiting in its backlog are served
+    too."""
 
     def __init__(
         self,
@@ -615,31 +616,6 @@ def _peer(address: Any) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:") :]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-#: Connections the kernel queues before the store accepts them (capped by
-#: net.core.somaxconn): a thousand agents connecting at once overflowed a queue of 128
-#: 2,836 times (each a SYN retried a second or more later; bench/scale.py, N=1,024).
-_BACKLOG = 4096
-
-
-def listen_socket(host: str | None, port: int) -> socket.socket:
-    """One listening socket: on every interface (one port for IPv4 and IPv6, where the
-    machine has both), or on ``host``'s first address."""
-    if host is None:
-        if socket.has_dualstack_ipv6():
-            try:
-                return socket.create_server(
-                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=_BACKLOG
-                )
-            except OSError as exc:
-                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                    raise
-                # IPv6 there but unusable (disabled, say): IPv4 is what matters
-        return socket.create_server(("", port), backlog=_BACKLOG)
-    host = host.strip("[]")  # "[fd00::1]" as in an endpoint
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    return socket.create_server(address, family=family, backlog=_BACKLOG)
 
 
 def _local_host(sock: socket.socket) -> str:

@@ -273,6 +273,15 @@ BAD_INPUTS = [
     (["+job=hello", "max_restarts=abc"], "max_restarts=abc: Value 'abc'"),
     (["+job=hello", "max_restarts=-1"], "max_restarts=-1: expected an integer >= 0"),
     (["+job=hello", "stop_timeout=-1"], "stop_timeout=-1.0: expected seconds >= 0"),
+    (
+        ["+job=hello", "exclusion.cooldown_max=1"],
+        "exclusion.cooldown_max=1.0: expected seconds >= exclusion.cooldown (60)",
+    ),
+    (["+job=hello", "exclusion.failures=-2"], "exclusion.failures=-2: expected failures >= 0"),
+    (
+        ["+job=hello", "rdzv=tcp", "rdzv.failover=maybe"],
+        "rdzv.failover=maybe: Value 'maybe' is not a valid bool",
+    ),
     (["+job=hello", "job.args=[a"], "job.args=[a: cannot parse this override"),
     (["+job=hello", "nnodes=2"], "nnodes=2: rdzv=local runs one node"),
     (["+job=hello", "signals.forward=[SIGKILL]"], "signals.forward=SIGKILL: allowed: SIGTERM"),
