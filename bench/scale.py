@@ -438,6 +438,8 @@ class Row:
     #: load average counts the participants' own runnable threads, so it says less.)
     others_round_cpu_pct: float | None = None
     round_by_op: dict[str, int] = field(default_factory=dict)
+    #: The store's requests by operation per heartbeat period in steady state.
+    period_by_op: dict[str, int] = field(default_factory=dict)
     #: The store's requests and bytes (in + out) during the +1% and -1% re-forms.
     plus_requests: int | None = None
     plus_bytes: int | None = None
@@ -567,6 +569,7 @@ class Size:
         req = _delta(s1.requests, s0.requests)
         row.period_requests = None if req is None else req / args.periods
         row.period_bytes = (s1.bytes_in + s1.bytes_out - s0.bytes_in - s0.bytes_out) / args.periods
+        row.period_by_op = {op: c // args.periods for op, c in _ops(s0, s1).items()}
 
         # (3) +1%: min = max = N + k, then k newcomers; (4) -1%: min = max = N, then k of
         # the N + k die. A phase that does not complete is noted; the size goes on.
@@ -724,6 +727,7 @@ def table(backend: str, rows: list[Row]) -> list[str]:
     for r in rows:
         for what, ops, size in (
             ("round", r.round_by_op, r.round_bytes),
+            ("period", r.period_by_op, r.period_bytes),
             ("+1%", r.plus_by_op, r.plus_bytes),
             ("-1%", r.minus_by_op, r.minus_bytes),
         ):

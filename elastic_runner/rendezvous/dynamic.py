@@ -72,18 +72,22 @@ from elastic_runner.rendezvous.failover import Candidate, StoreFailover
 from elastic_runner.rendezvous.network import find_free_port, pinned_port, reachable_address
 from elastic_runner.rendezvous.records import (
     CorruptKey,
+    RoundSummary,
     count_of,
     done_record,
+    done_summary,
     failure_time,
     join_record,
     master_record,
     round_of,
+    seat_of,
 )
 from elastic_runner.rendezvous.store import (
     Store,
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
+    refresh_keys,
 )
 
 __all__ = ["DynamicRendezvous", "RendezvousSettings"]
@@ -93,6 +97,31 @@ log = logging.getLogger(__name__)
 #: ``_progress``'s first field while the round is under way without this node, and
 #: while it stands by (the round is complete at ``max_nodes``).
 _OUTSIDE, _STANDBY = -1, -2
+
+#: How many members of a round may host the store after a move (spread over the group
+#: ranks): these read the round's full record (O(N) each) to count a majority; the
+#: others follow the first of them that serves.
+CANDIDATES = 5
+
+
+@dataclass
+class _Forming:
+    """This node in round ``n`` while it forms: its arrival, whether it leads, and (the
+    leader's) arrivals at its last full look and last call."""
+
+    n: int
+    arrived: int = 0
+    leads: bool = False
+    checked: int = 0
+    last_call: float | None = None
+
+
+def _candidates(record: list[list[Any]]) -> tuple[tuple[str, str, int], ...]:
+    """Up to :data:`CANDIDATES` members that could host the store (an address and a
+    failover port), spread over the round, in group-rank order."""
+    able = [m for m in record if len(m) > 4 and m[3] and m[4]]
+    picks = sorted({i * len(able) // CANDIDATES for i in range(CANDIDATES)} & set(range(len(able))))
+    return tuple((str(able[i][0]), str(able[i][3]), int(able[i][4])) for i in picks)
 
 
 @dataclass(frozen=True)
@@ -152,19 +181,36 @@ class DynamicRendezvous:
         self._found_addr: str | None = None
         self._on_close = on_close
         self._failover = failover
-        #: The last round this node was in (its record), and the job's restart count
-        #: then: what a move of the store carries over.
-        self._record: list[list[Any]] = []
+        #: The last round this node was in (its summary; its full record once read: only
+        #: group rank 0 and the candidates to host the store need it), and the job's
+        #: restart count then: what a move of the store carries over.
+        self._summary: RoundSummary | None = None
+        self._record: list[list[Any]] | None = None
         self._restarts_seen = 0
-        #: Rounds formed while this node waited for a majority (each logged once).
-        self._no_quorum: set[int] = set()
+        #: The round this node is leaving (next_round was called): its watcher stays
+        #: quiet until the next round completes.
+        self._leaving: int | None = None
+        #: The round whose exit barrier this node is in: its watcher stays quiet.
+        self._exiting: int | None = None
+        #: This node's join key in the round it joins or is in (a TTL key the heartbeat
+        #: refreshes: the watchers of the round wake when it goes) and its value; the key
+        #: that makes it the round's leader while the round forms.
+        self._join_key: tuple[str, str] | None = None
+        self._lead_key: str | None = None
+        #: Rounds formed while this node waited for a majority (each logged once), and
+        #: the size of the last round then.
+        self._no_quorum: dict[int, int] = {}
+        #: The last full record read (round, attempt) -> record.
+        self._records: dict[tuple[int, str], list[list[Any]]] = {}
+        #: The round the watcher waits on (a node back in the job after sitting out
+        #: wakes it there when its next round completes).
+        self._watching_round: int | None = None
         self._clock = clock
         self.node_id = f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self._p = f"rdzv/{settings.run_id}/"
         self._round: int | None = None
         #: (arrived or -1, min, max, deadline, last call) while in next_round
         self._progress: tuple[int, int, int, float, float | None] | None = None
-        self._members: list[str] = []
         self._callback: Callable[[], None] | None = None
         #: Set when this node leaves (``leave``) or shuts down: waits and threads end.
         self._stop = threading.Event()
@@ -211,40 +257,63 @@ class DynamicRendezvous:
         """Wait (up to exit_barrier_timeout) until every member of the round finished.
         False when the round re-forms instead (another node failed or left: the whole job
         runs again, this node included); a timeout is logged, never an error."""
-        n = self._round
-        if n is None:
+        n, summary = self._round, self._summary
+        if n is None or summary is None:
             return True
-        p = self._p
-        if len(self._members) <= 1:
+        p, store = self._p, self._store
+        if summary.size <= 1:
             self._finished_job()
             return True
+        with self._lock:
+            self._exiting = n  # the watcher has nothing more to say about round n
         prefix = f"{p}r{n}/exit/"
         try:
-            self._store.set(prefix + self.node_id, "1")
+            store.set(prefix + self.node_id, "1")
+            # A count, so that each wake-up costs one small read, not every exit key:
+            # N nodes finishing would otherwise read N keys N times over.
+            store.add(f"{p}r{n}/exits", 1)
             deadline = self._clock() + self._s.exit_barrier_timeout
+            seen = -1
             while not self._stop.is_set():
-                found, version = self._store.scan(p)
-                if (
-                    round_of(found.get(p + "round"), n) != n
-                    or found.get(f"{p}r{n}/failed")
-                    or found.get(p + "failed")
-                ):
+                # The version first: a change made after it wakes the wait below.
+                found, version = store.scan(p + "round")
+                failed, round_failed, exits = store.multi_get(
+                    [p + "failed", f"{p}r{n}/failed", f"{p}r{n}/exits"]
+                )
+                if round_of(found.get(p + "round"), n) != n or round_failed or failed:
                     return False
-                finished = {k[len(prefix) :] for k in found if k.startswith(prefix)}
-                # A member that is gone without finishing (stopped by a signal, or lost)
-                # will not arrive: waiting for it would only hold this node up.
-                gone = [
-                    m for m in self._members if m not in finished and p + "alive/" + m not in found
-                ]
-                if len(finished) + len(gone) >= len(self._members):
-                    for m in gone:
-                        log.warning("exit barrier: %s; not waiting for it", self._gone(m, found))
+                count = count_of(exits)
+                if count >= summary.size:
                     self._finished_job()
                     return True
+                if count == seen:
+                    # Woken by something other than an exit (a member gone, say), or
+                    # by the timeout: a member gone without finishing (stopped by a
+                    # signal, or lost) will not arrive; waiting would only hold this
+                    # node up.
+                    found, version = store.scan(p)
+                    finished = {k[len(prefix) :] for k in found if k.startswith(prefix)}
+                    members = self._member_ids(n, summary)
+                    gone = [
+                        m for m in members if m not in finished and p + "alive/" + m not in found
+                    ]
+                    if len(finished) + len(gone) >= len(members):
+                        for m in gone:
+                            log.warning(
+                                "exit barrier: %s; not waiting for it", self._gone(m, found)
+                            )
+                        self._finished_job()
+                        return True
+                seen = count
                 left = deadline - self._clock()
                 if left <= 0:
                     raise StoreTimeoutError(f"{left:g}")
-                self._store.wait_for_change(p, version, left)
+                try:
+                    store.wait_for_change(
+                        f"{p}r{n}/", version, min(left, self._s.heartbeat_timeout)
+                    )
+                except StoreTimeoutError:
+                    seen = count  # look for members gone without a change
         except (StoreTimeoutError, StoreError) as exc:
             log.warning("exit barrier: not every node finished (%s); leaving anyway", exc)
         return True
@@ -273,6 +342,7 @@ class DynamicRendezvous:
         def tell() -> None:
             self._store.set(p + "left/" + node, reason, ttl=self._s.heartbeat_timeout * 4)
             self._store.delete(p + "alive/" + node)
+            self._drop_join_key()  # the round's watchers wake
             self._store.delete(p + "waiting/" + node)
             self._store.delete(p + "out/" + node)
 
@@ -305,6 +375,7 @@ class DynamicRendezvous:
         """Tell every node the job failed for good (this node used up the restarts)."""
         try:
             self._store.compare_set(self._p + "failed", None, f"{self.node_id}: {reason}")
+            self._ring(self._round)
         except StoreError as exc:
             log.warning("could not tell the other nodes the job failed: %s", exc)
 
@@ -339,20 +410,20 @@ class DynamicRendezvous:
         """Leave the current round for a while (excluded: ``reason``), unless fewer than
         ``min_nodes`` would be left, standbys and waiting nodes counted (then False).
         ``failed`` counts the round's failure restart, as ``next_round`` would."""
-        n, members = self._round, self._members
-        if n is None:
+        n, summary = self._round, self._summary
+        if n is None or summary is None:
             return False
         p, store, node = self._p, self._store, self.node_id
         with self._store_errors():
             waiting = len(store.scan(p + "waiting/")[0])
-            if len(members) - 1 + waiting < self._s.min_nodes:
+            if summary.size - 1 + waiting < self._s.min_nodes:
                 return False
             with self._beat_lock:
                 self._out = reason
                 self._lease_gen += 1
                 self._lease_until = None
             with self._lock:
-                self._round, self._members = None, []
+                self._round = None
             if self._lease_callback is not None:
                 self._lease_callback(None)  # no workers, nothing to fence
             if failed and store.compare_set(f"{p}r{n}/failed", None, node)[0]:
@@ -360,6 +431,7 @@ class DynamicRendezvous:
             # The reason first: the others look it up when they see the liveness key go.
             store.set(p + "out/" + node, reason, ttl=self._s.heartbeat_timeout)
             store.delete(p + "alive/" + node)
+            self._drop_join_key()  # the round's watchers wake
         log.info("stepped out of round %d: %s", n, reason)
         return True
 
@@ -413,10 +485,12 @@ class DynamicRendezvous:
                 # that is no more. The host removes the job's keys.
                 self._store.delete(self._p + "waiting/" + self.node_id)
                 self._store.delete(self._p + "out/" + self.node_id)
+                self._drop_join_key()
                 self._store.delete(self._p + "alive/" + self.node_id)
                 return
             for kind in ("alive/", "waiting/", "out/"):
                 self._store.delete(self._p + kind + self.node_id)
+            self._drop_join_key()
             if self._hosting and self._left is None:
                 self._linger()
             if not self._others()[0]:
@@ -537,7 +611,7 @@ class DynamicRendezvous:
         """Whether this node may move the store: with failover, after a round of three
         nodes or more (a lone survivor of two cannot tell the host's death from a cut
         link, and the host goes on alone in that case)."""
-        return self._failover is not None and len(self._record) >= 3
+        return self._failover is not None and self._summary is not None and self._summary.size >= 3
 
     def _move_store(self) -> None:
         """Move to the store of the first member of the last round that answers (this
@@ -547,12 +621,18 @@ class DynamicRendezvous:
         host, _, port = self._endpoint.rpartition(":")
         if port.isdigit() and self._failover.answers(host.strip("[]"), int(port)):
             raise StoreUnavailableError(f"the rendezvous store at {self._endpoint} answers again")
-        candidates = [
-            Candidate(str(m[0]), str(m[3]), int(m[4]))
-            for m in self._record
-            if len(m) > 4 and m[3] and m[4]
-        ]
-        store, endpoint = self._failover.elect(candidates, self.node_id, len(self._record))
+        summary = self._summary
+        assert summary is not None
+        hosts = [Candidate(*c) for c in summary.candidates]
+        if self._record is not None:  # a candidate to host it: it counts the members
+            voters = [
+                Candidate(str(m[0]), str(m[3]), int(m[4]))
+                for m in self._record
+                if len(m) > 4 and m[3] and m[4]
+            ]
+            store, endpoint = self._failover.elect(voters, self.node_id, summary.size, hosts)
+        else:  # it follows a candidate that moved (and so reached a majority)
+            store, endpoint = self._failover.follow(hosts)
         old, self._store = self._store, store
         log.warning("rendezvous store: %s (was %s)", endpoint, self._endpoint)
         self._endpoint = endpoint
@@ -562,11 +642,12 @@ class DynamicRendezvous:
         store.compare_set(p + "round", None, str(n if n is not None else 0))
         store.compare_set(p + "restarts", None, str(self._restarts_seen))
 
-    def _quorum(self, joined: dict[str, Any]) -> bool:
-        """Whether ``joined`` holds a strict majority of the last round's members that did
-        not leave on purpose (always, without ``majority`` or after a round of one or
-        two)."""
-        members = {str(m[0]) for m in self._record}
+    def _quorum(self, joined: dict[str, Any], earlier: list[list[Any]] | None) -> bool:
+        """Whether ``joined`` holds a strict majority of the members of the last round
+        (``earlier``, its record) that did not leave on purpose (always, without
+        ``majority``, after a round of one or two, or when the store does not hold that
+        round: a store that moved here, whose host reached a majority to move it)."""
+        members = {str(m[0]) for m in earlier or ()}
         if not self._s.majority or len(members) < 3:
             return True
         p = self._p
@@ -585,14 +666,18 @@ class DynamicRendezvous:
             store.delete(p + "out/" + self.node_id)
         self._start_heartbeat()
         if self._round is not None:  # leave the old round: start the next one
-            if failed and store.compare_set(f"{p}r{self._round}/failed", None, self.node_id)[0]:
+            old = self._round
+            with self._lock:
+                self._leaving = old
+            if failed and store.compare_set(f"{p}r{old}/failed", None, self.node_id)[0]:
                 store.add(p + "restarts", 1)
-            store.compare_set(p + "round", str(self._round), str(self._round + 1))
+            store.compare_set(p + "round", str(old), str(old + 1))
+            self._drop_join_key()  # the old round's watchers wake (and see the new round)
         store.compare_set(p + "round", None, "0")
         deadline = self._clock() + s.join_timeout
-        last_call: float | None = None
         standby_for: int | None = None  # the round this node stands by for (logged once)
-        earlier: tuple[int, frozenset[str]] = (-1, frozenset())  # round n - 1's members
+        forming = _Forming(-1)
+        timed_out = False
         while True:
             if self._stop.is_set():
                 raise RendezvousError("this node is leaving the job")
@@ -603,17 +688,20 @@ class DynamicRendezvous:
                 raise RendezvousError(f"the job failed on another node ({why})")
             done = store.get(f"{p}r{n}/done")
             if done is not None:
-                record = done_record(n, done)
-                members = [str(m[0]) for m in record]
-                if self.node_id in members:
+                summary = done_summary(n, done)
+                rank = self._seat(n, summary)
+                if rank is not None:
                     self._progress = None
-                    return self._complete(n, record)
-                self._set_waiting(True)  # the round is under way without us
+                    return self._complete(n, summary, rank)
+                if forming.n == n:  # joined, but the round completed without this node
+                    self._drop_join_key()
+                    self._drop_lead()
+                self._set_waiting(True, (n, summary))  # the round is under way without us
                 # Everything of the job: wake when it finishes, fails, loses a member.
                 found, version = store.scan(p)
                 if round_of(found.get(p + "round"), n) != n:
                     continue  # moved on meanwhile (before this version: look again now)
-                outcome = self._outcome(n, members, found)
+                outcome = self._outcome(n, self._member_ids(n, summary), found)
                 if outcome == "finished":
                     raise RendezvousGracefulExitError(
                         "the job finished without needing this standby node"
@@ -625,92 +713,209 @@ class DynamicRendezvous:
                     log.warning("every node of round %d is gone: starting round %d", n, n + 1)
                     store.compare_set(p + "round", str(n), str(n + 1))
                     continue
-                if len(members) >= s.max_nodes:  # a standby: no deadline while the job runs
+                if summary.size >= s.max_nodes:  # a standby: no deadline while the job runs
                     deadline = self._clock() + s.join_timeout
                     if standby_for is None:
                         log.info(
                             "standby: the job runs on %d of %d nodes; this node takes the "
                             "place of one that is lost",
-                            len(members),
+                            summary.size,
                             s.max_nodes,
                         )
                     standby_for = n
                     self._progress = (_STANDBY, s.min_nodes, s.max_nodes, deadline, None)
                 else:
                     self._progress = (_OUTSIDE, s.min_nodes, s.max_nodes, deadline, None)
+                watched = p
             else:
                 self._set_waiting(False)
                 if standby_for is not None:  # a round that may need this node: join it
                     standby_for = None
                     deadline = self._clock() + s.join_timeout
-                joined, alive = self._join(n, node)
-                if earlier[0] != n:
-                    earlier = (n, self._members_of(n - 1))
-                # Live members of the previous round keep their places before newcomers
-                # (standbys): the round waits for them, last call aside.
-                awaited = [m for m in earlier[1] if m in alive and m not in joined]
-                if len(joined) < s.min_nodes:
-                    last_call = None
-                elif last_call is None:
-                    last_call = self._clock() + s.last_call_timeout
-                self._progress = (len(joined), s.min_nodes, s.max_nodes, deadline, last_call)
-                ready = (len(joined) >= s.max_nodes and not awaited) or (
-                    last_call is not None and self._clock() >= last_call
+                if forming.n != n:
+                    forming = self._announce(n, node)
+                elif not forming.leads and timed_out:
+                    # the leader may be gone (its key expires with it): lead instead
+                    forming.leads = self._lead(n)
+                if forming.leads:
+                    self._form(n, forming, timed_out)
+                self._progress = (
+                    forming.arrived,
+                    s.min_nodes,
+                    s.max_nodes,
+                    deadline,
+                    forming.last_call,
                 )
-                if ready and not self._quorum(joined):
-                    ready = False
-                    if n not in self._no_quorum:
-                        self._no_quorum.add(n)
-                        log.warning(
-                            "round %d waits for a majority of the last round's %d nodes "
-                            "(%d here): a side cut off with fewer never goes on",
-                            n,
-                            len(self._record),
-                            len(joined),
-                        )
-                if ready:
-                    chosen = sorted(
-                        joined, key=lambda k: (k not in earlier[1], self._order_key(k, joined[k]))
-                    )[: s.max_nodes]
-                    order = sorted(chosen, key=lambda k: self._order_key(k, joined[k]))
-                    record = [
-                        [
-                            k,
-                            joined[k]["role"],
-                            joined[k]["nproc"],
-                            joined[k].get("addr"),
-                            joined[k].get("failover"),
-                        ]
-                        for k in order
-                    ]
-                    store.compare_set(f"{p}r{n}/done", None, json.dumps(record))
-                    continue
+                # The leader wakes for every arrival (a count it reads: one small
+                # request); the others only for the round's completion, and at least
+                # every heartbeat_timeout (the leader may have died): N joining nodes
+                # cost O(N) requests and bytes, not O(N²).
+                watched = f"{p}r{n}/" if forming.leads else f"{p}r{n}/done"
             left = deadline - self._clock()
             if left <= 0:
                 raise self._timeout_error(n)
-            if last_call is not None:
-                left = min(left, max(0.001, last_call - self._clock()))
-            # Wake only for what this node waits for: its round's completion (whoever sees
-            # the round full completes it) or, outside the round, any change of the job
-            # (the next round, its end, a lost member); so N joining nodes cost O(N)
-            # wake-ups, not one each per join. Look again at least every
-            # heartbeat_timeout (a node that joined may have died).
-            watched = f"{p}r{n}/done" if done is None else p
-            with contextlib.suppress(StoreTimeoutError):
-                store.wait_for_change(watched, version, min(left, s.heartbeat_timeout))
+            wait = min(left, s.heartbeat_timeout)
+            if done is None and forming.leads and forming.last_call is not None:
+                wait = min(wait, max(0.001, forming.last_call - self._clock()))
+            try:
+                store.wait_for_change(watched, version, wait)
+                timed_out = False
+            except StoreTimeoutError:
+                timed_out = wait >= s.heartbeat_timeout
 
-    def _members_of(self, n: int) -> frozenset[str]:
-        """The members of completed round ``n`` (none when it is gone or garbage)."""
+    def _announce(self, n: int, node: NodeInfo) -> _Forming:
+        """Announce this node in round n: its join key (a TTL key the heartbeat
+        refreshes, so that the round's join keys are its live joiners), its arrival
+        (a count) and, for the first, the lead."""
+        p, store = self._p, self._store
+        record = {
+            "role": node.role,
+            "nproc": node.local_world_size,
+            "node_rank": self._s.node_rank,
+            # what this node would advertise as MASTER_ADDR (see _complete)
+            "addr": self._local_addr(),
+            # where it would serve the store if the host dies
+            "failover": self._failover.port if self._failover is not None else None,
+        }
+        key, value = f"{p}r{n}/join/{self.node_id}", json.dumps(record)
+        with self._beat_lock:
+            self._join_key = (key, value)
+            store.set(key, value, ttl=self._s.heartbeat_timeout)
+        arrived = store.add(f"{p}r{n}/arrivals", 1)
+        return _Forming(n, arrived=arrived, leads=self._lead(n))
+
+    def _lead(self, n: int) -> bool:
+        """Take the lead of forming round n, unless a live node has it."""
+        key = f"{self._p}r{n}/lead"
+        took, _ = self._store.compare_set(key, None, self.node_id, ttl=self._s.heartbeat_timeout)
+        if took:
+            self._lead_key = key
+        return took
+
+    def _form(self, n: int, forming: _Forming, timed_out: bool) -> None:
+        """As the leader of forming round n: complete it once it is full (``max_nodes``
+        joined, every live member of the last round among them), or at the last call
+        (``last_call_timeout`` after ``min_nodes`` arrived). Reading every join key is
+        O(N): done once each time the round could complete, not on each arrival."""
+        s, p, store = self._s, self._p, self._store
+        arrived = count_of(store.get(f"{p}r{n}/arrivals"))
+        forming.arrived = max(forming.arrived, arrived)
+        if forming.last_call is None and arrived >= s.min_nodes and arrived > forming.checked:
+            forming.last_call = self._clock() + s.last_call_timeout
+        at_last_call = forming.last_call is not None and self._clock() >= forming.last_call
+        full = arrived >= s.max_nodes and arrived > forming.checked
+        if not (timed_out or at_last_call or full):
+            return
+        forming.checked = arrived
+        joined, version = self._joined(n)
+        forming.arrived = len(joined)
+        if len(joined) < s.min_nodes:
+            forming.last_call = None  # some have died since they came: wait for more
+            return
+        earlier = self._record_of(n - 1)
+        before = {str(m[0]) for m in earlier or ()}
+        # Live members of the previous round keep their places before newcomers
+        # (standbys): the round waits for them, last call aside.
+        missing = [m for m in before if m not in joined]
+        alive = store.multi_get([p + "alive/" + m for m in missing]) if missing else []
+        awaited = [m for m, a in zip(missing, alive, strict=True) if a is not None]
+        ready = (len(joined) >= s.max_nodes and not awaited) or at_last_call
+        if not ready:
+            return
+        if not self._quorum(joined, earlier):
+            if n not in self._no_quorum:
+                self._no_quorum[n] = len(before)
+                log.warning(
+                    "round %d waits for a majority of the last round's %d nodes "
+                    "(%d here): a side cut off with fewer never goes on",
+                    n,
+                    len(before),
+                    len(joined),
+                )
+            return
+        chosen = sorted(joined, key=lambda k: (k not in before, self._order_key(k, joined[k])))[
+            : s.max_nodes
+        ]
+        order = sorted(chosen, key=lambda k: self._order_key(k, joined[k]))
+        record = [
+            [
+                k,
+                joined[k]["role"],
+                joined[k]["nproc"],
+                joined[k].get("addr"),
+                joined[k].get("failover"),
+            ]
+            for k in order
+        ]
+        attempt = uuid.uuid4().hex[:8]
+        # The seats and the full record first, under this attempt's name: only the
+        # attempt whose summary wins the compare-and-set below counts.
+        seats = {f"{p}r{n}/seat/{attempt}/{k}": str(i) for i, k in enumerate(order)}
+        seats[f"{p}r{n}/record/{attempt}"] = json.dumps(record)
+        store.multi_set(seats)
+        summary = RoundSummary(
+            attempt=attempt,
+            size=len(record),
+            roles=RoundSummary.runs(record),
+            version=version,
+            candidates=_candidates(record),
+        )
+        store.compare_set(f"{p}r{n}/done", None, summary.to_json())
+
+    def _joined(self, n: int) -> tuple[dict[str, dict[str, Any]], int]:
+        """The live announcements in round n (node id -> record), and the store's version
+        when they were read."""
+        found, version = self._store.scan(f"{self._p}r{n}/join/")
+        out = {}
+        for k, v in found.items():
+            announced = join_record(v)
+            if announced is None:  # not one this protocol writes: that node is not in
+                self._protocol_error(f"ignoring the malformed join record {k}: {v[:80]!r}")
+                continue
+            out[k.rsplit("/", 1)[1]] = announced
+        return out, version
+
+    def _record_of(self, n: int) -> list[list[Any]] | None:
+        """The full record of completed round ``n`` (``None`` when the store does not hold
+        it, or it is garbage)."""
         if n < 0:
-            return frozenset()
+            return None
         value = self._store.get(f"{self._p}r{n}/done")
         if value is None:
-            return frozenset()
+            return None
         try:
-            return frozenset(str(m[0]) for m in done_record(n, value))
+            return self._full_record(n, done_summary(n, value))
         except CorruptKey as exc:
             self._protocol_error(str(exc))
-            return frozenset()
+            return None
+
+    def _full_record(self, n: int, summary: RoundSummary) -> list[list[Any]]:
+        """Round ``n``'s full record: [node id, role, workers, address, failover port] in
+        group-rank order (O(N): read only by those who need it)."""
+        if summary.record is not None:
+            return [list(m) for m in summary.record]
+        cached = self._records.get((n, summary.attempt))
+        if cached is not None:
+            return cached
+        key = f"{self._p}r{n}/record/{summary.attempt}"
+        value = self._store.get(key)
+        if value is None:
+            raise CorruptKey(f"the key {key!r} is missing")
+        record = done_record(n, value)
+        self._records = {(n, summary.attempt): record}  # the last one only
+        return record
+
+    def _member_ids(self, n: int, summary: RoundSummary) -> list[str]:
+        """Round ``n``'s members, in group-rank order."""
+        return [str(m[0]) for m in self._full_record(n, summary)]
+
+    def _seat(self, n: int, summary: RoundSummary) -> int | None:
+        """This node's group rank in completed round ``n`` (``None``: not a member)."""
+        if summary.record is not None:
+            members = [str(m[0]) for m in summary.record]
+            return members.index(self.node_id) if self.node_id in members else None
+        value = self._store.get(f"{self._p}r{n}/seat/{summary.attempt}/{self.node_id}")
+        return seat_of(value, summary.size)
 
     def _outcome(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
         """For a node outside round ``n`` (``members``), from the job's keys ``found``:
@@ -761,36 +966,6 @@ class DynamicRendezvous:
         rank = record.get("node_rank")
         return (int(rank) if rank is not None else 0, node_id)
 
-    def _join(self, n: int, node: NodeInfo) -> tuple[dict[str, dict[str, Any]], set[str]]:
-        """Announce this node in round n (once); return the live announcements, and the
-        nodes alive."""
-        p, store = self._p, self._store
-        key = f"{p}r{n}/join/{self.node_id}"
-        if store.get(key) is None:
-            record = {
-                "role": node.role,
-                "nproc": node.local_world_size,
-                "node_rank": self._s.node_rank,
-                # what this node would advertise as MASTER_ADDR (see _complete)
-                "addr": self._local_addr(),
-                # where it would serve the store if the host dies
-                "failover": self._failover.port if self._failover is not None else None,
-            }
-            store.set(key, json.dumps(record))
-        joined, _ = store.scan(f"{p}r{n}/join/")
-        found, _ = store.scan(p + "alive/")
-        alive = {k[len(p + "alive/") :] for k in found}
-        out = {}
-        for k, v in joined.items():
-            node_id = k.rsplit("/", 1)[1]
-            if node_id in alive:
-                announced = join_record(v)
-                if announced is None:  # not one this protocol writes: that node is not in
-                    self._protocol_error(f"ignoring the malformed join record {k}: {v[:80]!r}")
-                    continue
-                out[node_id] = announced
-        return out, alive
-
     def _local_addr(self) -> str:
         """What this node would advertise as MASTER_ADDR: ``local_addr``, or its answer."""
         if isinstance(self._addr, str):
@@ -799,9 +974,9 @@ class DynamicRendezvous:
             self._found_addr = self._addr()
         return self._found_addr
 
-    def _complete(self, n: int, record: list[list[Any]]) -> RendezvousInfo:
-        """This node is in completed round ``n``; ``record`` lists [node id, role, workers,
-        address] in group-rank order (all a node needs, in one read).
+    def _complete(self, n: int, summary: RoundSummary, group_rank: int) -> RendezvousInfo:
+        """This node is in completed round ``n`` at ``group_rank``; ``summary`` gives the
+        round's nodes (all a node needs, in two small reads: the summary and its seat).
 
         Group rank 0 publishes MASTER_ADDR: ``local_addr`` when it is a string (as
         given: ``rdzv.master_addr``, else ``rdzv.local_addr``); else the address it joined
@@ -810,11 +985,17 @@ class DynamicRendezvous:
         And MASTER_PORT: ``rdzv.master_port`` as given, else a port free there now. Every
         member reads both back, so a node whose own config differs still agrees."""
         p, store = self._p, self._store
-        members = [str(m[0]) for m in record]
-        nodes = tuple(NodeInfo(str(m[1]), int(m[2])) for m in record)
-        group_rank = members.index(self.node_id)
+        self._drop_lead()
+        nodes = tuple(
+            NodeInfo(role, nproc) for role, nproc, count in summary.roles for _ in range(count)
+        )
         master_key = f"{p}r{n}/master"
+        # Group rank 0 and the candidates to host the store read the full record (O(N),
+        # a few nodes); the others never do.
+        candidate = any(c[0] == self.node_id for c in summary.candidates)
+        record = self._full_record(n, summary) if group_rank == 0 or candidate else None
         if group_rank == 0:
+            assert record is not None
             if isinstance(self._addr, str):
                 addr = self._addr
             else:
@@ -827,15 +1008,17 @@ class DynamicRendezvous:
             store.set(master_key, json.dumps([addr, port]))
             store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
         store.wait([master_key], timeout=self._s.join_timeout)
-        master = store.get(master_key)
-        assert master is not None
+        master, restarts_value = store.multi_get([master_key, p + "restarts"])
         addr, port = master_record(master_key, master)
-        restarts = count_of(store.get(p + "restarts"))
+        restarts = count_of(restarts_value)
         with self._lock:
-            self._round, self._members = n, members
+            last, self._leaving = self._watching_round, None
+            self._round, self._summary = n, summary
             self._record, self._restarts_seen = record, restarts
         self._tell_lease()
         self._set_waiting(False)
+        if last is not None and last != n:
+            self._ring(last)  # this node's watcher, still on round ``last``, moves on
         self._start_watcher()
         return RendezvousInfo(n, group_rank, nodes, addr, port, restart_count=restarts)
 
@@ -850,7 +1033,7 @@ class DynamicRendezvous:
             else f"{self._s.min_nodes}..{self._s.max_nodes}"
         )
         if n in self._no_quorum:
-            want = f"a majority of the last round's {len(self._record)}"
+            want = f"a majority of the last round's {self._no_quorum[n]}"
         return RendezvousTimeoutError(
             f"rendezvous timed out after {self._s.join_timeout:g} s (rdzv.join_timeout): "
             f"{joined} of {want} nodes arrived at {self.backend} store {self._endpoint} "
@@ -859,12 +1042,35 @@ class DynamicRendezvous:
 
     # -- background threads -------------------------------------------------------------
 
-    def _set_waiting(self, waiting: bool) -> None:
+    def _ring(self, n: int | None) -> None:
+        """Wake the watchers of round ``n``'s members (they wait on its join keys)."""
+        if n is not None:
+            self._store.set(f"{self._p}r{n}/joinbell", self.node_id)
+
+    def _drop_join_key(self) -> None:
+        """Stop announcing this node in its round (and delete the key: the round's
+        watchers wake)."""
+        with self._beat_lock:
+            joined, self._join_key = self._join_key, None
+        if joined is not None:
+            self._store.delete(joined[0])
+
+    def _drop_lead(self) -> None:
+        lead, self._lead_key = self._lead_key, None
+        if lead is not None:
+            self._store.delete(lead)
+
+    def _set_waiting(self, waiting: bool, outside: tuple[int, RoundSummary] | None = None) -> None:
+        """Announce (or stop announcing) that this node waits to join; when round ``n``
+        runs below ``max_nodes`` (``outside``), its members' watchers are woken to let it
+        in."""
         if waiting != self._waiting:
             self._waiting = waiting
             key = self._p + "waiting/" + self.node_id
             if waiting:
                 self._store.set(key, "1", ttl=self._s.heartbeat_timeout)
+                if outside is not None and outside[1].size < self._s.max_nodes:
+                    self._ring(outside[0])
             else:
                 self._store.delete(key)
 
@@ -876,10 +1082,11 @@ class DynamicRendezvous:
             self._heartbeat.start()
 
     def _beat(self) -> None:
-        """Refresh this node's liveness (and waiting) key every heartbeat_interval. The
-        lease follows the send time of each refresh that found the key alive; one that
-        found it expired means the others may have re-formed without this node: the
-        lease lapses until the next round (the agent fences its workers)."""
+        """Refresh this node's liveness (and waiting, join and lead) keys every
+        heartbeat_interval. The lease follows the send time of each refresh that found
+        the liveness key alive; one that found it expired means the others may have
+        re-formed without this node: the lease lapses until the next round (the agent
+        fences its workers)."""
         ttl = self._s.heartbeat_timeout
         alive = self._p + "alive/" + self.node_id
         out = self._p + "out/" + self.node_id
@@ -891,19 +1098,17 @@ class DynamicRendezvous:
                             if self._out is not None:
                                 self._store.set(out, self._out, ttl=ttl)
                     continue
-                keys = [alive] + ([self._p + "waiting/" + self.node_id] if self._waiting else [])
-                for key in keys:
-                    sent, gen = self._clock(), self._lease_gen
-                    if self._store.refresh(key, ttl):
-                        if (
-                            key == alive
-                            and self._lease_until is not None
-                            and gen == self._lease_gen
-                        ):
-                            self._lease_until = sent + self._lease_span
-                            self._tell_lease()
-                        continue
-                    if key == alive and self._round is not None and gen == self._lease_gen:
+                waiting = self._p + "waiting/" + self.node_id if self._waiting else None
+                joined, lead = self._join_key, self._lead_key
+                keys = [k for k in (alive, waiting, joined and joined[0], lead) if k]
+                sent, gen = self._clock(), self._lease_gen
+                found = dict(zip(keys, refresh_keys(self._store, keys, ttl), strict=True))
+                if found[alive]:
+                    if self._lease_until is not None and gen == self._lease_gen:
+                        self._lease_until = sent + self._lease_span
+                        self._tell_lease()
+                else:
+                    if self._round is not None and gen == self._lease_gen:
                         self._lease_until = None
                         self._tell_lease()
                         log.error(
@@ -915,7 +1120,17 @@ class DynamicRendezvous:
                         )
                     with self._beat_lock:
                         if self._out is None:  # not stepped out meanwhile
-                            self._store.set(key, "1", ttl=ttl)  # announce again
+                            self._store.set(alive, "1", ttl=ttl)  # announce again
+                if waiting is not None and not found[waiting]:
+                    with self._beat_lock:
+                        if self._out is None:
+                            self._store.set(waiting, "1", ttl=ttl)
+                if joined is not None and not found[joined[0]]:
+                    with self._beat_lock:
+                        if self._join_key == joined:  # not dropped meanwhile
+                            self._store.set(joined[0], joined[1], ttl=ttl)
+                if lead is not None and not found[lead]:
+                    self._lead_key = None  # lapsed: another node may lead now
             except Exception as exc:  # never let the heartbeat thread die
                 log.warning("heartbeat to %s failed: %s", self._endpoint, exc)
 
@@ -926,34 +1141,61 @@ class DynamicRendezvous:
 
     @property
     def _watch_timeout(self) -> float:
-        """How long one watch waits before looking again (nothing depends on it: changes
-        wake it; it only bounds how stale a missed wake-up could be)."""
+        """How long one watch waits before asking again (nothing depends on it: changes
+        wake it, and asking again from the same version misses none)."""
         return max(5.0, self._s.heartbeat_timeout)
 
     def _watch(self) -> None:
-        """Call the membership callback once per round when the round must re-form. A
-        store that cannot be reached is waited for up to ``heartbeat_timeout`` (an etcd
-        restart must not restart healthy workers); after that the round re-forms, and
-        ``next_round`` reports the error if the store stays away."""
+        """Call the membership callback once per round when the round must re-form.
+
+        It waits on the round's join keys alone: each member's is a TTL key its heartbeat
+        refreshes, so a member lost, leaving or stepping out deletes one; a node that
+        fails the job, starts the next round or waits to join while the round runs below
+        ``max_nodes`` rings the round's bell (``r<n>/joinbell``). Nothing else wakes it:
+        a round of N nodes costs each watcher O(1) while it runs, and only a change that
+        re-forms the round costs it a read of the job (O(N)). A store that cannot be
+        reached is waited for up to ``heartbeat_timeout`` (an etcd restart must not
+        restart healthy workers); after that the round re-forms, and ``next_round``
+        reports the error if the store stays away."""
         notified: int | None = None
         lost_since: float | None = None
+        watching: tuple[int, int] | None = None  # (round, store version) waited on
+        look = False
         while not self._stop.is_set():
             with self._lock:
-                n, members = self._round, list(self._members)
+                n, summary = self._round, self._summary
+                quiet = self._leaving == n or self._exiting == n
             try:
-                found, version = self._store.scan(self._p)
+                if n is not None and summary is not None and (watching or (-1,))[0] != n:
+                    # a new round: its completer saw every member's join key alive at
+                    # summary.version (a summary from before versions: look now)
+                    watching, look = (n, summary.version), summary.version == 0
+                    self._watching_round = n
+                if watching is None:
+                    self._stop.wait(0.05)
+                    continue
+                if look and watching[0] == n and n != notified and not quiet:
+                    assert summary is not None
+                    found, version = self._store.scan(self._p)
+                    watching = (n, version)
+                    why = self._regroup(n, self._member_ids(n, summary), found)
+                    if why is not None:
+                        notified = n
+                        log.warning("%s: the job re-forms", why)
+                        self._notify(n)
                 lost_since = None
-                why = None if n is None or n == notified else self._regroup(n, members, found)
-                if n is not None and why is not None:
-                    notified = n
-                    log.warning("%s: the job re-forms", why)
-                    self._notify(n)
-                self._store.wait_for_change(self._p, version, self._watch_timeout)
+                w, version = watching
+                watching = (w, self._store.wait_for_change(
+                    f"{self._p}r{w}/join", version, self._watch_timeout
+                ))  # fmt: skip
+                look = True
             except StoreTimeoutError:
+                look = False  # nothing changed: nothing to look at
                 continue
             except Exception as exc:  # StoreError, or a client bug: the watcher must not die
                 if self._stop.is_set():
                     return
+                look = True
                 now = self._clock()
                 lost_since = lost_since or now
                 if now - lost_since < self._s.heartbeat_timeout:

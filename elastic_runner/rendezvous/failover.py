@@ -82,18 +82,37 @@ class StoreFailover:
     def serving(self) -> bool:
         return self._server is not None
 
-    def elect(self, candidates: Sequence[Candidate], me: str, members: int) -> tuple[Store, str]:
+    def elect(
+        self,
+        candidates: Sequence[Candidate],
+        me: str,
+        members: int,
+        hosts: Sequence[Candidate] | None = None,
+    ) -> tuple[Store, str]:
         """A client of the new host's store and its ``addr:port``: the first of
-        ``candidates`` (group-rank order) that this node reaches, this node's own when it
-        comes first, if it reaches a strict majority of the last round's ``members``;
-        else :class:`StoreUnavailableError` (also when the elected node does not serve
-        within the patience)."""
+        ``hosts`` (default: ``candidates``; group-rank order) that this node reaches,
+        this node's own when it comes first, if it reaches a strict majority of the last
+        round's ``members`` among ``candidates``; else :class:`StoreUnavailableError`
+        (also when the elected node does not serve within the patience)."""
         reached = [c for c in candidates if c.node_id == me or self._reaches(c)]
         if 2 * len(reached) <= members:
             raise StoreUnavailableError(
                 f"this node reaches {len(reached)} of the last round's {members} nodes, no "
                 "majority: not moving the store"
             )
+        if hosts is not None:
+            ids = {c.node_id for c in reached}
+            reached = [c for c in hosts if c.node_id in ids]
+        return self._move_to(reached, me)
+
+    def follow(self, hosts: Sequence[Candidate]) -> tuple[Store, str]:
+        """A client of the store that the first of ``hosts`` this node reaches serves
+        after a move (a host serves only once it reached a majority); else
+        :class:`StoreUnavailableError`: none reached, or the first one reached does not
+        serve within the patience (it is alive and still on the old store)."""
+        return self._move_to([c for c in hosts if self._reaches(c)], "")
+
+    def _move_to(self, reached: Sequence[Candidate], me: str) -> tuple[Store, str]:
         for c in reached:
             if c.node_id == me:
                 local = self._start().local_host

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from elastic_runner.rendezvous.store import StoreError
 
 __all__ = [
     "CorruptKey",
+    "RoundSummary",
     "count_of",
     "done_record",
+    "done_summary",
     "failure_time",
     "join_record",
     "master_record",
     "round_of",
+    "seat_of",
 ]
 
 
@@ -64,6 +68,96 @@ def done_record(n: int, value: str) -> list[list[Any]]:
     ):
         raise CorruptKey(f"the key 'r{n}/done' holds {value[:80]!r}, not a round's members")
     return record
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What every member of a completed round reads (``r<n>/done``): small whatever the
+    number of nodes, so that N nodes reading it cost O(N) bytes, not O(N²).
+
+    ``attempt`` names the completer's per-node seats (``r<n>/seat/<attempt>/<node>``: a
+    node's group rank) and full record (``r<n>/record/<attempt>``); ``roles`` lists
+    [role, workers, nodes] runs in group-rank order; ``version`` is the store's version
+    when the completer saw every member's join key alive (changes after it are what a
+    member's watcher wakes for); ``candidates`` are the members that may host the store
+    after a move, [node id, address, port], in group-rank order. A record written by an
+    agent from before summaries (a list: the full record) is ``record``, seats implied."""
+
+    attempt: str
+    size: int
+    roles: tuple[tuple[str, int, int], ...]
+    version: int
+    candidates: tuple[tuple[str, str, int], ...] = ()
+    record: tuple[tuple[Any, ...], ...] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "attempt": self.attempt,
+                "size": self.size,
+                "roles": [list(r) for r in self.roles],
+                "version": self.version,
+                "candidates": [list(c) for c in self.candidates],
+            },
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    def runs(record: list[list[Any]]) -> tuple[tuple[str, int, int], ...]:
+        """``record``'s [role, workers] in runs: one entry for a job whose nodes are
+        alike."""
+        runs: list[list[Any]] = []
+        for m in record:
+            if runs and runs[-1][0] == m[1] and runs[-1][1] == m[2]:
+                runs[-1][2] += 1
+            else:
+                runs.append([m[1], m[2], 1])
+        return tuple((str(r[0]), int(r[1]), int(r[2])) for r in runs)
+
+
+def done_summary(n: int, value: str) -> RoundSummary:
+    """The completed round's summary (or a legacy full record, as one)."""
+    try:
+        data = json.loads(value)
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, list):
+        record = done_record(n, value)
+        return RoundSummary(
+            attempt="",
+            size=len(record),
+            roles=RoundSummary.runs(record),
+            version=0,
+            record=tuple(tuple(m) for m in record),
+        )
+    try:
+        assert isinstance(data, dict)
+        attempt, size, version = data["attempt"], data["size"], data["version"]
+        roles = tuple((r[0], r[1], r[2]) for r in data["roles"])
+        candidates = tuple((c[0], c[1], c[2]) for c in data.get("candidates", []))
+        assert isinstance(attempt, str) and attempt.isalnum()
+        assert all(type(x) is int and x >= 0 for x in (size, version))
+        assert all(
+            isinstance(r, str) and type(w) is int and w >= 0 and type(c) is int and c > 0
+            for r, w, c in roles
+        )
+        assert sum(c for _, _, c in roles) == size > 0
+        assert all(
+            isinstance(c[0], str) and isinstance(c[1], str) and _is_port(c[2]) for c in candidates
+        )
+    except (AssertionError, KeyError, TypeError, IndexError, ValueError):
+        raise CorruptKey(
+            f"the key 'r{n}/done' holds {value[:80]!r}, not a round's members"
+        ) from None
+    return RoundSummary(attempt, size, roles, version, candidates)
+
+
+def seat_of(value: str | None, size: int) -> int | None:
+    """A node's group rank in its seat key (``None``: no seat, or not one)."""
+    if value is None or not value.isdigit():
+        return None
+    rank = int(value)
+    return rank if rank < size else None
 
 
 def join_record(value: str) -> dict[str, Any] | None:

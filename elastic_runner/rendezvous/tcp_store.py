@@ -256,6 +256,10 @@ class TCPStoreClient:
     def refresh(self, key: str, ttl: float) -> bool:
         return bool(self._call("refresh", key=key, ttl=ttl))
 
+    def refresh_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        """:meth:`refresh` of each of ``keys``, in one request."""
+        return [bool(x) for x in self._call("refresh_many", keys=_as_list(keys), ttl=ttl)]
+
     def get(self, key: str) -> str | None:
         result: str | None = self._call("get", key=key)
         return result

@@ -88,6 +88,7 @@ _ARGS: dict[str, dict[str, tuple[_Check, bool]]] = {
         "ttl": (_optional_seconds("ttl"), False),
     },
     "refresh": {"key": (check_key, True), "ttl": (_seconds("ttl"), True)},
+    "refresh_many": {"keys": (check_keys, True), "ttl": (_seconds("ttl"), True)},
     "get": {"key": (check_key, True)},
     "add": {"key": (check_key, True), "amount": (check_amount, True)},
     "compare_set": {
