@@ -103,6 +103,9 @@ _OUTSIDE, _STANDBY = -1, -2
 #: others follow the first of them that serves.
 CANDIDATES = 5
 
+#: What a bell rung with a reason starts with (a node id cannot).
+_REASON = "why:"
+
 
 @dataclass
 class _Forming:
@@ -114,14 +117,22 @@ class _Forming:
     leads: bool = False
     checked: int = 0
     last_call: float | None = None
+    #: When the leader last read every join key, and when it reads them again.
+    looked: float = float("-inf")
+    look_at: float | None = None
+
+
+def _spread(items: list[Any]) -> list[Any]:
+    """Up to :data:`CANDIDATES` of ``items``, spread over them, in order."""
+    picks = {i * len(items) // CANDIDATES for i in range(CANDIDATES)} & set(range(len(items)))
+    return [items[i] for i in sorted(picks)]
 
 
 def _candidates(record: list[list[Any]]) -> tuple[tuple[str, str, int], ...]:
     """Up to :data:`CANDIDATES` members that could host the store (an address and a
     failover port), spread over the round, in group-rank order."""
     able = [m for m in record if len(m) > 4 and m[3] and m[4]]
-    picks = sorted({i * len(able) // CANDIDATES for i in range(CANDIDATES)} & set(range(len(able))))
-    return tuple((str(able[i][0]), str(able[i][3]), int(able[i][4])) for i in picks)
+    return tuple((str(m[0]), str(m[3]), int(m[4])) for m in _spread(able))
 
 
 @dataclass(frozen=True)
@@ -673,7 +684,6 @@ class DynamicRendezvous:
                 store.add(p + "restarts", 1)
             store.compare_set(p + "round", str(old), str(old + 1))
             self._drop_join_key()  # the old round's watchers wake (and see the new round)
-        store.compare_set(p + "round", None, "0")
         deadline = self._clock() + s.join_timeout
         standby_for: int | None = None  # the round this node stands by for (logged once)
         forming = _Forming(-1)
@@ -683,10 +693,13 @@ class DynamicRendezvous:
                 raise RendezvousError("this node is leaving the job")
             # The version first: a change made after it wakes the wait below.
             found, version = store.scan(p + "round")
+            if p + "round" not in found:  # the job's first node
+                store.compare_set(p + "round", None, "0")
+                continue
             n = round_of(found.get(p + "round"), 0)  # garbage: a protocol error, one line
-            if why := store.get(p + "failed"):
+            why, done = store.multi_get([p + "failed", f"{p}r{n}/done"])
+            if why:
                 raise RendezvousError(f"the job failed on another node ({why})")
-            done = store.get(f"{p}r{n}/done")
             if done is not None:
                 summary = done_summary(n, done)
                 rank = self._seat(n, summary)
@@ -755,8 +768,10 @@ class DynamicRendezvous:
             if left <= 0:
                 raise self._timeout_error(n)
             wait = min(left, s.heartbeat_timeout)
-            if done is None and forming.leads and forming.last_call is not None:
-                wait = min(wait, max(0.001, forming.last_call - self._clock()))
+            if done is None and forming.leads:
+                for when in (forming.last_call, forming.look_at):
+                    if when is not None:
+                        wait = min(wait, max(0.001, when - self._clock()))
             try:
                 store.wait_for_change(watched, version, wait)
                 timed_out = False
@@ -782,7 +797,9 @@ class DynamicRendezvous:
             self._join_key = (key, value)
             store.set(key, value, ttl=self._s.heartbeat_timeout)
         arrived = store.add(f"{p}r{n}/arrivals", 1)
-        return _Forming(n, arrived=arrived, leads=self._lead(n))
+        # The first to arrive leads; the others take the lead only when theirs wait
+        # times out (a leader that died lets its key expire).
+        return _Forming(n, arrived=arrived, leads=arrived == 1 and self._lead(n))
 
     def _lead(self, n: int) -> bool:
         """Take the lead of forming round n, unless a live node has it."""
@@ -798,20 +815,31 @@ class DynamicRendezvous:
         (``last_call_timeout`` after ``min_nodes`` arrived). Reading every join key is
         O(N): done once each time the round could complete, not on each arrival."""
         s, p, store = self._s, self._p, self._store
+        now = self._clock()
         arrived = count_of(store.get(f"{p}r{n}/arrivals"))
         forming.arrived = max(forming.arrived, arrived)
         if forming.last_call is None and arrived >= s.min_nodes and arrived > forming.checked:
-            forming.last_call = self._clock() + s.last_call_timeout
-        at_last_call = forming.last_call is not None and self._clock() >= forming.last_call
-        full = arrived >= s.max_nodes and arrived > forming.checked
-        if not (timed_out or at_last_call or full):
+            forming.last_call = now + s.last_call_timeout
+        call = forming.last_call
+        at_last_call = call is not None and now >= call
+        if not (
+            timed_out
+            or (arrived >= s.max_nodes and arrived > forming.checked)  # full, by the count
+            or (call is not None and forming.looked < call <= now)  # (once at the call)
+            or (forming.look_at is not None and now >= forming.look_at)
+        ):
             return
-        forming.checked = arrived
+        forming.checked, forming.looked = arrived, now
+        # Not complete after this look: look again a heartbeat later, when the keys of
+        # nodes that came and went (or whose heartbeat was late) have settled.
+        forming.look_at = now + s.heartbeat_interval
         joined, version = self._joined(n)
         forming.arrived = len(joined)
         if len(joined) < s.min_nodes:
             forming.last_call = None  # some have died since they came: wait for more
             return
+        if forming.last_call is None:
+            forming.last_call = now + s.last_call_timeout
         earlier = self._record_of(n - 1)
         before = {str(m[0]) for m in earlier or ()}
         # Live members of the previous round keep their places before newcomers
@@ -859,6 +887,7 @@ class DynamicRendezvous:
             roles=RoundSummary.runs(record),
             version=version,
             candidates=_candidates(record),
+            monitors=tuple(str(m[0]) for m in _spread(record)),
         )
         store.compare_set(f"{p}r{n}/done", None, summary.to_json())
 
@@ -1007,8 +1036,10 @@ class DynamicRendezvous:
             port = find_free_port(addr) if pinned is None else pinned_port(pinned)
             store.set(master_key, json.dumps([addr, port]))
             store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
-        store.wait([master_key], timeout=self._s.join_timeout)
         master, restarts_value = store.multi_get([master_key, p + "restarts"])
+        if master is None:  # group rank 0 has not written it yet
+            store.wait([master_key], timeout=self._s.join_timeout)
+            master, restarts_value = store.multi_get([master_key, p + "restarts"])
         addr, port = master_record(master_key, master)
         restarts = count_of(restarts_value)
         with self._lock:
@@ -1042,10 +1073,11 @@ class DynamicRendezvous:
 
     # -- background threads -------------------------------------------------------------
 
-    def _ring(self, n: int | None) -> None:
-        """Wake the watchers of round ``n``'s members (they wait on its join keys)."""
+    def _ring(self, n: int | None, value: str | None = None) -> None:
+        """Wake the watchers of round ``n``'s members (they wait on its join keys); a
+        ``value`` starting with ``why:`` tells them why the round re-forms."""
         if n is not None:
-            self._store.set(f"{self._p}r{n}/joinbell", self.node_id)
+            self._store.set(f"{self._p}r{n}/joinbell", value or self.node_id)
 
     def _drop_join_key(self) -> None:
         """Stop announcing this node in its round (and delete the key: the round's
@@ -1176,9 +1208,8 @@ class DynamicRendezvous:
                     continue
                 if look and watching[0] == n and n != notified and not quiet:
                     assert summary is not None
-                    found, version = self._store.scan(self._p)
+                    why, version = self._look(n, summary)
                     watching = (n, version)
-                    why = self._regroup(n, self._member_ids(n, summary), found)
                     if why is not None:
                         notified = n
                         log.warning("%s: the job re-forms", why)
@@ -1222,6 +1253,49 @@ class DynamicRendezvous:
         with self._lock:
             if self._round == n and self._callback:
                 self._callback()
+
+    def _look(self, n: int, summary: RoundSummary) -> tuple[str | None, int]:
+        """Why round ``n`` must re-form (``None``: it need not), and the store's version
+        before it looked. What costs O(1) first (the job failed, the next round started,
+        the bell says why, nodes wait to join); for a member's join key gone, only the
+        first of the round's monitors still running reads the job (O(N)) and rings the
+        bell with what it found: one node pays for a lost member, not every node."""
+        p, store = self._p, self._store
+        found, version = store.scan(p + "round")  # the version first
+        failed, bell, exits = store.multi_get([p + "failed", f"{p}r{n}/joinbell", f"{p}r{n}/exits"])
+        if failed:
+            return f"the job failed on another node ({failed})", version
+        try:
+            current = round_of(found.get(p + "round"), n)
+        except CorruptKey as exc:  # go on: lost nodes must still be noticed
+            self._protocol_error(str(exc))
+            current = n
+        if current != n:
+            return f"another node started round {current}", version
+        if bell is not None and bell.startswith(_REASON):
+            return bell[len(_REASON) :], version
+        if summary.size < self._s.max_nodes and not count_of(exits):
+            waiting = len(store.scan(p + "waiting/")[0])
+            if waiting:
+                return (
+                    f"{waiting} node(s) waiting to join (up to {self._s.max_nodes} welcome)",
+                    version,
+                )
+        if summary.monitors:
+            keys = [f"{p}r{n}/{kind}/{m}" for m in summary.monitors for kind in ("join", "exit")]
+            values = store.multi_get(keys)
+            running = [
+                m
+                for i, m in enumerate(summary.monitors)
+                if values[2 * i] is not None and values[2 * i + 1] is None
+            ]
+            if running and running[0] != self.node_id:
+                return None, version  # that monitor looks, and rings the bell
+        found, version = store.scan(p)
+        why = self._regroup(n, self._member_ids(n, summary), found)
+        if why is not None and summary.monitors:
+            self._ring(n, _REASON + why)
+        return why, version
 
     def _regroup(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
         """Why round ``n`` (with ``members``) must re-form, as seen in the store's keys

@@ -80,14 +80,17 @@ class RoundSummary:
     [role, workers, nodes] runs in group-rank order; ``version`` is the store's version
     when the completer saw every member's join key alive (changes after it are what a
     member's watcher wakes for); ``candidates`` are the members that may host the store
-    after a move, [node id, address, port], in group-rank order. A record written by an
-    agent from before summaries (a list: the full record) is ``record``, seats implied."""
+    after a move, [node id, address, port], in group-rank order; ``monitors``, a few
+    members whose first still running one reads the job when a member's key goes. A
+    record written by an agent from before summaries (a list: the full record) is
+    ``record``, seats implied."""
 
     attempt: str
     size: int
     roles: tuple[tuple[str, int, int], ...]
     version: int
     candidates: tuple[tuple[str, str, int], ...] = ()
+    monitors: tuple[str, ...] = ()
     record: tuple[tuple[Any, ...], ...] | None = None
 
     def to_json(self) -> str:
@@ -98,6 +101,7 @@ class RoundSummary:
                 "roles": [list(r) for r in self.roles],
                 "version": self.version,
                 "candidates": [list(c) for c in self.candidates],
+                "monitors": list(self.monitors),
             },
             separators=(",", ":"),
         )
@@ -135,6 +139,8 @@ def done_summary(n: int, value: str) -> RoundSummary:
         attempt, size, version = data["attempt"], data["size"], data["version"]
         roles = tuple((r[0], r[1], r[2]) for r in data["roles"])
         candidates = tuple((c[0], c[1], c[2]) for c in data.get("candidates", []))
+        monitors = tuple(data.get("monitors", []))
+        assert all(isinstance(m, str) for m in monitors)
         assert isinstance(attempt, str) and attempt.isalnum()
         assert all(type(x) is int and x >= 0 for x in (size, version))
         assert all(
@@ -149,7 +155,7 @@ def done_summary(n: int, value: str) -> RoundSummary:
         raise CorruptKey(
             f"the key 'r{n}/done' holds {value[:80]!r}, not a round's members"
         ) from None
-    return RoundSummary(attempt, size, roles, version, candidates)
+    return RoundSummary(attempt, size, roles, version, candidates, monitors)
 
 
 def seat_of(value: str | None, size: int) -> int | None:

@@ -236,6 +236,43 @@ class StoreSuite:
         client.set("z/done", "1")
         thread.join(5)
 
+    # -- refresh_many (optional: refresh_keys falls back to refresh per key) ------------
+
+    @staticmethod
+    def _refresh_many(store: Store) -> Callable[[list[str], float], list[bool]]:
+        many = getattr(store, "refresh_many", None)
+        if many is None:
+            pytest.skip("this store has no refresh_many")
+        return many  # type: ignore[no-any-return]
+
+    def test_refresh_many_refreshes_present_keys(self, store: Store) -> None:
+        refresh_many = self._refresh_many(store)
+        ttl = self.TTL
+        store.set("many/a", "1", ttl=ttl)
+        store.set("many/b", "2", ttl=ttl)
+        store.set("many/gone", "3", ttl=ttl)
+        deadline = time.monotonic() + 3 * ttl
+        while time.monotonic() < deadline and store.get("many/gone") is not None:
+            found = refresh_many(["many/a", "many/missing", "many/b"], ttl)
+            assert list(found) == [True, False, True]
+            time.sleep(ttl / 6)
+        assert store.get("many/gone") is None  # not refreshed: expired meanwhile
+        assert store.multi_get(["many/a", "many/b", "many/missing"]) == ["1", "2", None]
+        assert list(refresh_many(["many/gone", "many/a"], ttl)) == [False, True]
+        assert list(refresh_many([], ttl)) == []
+        assert store.get("many/missing") is None  # a refresh creates nothing
+
+    def test_refresh_many_does_not_wake_watchers(self, make_store: MakeStore) -> None:
+        a, b = make_store(), make_store()
+        refresh_many = self._refresh_many(a)
+        a.set("hbm/a", "1", ttl=5)
+        a.set("hbm/b", "1", ttl=5)
+        _, version = b.scan("hbm/")
+        for _ in range(5):
+            assert list(refresh_many(["hbm/a", "hbm/b", "hbm/c"], 5)) == [True, True, False]
+        with pytest.raises(StoreTimeoutError):
+            b.wait_for_change("hbm/", version, timeout=0.2)
+
     # -- bad arguments: refused, nothing changes, the store goes on ------------------------
 
     @pytest.mark.parametrize(("what", "call"), BAD_ARGUMENTS, ids=[w for w, _ in BAD_ARGUMENTS])
@@ -251,6 +288,23 @@ class StrictStoreSuite(StoreSuite):
     )
     def test_refuses_bad_arguments_strictly(self, store: Store, what: str, call: Call) -> None:
         _assert_refused(store, what, call, self.TTL)
+
+    @pytest.mark.parametrize(
+        ("what", "call"),
+        [
+            ("refresh_many ttl=nan", lambda m: m(["ttl/k"], NAN)),
+            ("refresh_many ttl=inf", lambda m: m(["ttl/k"], INF)),
+            ("refresh_many ttl=-1", lambda m: m(["ttl/k"], -1.0)),
+            ("refresh_many keys='ttl/k'", lambda m: m("ttl/k", 1.0)),
+            ("refresh_many keys=[1]", lambda m: m([1], 1.0)),
+        ],
+        ids=lambda x: x if isinstance(x, str) else "",
+    )
+    def test_refresh_many_refuses_bad_arguments(
+        self, store: Store, what: str, call: Callable[[Any], object]
+    ) -> None:
+        many = StoreSuite._refresh_many(store)
+        _assert_refused(store, what, lambda s: call(many), self.TTL)
 
 
 def _assert_refused(store: Store, what: str, call: Call, ttl: float) -> None:
