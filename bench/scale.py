@@ -865,8 +865,11 @@ def main() -> int:
         parser.error(f"unknown backend(s) {', '.join(unknown)}")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:  # root may raise the hard limit itself (8,192 participants need ~25,000 files)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (OSError, ValueError):
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(OSError):
         somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
         if somaxconn < 4096:

@@ -3,7 +3,9 @@ the MASTER_ADDR group rank 0 advertises, given every member's address."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -538,3 +540,219 @@ def test_the_last_node_out_removes_the_jobs_keys(spares: Callable[..., _Job]) ->
     for handler in _form_job(job, 2):
         handler.shutdown()
     assert job.store.scan(f"rdzv/{job.run_id}/")[0] == {}
+
+
+# -- O(N) bytes a round: one leader reads the join keys, members read a small summary ----
+
+
+class _TCPJob:
+    """Handlers of one job on a real TCP store server, each with its own client (as
+    agents on separate machines would be); ``kill`` one as SIGKILL would (no leave)."""
+
+    def __init__(self, min_nodes: int, max_nodes: int, **settings: float) -> None:
+        self.server = TCPStoreServer("127.0.0.1", 0)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.p = f"rdzv/{self.run_id}/"
+        self.min_nodes, self.max_nodes = min_nodes, max_nodes
+        self.settings: dict[str, Any] = {
+            "join_timeout": 20.0,
+            "last_call_timeout": 0.0,
+            "heartbeat_interval": 0.2,
+            "heartbeat_timeout": 0.8,
+            **settings,
+        }
+        self.handlers: list[DynamicRendezvous] = []
+        self.clients: list[TCPStoreClient] = []
+        self.joining: list[_Joining] = []
+
+    def node(self) -> DynamicRendezvous:
+        client = TCPStoreClient("127.0.0.1", self.server.port)
+        self.clients.append(client)
+        handler = DynamicRendezvous(
+            client,
+            RendezvousSettings(self.run_id, self.min_nodes, self.max_nodes, **self.settings),
+            backend="test",
+            endpoint=f"127.0.0.1:{self.server.port}",
+            local_addr="127.0.0.1",
+        )
+        self.handlers.append(handler)
+        return handler
+
+    def join(self, handlers: list[DynamicRendezvous]) -> list[RendezvousInfo]:
+        joins = [_Joining(h) for h in handlers]
+        self.joining += joins
+        return [j.join(20) for j in joins]
+
+    @staticmethod
+    def kill(handler: DynamicRendezvous, client: TCPStoreClient) -> None:
+        """As bench/_scale_client.py's ``kill``: heartbeat and watcher end, nothing is
+        written (no leave), the connections go. The client is closed by ``close`` only,
+        once its threads ended: closing a socket that another thread is blocked on can
+        leave that thread reading whatever connection reuses the descriptor."""
+        handler._stop.set()
+        for sock in list(client._all):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        closing = [threading.Thread(target=h.shutdown) for h in self.handlers]
+        for t in closing:
+            t.start()
+        for t in closing:
+            t.join(10)
+        self.server.close()  # ends any wait still blocked on a closed client
+        for c in self.clients:
+            c.close()
+        assert not any(t.is_alive() for t in closing), "a shutdown hangs"
+        for h in self.handlers:
+            for thread in (h._heartbeat, h._watcher):
+                if thread is not None:
+                    thread.join(5)
+                    assert not thread.is_alive(), f"{thread.name} of {h.node_id} survives"
+        for j in self.joining:
+            j.thread.join(5)
+            assert not j.thread.is_alive(), "a next_round survives"
+
+
+@pytest.fixture
+def tcp_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., _TCPJob]]:
+    monkeypatch.setattr(dynamic, "find_free_port", lambda addr: 4242)
+    made: list[_TCPJob] = []
+
+    def make(min_nodes: int, max_nodes: int, **settings: float) -> _TCPJob:
+        made.append(_TCPJob(min_nodes, max_nodes, **settings))
+        return made[-1]
+
+    yield make
+    for job in made:
+        job.close()
+
+
+def _bytes(server: TCPStoreServer) -> int:
+    return server.bytes_in + server.bytes_out
+
+
+def test_bytes_per_node_of_a_round_do_not_grow_with_the_nodes(
+    tcp_jobs: Callable[..., _TCPJob],
+) -> None:
+    # slow heartbeats: what is measured is the round, not the beats while it forms
+    per_node: dict[int, float] = {}
+    for n in (6, 24):
+        job = tcp_jobs(n, n, heartbeat_interval=2.0, heartbeat_timeout=6.0)
+        handlers = [job.node() for _ in range(n)]
+        before = _bytes(job.server)
+        t0 = time.monotonic()
+        infos = job.join(handlers)
+        took = time.monotonic() - t0
+        spent = _bytes(job.server) - before
+        assert sorted(i.group_rank for i in infos) == list(range(n))
+        per_node[n] = spent / n
+        print(f"N={n}: {spent} bytes, {per_node[n]:.0f} a node, {took:.2f} s")
+    ratio = per_node[24] / per_node[6]
+    print(f"bytes a node at 24 / at 6: {ratio:.2f}")
+    assert ratio <= 1.6, per_node
+
+
+def test_a_running_round_reads_nothing_of_the_job(tcp_jobs: Callable[..., _TCPJob]) -> None:
+    job = tcp_jobs(8, 8, heartbeat_interval=0.2, heartbeat_timeout=0.8)
+    handlers = [job.node() for _ in range(8)]
+    assert {i.group_world_size for i in job.join(handlers)} == {8}
+    _until(lambda: all(h._watcher is not None for h in handlers))
+    time.sleep(0.1)  # the watchers are in their waits
+    before = job.server.requests.copy()
+    time.sleep(0.45)  # two heartbeat periods and more
+    spent = job.server.requests - before
+    print(dict(spent))
+    assert spent["scan"] == 0 and spent["get"] == 0 and spent["multi_get"] == 0, spent
+    assert spent["refresh"] == 0, spent  # a heartbeat is one refresh_many
+    assert spent["refresh_many"] >= 8, spent  # every node beat at least once
+    assert set(spent) <= {"refresh_many", "wait_for_change", "hello"}, spent
+    p = job.p
+    # each member's join key lives on (its watchers wait on it); no lead is left
+    joined = job.server.store.scan(p + "r0/join/")[0]
+    assert {k.rsplit("/", 1)[1] for k in joined} == {h.node_id for h in handlers}
+    assert job.server.store.get(p + "r0/lead") is None
+
+
+def test_the_lead_passes_on_when_the_leader_dies(tcp_jobs: Callable[..., _TCPJob]) -> None:
+    job = tcp_jobs(3, 3, heartbeat_interval=0.1, heartbeat_timeout=0.6)
+    a = job.node()
+    joining_a = _Joining(a)
+    job.joining.append(joining_a)
+    lead = job.p + "r0/lead"
+    _until(lambda: job.server.store.get(lead) is not None, timeout=5)
+    assert job.server.store.get(lead) == a.node_id  # the first to come leads
+    job.kill(a, job.clients[0])
+    assert job.server.store.get(lead) == a.node_id  # the dead node's lead lives on a while
+    others = [job.node() for _ in range(3)]  # B, C and D, which replaces A
+    t0 = time.monotonic()
+    infos = job.join(others)
+    took = time.monotonic() - t0
+    print(f"completed without the dead leader in {took:.2f} s")
+    assert sorted(i.group_rank for i in infos) == [0, 1, 2]
+    assert {i.group_world_size for i in infos} == {3}
+    # the lead and the join key expire (0.6 s), then a node whose wait ran out leads
+    assert took < 5 * 0.6, took
+    members = {k.rsplit("/", 1)[1] for k in job.server.store.scan(job.p + "r0/join/")[0]}
+    assert members == {h.node_id for h in others}  # A's join key expired with it
+    joining_a.thread.join(5)
+    assert isinstance(joining_a.error, RendezvousError)  # A stopped, never joined
+
+
+class _ScanLog(MemoryStore):
+    """A memory store that records the prefixes scanned and the keys read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans: list[str] = []
+        self.gets: list[str] = []
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        self.scans.append(prefix)
+        return super().scan(prefix)
+
+    def get(self, key: str) -> str | None:
+        self.gets.append(key)
+        return super().get(key)
+
+
+def test_only_the_leader_reads_the_join_keys(spares: Callable[..., _Job]) -> None:
+    job = spares(8, 8, last_call_timeout=0.0, heartbeat_interval=0.2, heartbeat_timeout=2.0)
+    store = job.store = _ScanLog()
+    handlers = _form_job(job, 8)
+    p = f"rdzv/{job.run_id}/"
+    join_scans = [s for s in store.scans if s.startswith(p + "r0/join")]
+    print(f"scans of the join keys: {len(join_scans)}; all scans: {len(store.scans)}")
+    assert 1 <= len(join_scans) <= 2, store.scans
+    assert not [s for s in store.scans if s == p or s == p + "r0/"], store.scans  # no job read
+    # the full record: read by group rank 0 alone (no candidates without failover)
+    records = [k for k in store.gets if k.startswith(p + "r0/record/")]
+    assert len(records) == 1, records
+    assert len(handlers) == 8
+
+
+def test_a_joiner_not_chosen_drops_its_join_key(spares: Callable[..., _Job]) -> None:
+    job = spares(2, 2, heartbeat_interval=0.05, heartbeat_timeout=0.5)
+    p = f"rdzv/{job.run_id}/"
+    # A lead nobody holds until it expires: three nodes join before the round can form.
+    job.store.set(p + "r0/lead", "ghost", ttl=0.5)
+    handlers = [job.node() for _ in range(3)]
+    joins = [_Joining(h) for h in handlers]
+    try:
+        _until(lambda: job.store.get(p + "r0/done") is not None, timeout=5)
+        _until(lambda: sum(j.result is not None for j in joins) == 2, timeout=5)
+        members = {j.handler.node_id for j in joins if j.result is not None}
+        left_out = next(j for j in joins if j.result is None)
+        assert job.store.get(p + "r0/arrivals") == "3"  # all three had joined the round
+        _until(lambda: (left_out.handler.progress() or "").startswith("standby"), timeout=5)
+        joined = {k.rsplit("/", 1)[1] for k in job.store.scan(p + "r0/join/")[0]}
+        assert joined == members  # the one not chosen dropped its key
+        time.sleep(0.2)  # several heartbeats: they do not bring it back
+        joined = {k.rsplit("/", 1)[1] for k in job.store.scan(p + "r0/join/")[0]}
+        assert joined == members
+    finally:
+        for h in handlers:
+            h.shutdown()
+        for j in joins:
+            j.thread.join(5)
+            assert not j.thread.is_alive()

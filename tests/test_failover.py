@@ -197,3 +197,104 @@ def test_the_reserved_port_is_released(failovers: list[StoreFailover]) -> None:
     failovers[0].close()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+# -- hosts: only a few spread members may host; the others follow ------------------------
+
+
+def _quick() -> StoreFailover:
+    """A failover whose probe of a host waits half a second for it to serve."""
+    return StoreFailover(
+        lambda: listen_socket("127.0.0.1", 0),
+        lambda sock: TCPStoreServer(None, 0, listening=sock),
+        lambda addr, port, patience: TCPStoreClient(
+            addr, port, connect_timeout=1.0, request_timeout=max(patience, 0.5)
+        ),
+        patience=0.5,
+    )
+
+
+def test_elect_picks_the_first_host_reached_not_the_first_candidate(
+    failovers: list[StoreFailover],
+) -> None:
+    candidates = _candidates(failovers)
+    hosts = [candidates[2], candidates[1]]  # n0 votes but may not host
+    stores: list[Store] = []
+    try:
+        # n2 elects itself (first of the hosts); n0, first candidate, follows it
+        store2, endpoint2 = failovers[2].elect(candidates, "n2", 3, hosts)
+        stores.append(store2)
+        store0, endpoint0 = failovers[0].elect(candidates, "n0", 3, hosts)
+        stores.append(store0)
+        assert endpoint0 == endpoint2 == f"127.0.0.1:{failovers[2].port}"
+        assert failovers[2].serving and not failovers[0].serving
+        store0.set("k", "v")
+        assert store2.get("k") == "v"  # one store
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_elect_counts_the_majority_among_candidates_not_hosts(
+    failovers: list[StoreFailover],
+) -> None:
+    candidates = _candidates(failovers)
+    failovers[0].close()
+    failovers[1].close()  # n2 reaches 1 of 3, though it is the only host
+    with pytest.raises(StoreUnavailableError, match="reaches 1 of the last round's 3 nodes"):
+        failovers[2].elect(candidates, "n2", 3, [candidates[2]])
+    assert not failovers[2].serving
+
+
+def test_follow_moves_to_the_first_serving_host_reached(failovers: list[StoreFailover]) -> None:
+    candidates = _candidates(failovers)
+    failovers[0].close()  # n0 is gone: its port refuses
+    stores: list[Store] = []
+    follower = _failover()
+    try:
+        store1, endpoint1 = failovers[1].elect(candidates, "n1", 3, [candidates[1]])
+        stores.append(store1)
+        store, endpoint = follower.follow([candidates[0], candidates[1], candidates[2]])
+        stores.append(store)
+        assert endpoint == endpoint1 == f"127.0.0.1:{failovers[1].port}"
+        assert not follower.serving  # a follower never hosts
+        store1.set("k", "v")
+        assert store.get("k") == "v"
+    finally:
+        for s in stores:
+            s.close()
+        follower.close()
+
+
+def test_follow_does_not_pass_a_live_host_that_does_not_serve(
+    failovers: list[StoreFailover],
+) -> None:
+    """n0 is alive (its port takes connections) but still on the old store: the follower
+    does not go on to n1, which serves."""
+    candidates = _candidates(failovers)
+    stores: list[Store] = []
+    follower = _quick()
+    try:
+        stores.append(failovers[1].elect(candidates, "n1", 3, [candidates[1]])[0])
+        with pytest.raises(StoreUnavailableError, match="node n0 does not host the store"):
+            follower.follow(candidates)
+        assert not follower.serving and not failovers[0].serving
+    finally:
+        for s in stores:
+            s.close()
+        follower.close()
+
+
+def test_follow_with_no_host_reached_is_unavailable(failovers: list[StoreFailover]) -> None:
+    candidates = _candidates(failovers)
+    for f in failovers:
+        f.close()
+    follower = _quick()
+    try:
+        with pytest.raises(StoreUnavailableError, match="no surviving member"):
+            follower.follow(candidates)
+        with pytest.raises(StoreUnavailableError, match="no surviving member"):
+            follower.follow([])
+        assert not follower.serving
+    finally:
+        follower.close()

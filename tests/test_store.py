@@ -27,9 +27,11 @@ import pytest
 from elastic_runner.rendezvous import tcp_store
 from elastic_runner.rendezvous.store import (
     MemoryStore,
+    StoreArgumentError,
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
+    refresh_keys,
 )
 from elastic_runner.rendezvous.tcp_server import MAX_CONNECTIONS, StoreLimits, TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
@@ -443,6 +445,12 @@ def test_connections_beyond_the_cap_are_refused_busy() -> None:
         (b'{"id":1,"op":"set","args":{"key":["k"],"value":"v"}}', "key must be a string"),
         (b'{"id":1,"op":"set","args":{"key":"k","value":{"x":1}}}', "value must be a string"),
         (b'{"id":1,"op":"multi_get","args":{"keys":"abc"}}', "keys must be a list"),
+        (b'{"id":1,"op":"refresh_many","args":{"keys":"abc","ttl":1}}', "keys must be a list"),
+        (b'{"id":1,"op":"refresh_many","args":{"keys":[null],"ttl":1}}', "each of keys"),
+        (b'{"id":1,"op":"refresh_many","args":{"keys":["k"],"ttl":NaN}}', "ttl must"),
+        (b'{"id":1,"op":"refresh_many","args":{"keys":["k"],"ttl":-1}}', "ttl must be 0.."),
+        (b'{"id":1,"op":"refresh_many","args":{"keys":["k"]}}', "missing argument ttl"),
+        (b'{"id":1,"op":"refresh_many","args":{"ttl":1}}', "missing argument keys"),
         (b'{"id":1,"op":"multi_get","args":{"keys":[null]}}', "each of keys"),
         (b'{"id":1,"op":"multi_set","args":{"items":[["k","v"]]}}', "items must map"),
         (b'{"id":1,"op":"compare_set","args":{"key":"k","expected":5,"desired":"v"}}', "expected"),
@@ -679,3 +687,75 @@ def test_an_abandoned_wait_is_released_at_once(server: TCPStoreServer) -> None:
         time.sleep(0.02)
     assert server.connections == 0
     _works(server)
+
+
+# -- refresh_keys: one request where the store has refresh_many, else one a key ----------
+
+
+class _Counting:
+    """A memory store seen through the calls it gets; ``many`` says what its refresh_many
+    does: ``"ok"``, ``"absent"`` (a store without it) or ``"refused"`` (a server from
+    before it)."""
+
+    def __init__(self, many: str) -> None:
+        self.inner = MemoryStore()
+        self.calls: list[str] = []
+        if many != "absent":
+            self.refresh_many = self._ok if many == "ok" else self._refused
+
+    def _ok(self, keys: list[str], ttl: float) -> list[bool]:
+        self.calls.append("refresh_many")
+        return self.inner.refresh_many(keys, ttl)
+
+    def _refused(self, keys: list[str], ttl: float) -> list[bool]:
+        self.calls.append("refresh_many")
+        raise StoreArgumentError("unknown request 'refresh_many'")
+
+    def refresh(self, key: str, ttl: float) -> bool:
+        self.calls.append("refresh")
+        return self.inner.refresh(key, ttl)
+
+
+@pytest.mark.parametrize(
+    ("many", "calls"),
+    [
+        ("ok", ["refresh_many"]),
+        ("absent", ["refresh"] * 3),
+        ("refused", ["refresh_many"] + ["refresh"] * 3),
+    ],
+)
+def test_refresh_keys_uses_refresh_many_or_falls_back(many: str, calls: list[str]) -> None:
+    clock = [0.0]
+    store = _Counting(many)
+    store.inner = MemoryStore(clock=lambda: clock[0])
+    store.inner.set("a", "1", ttl=1.0)
+    store.inner.set("c", "3", ttl=1.0)
+    clock[0] = 0.9
+    found = refresh_keys(store, ["a", "b", "c"], 1.0)  # type: ignore[arg-type]
+    assert found == [True, False, True]
+    assert store.calls == calls
+    clock[0] = 1.5  # past the first TTL: alive by the refresh only
+    assert store.inner.multi_get(["a", "b", "c"]) == ["1", None, "3"]
+    clock[0] = 2.0
+    assert store.inner.multi_get(["a", "c"]) == [None, None]
+
+
+def test_refresh_keys_does_not_hide_other_errors() -> None:
+    class Down(_Counting):
+        def _ok(self, keys: list[str], ttl: float) -> list[bool]:
+            raise StoreUnavailableError("the store is gone")
+
+    with pytest.raises(StoreUnavailableError):
+        refresh_keys(Down("ok"), ["a"], 1.0)  # type: ignore[arg-type]
+
+
+def test_refresh_many_over_tcp_is_one_request(server: TCPStoreServer) -> None:
+    client = TCPStoreClient("127.0.0.1", server.port, token="right")
+    try:
+        client.set("hb/a", "1", ttl=5)
+        client.set("hb/b", "1", ttl=5)
+        before = server.requests.copy()
+        assert refresh_keys(client, ["hb/a", "hb/b", "hb/c"], 5) == [True, True, False]
+        assert server.requests - before == {"refresh_many": 1}
+    finally:
+        client.close()

@@ -10,6 +10,8 @@ monkeypatched ``socket.getaddrinfo``, so nothing is sent."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import socket
@@ -26,7 +28,8 @@ from elastic_runner.errors import ConfigError
 from elastic_runner.rendezvous import tcp
 from elastic_runner.rendezvous.api import NodeInfo, RendezvousError, RendezvousInfo
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous
-from elastic_runner.rendezvous.store import StoreError
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.spec import RunContext
 from tests.test_store import write_test_ca
@@ -634,3 +637,132 @@ def test_a_node_leaving_an_agent_hosted_store_does_not_wait_for_it_to_close(
     client.shutdown()
     assert time.monotonic() - started < 2.0
     assert not _listening("127.0.0.1", port)
+
+
+# -- the store server wakes only the waits a change concerns ------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[TCPStoreServer]:
+    s = TCPStoreServer("127.0.0.1", 0)
+    yield s
+    s.close()
+
+
+def _on_loop(server: TCPStoreServer, look: Callable[[], Any]) -> Any:
+    """``look()`` run on the server's event loop (its state is the loop's)."""
+    return asyncio.run_coroutine_threadsafe(_call(look), server._loop).result(5)
+
+
+async def _call(look: Callable[[], Any]) -> Any:
+    return look()
+
+
+def _waiters(server: TCPStoreServer) -> dict[str, int]:
+    waiters: dict[str, int] = _on_loop(
+        server, lambda: {k: len(v) for k, v in server._waiters.items()}
+    )
+    return waiters
+
+
+def test_waits_that_end_leave_no_waiter_behind(server: TCPStoreServer) -> None:
+    clients = [TCPStoreClient("127.0.0.1", server.port) for _ in range(4)]
+    ended: list[str] = []
+    lock = threading.Lock()
+
+    def wait(i: int) -> None:
+        client = clients[i % len(clients)]
+        try:
+            if i % 3 == 2:
+                client.wait([f"k/{i}", f"k/{i + 1}", "k/shared"], timeout=0.5)
+            else:
+                client.wait_for_change(f"p{i % 5}/", 0 if i % 2 else 10**6, timeout=0.5)
+            what = "woke"
+        except StoreTimeoutError:
+            what = "timed out"
+        with lock:
+            ended.append(what)
+
+    try:
+        clients[0].set("p1/x", "1")  # waits on p1/ from version 0 end at once
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 3
+        while not _waiters(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        during = _waiters(server)
+        assert "k/shared" in during and "p0/" in during  # blocked waits are registered
+        clients[1].set("p3/y", "1")  # ends the waits on p3/ early
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+        assert len(ended) == 24 and "timed out" in ended and "woke" in ended
+        assert _waiters(server) == {}
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_change_under_another_prefix_does_not_wake_a_wait(
+    server: TCPStoreServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[str] = []
+    real = server.store.wait_for_change
+
+    def counted(prefix: str, version: int, timeout: float) -> int:
+        looks.append(prefix)  # once per start, wake-up or end of a blocked wait
+        return real(prefix, version, timeout)
+
+    monkeypatch.setattr(server.store, "wait_for_change", counted)
+    waiter, writer = (TCPStoreClient("127.0.0.1", server.port) for _ in range(2))
+    outcome: list[float] = []
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        with contextlib.suppress(StoreTimeoutError):
+            waiter.wait_for_change("b/", version, timeout=0.8)
+        outcome.append(time.monotonic() - t0)
+
+    try:
+        _, version = writer.scan("b/")
+        thread = threading.Thread(target=wait)
+        thread.start()
+        deadline = time.monotonic() + 3
+        while "b/" not in _waiters(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(20):
+            writer.set(f"a/{i}", "x")  # not under b/
+            writer.set(f"bb{i}", "x")  # nor this: b/ is a prefix, slash included
+        thread.join(5)
+        assert not thread.is_alive()
+        assert 0.75 <= outcome[0] < 2.0, outcome  # it ran its timeout out
+        # a look when it starts and one when its time is up; never woken in between
+        assert looks.count("b/") == 2, looks
+        assert _waiters(server) == {}
+    finally:
+        waiter.close()
+        writer.close()
+
+
+def test_a_change_under_a_waits_prefix_wakes_it_at_once(server: TCPStoreServer) -> None:
+    waiter, writer = (TCPStoreClient("127.0.0.1", server.port) for _ in range(2))
+    woke: list[float] = []
+    try:
+        _, version = writer.scan("b/")
+        thread = threading.Thread(
+            target=lambda: woke.append(waiter.wait_for_change("b/", version, timeout=5))
+        )
+        thread.start()
+        deadline = time.monotonic() + 3
+        while "b/" not in _waiters(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        writer.set("b/x", "1")
+        thread.join(5)
+        assert not thread.is_alive() and woke and woke[0] > version
+        assert time.monotonic() - t0 < 1.0
+        assert _waiters(server) == {}
+    finally:
+        waiter.close()
+        writer.close()

@@ -160,7 +160,7 @@ def done_summary(n: int, value: str) -> RoundSummary:
 
 def seat_of(value: str | None, size: int) -> int | None:
     """A node's group rank in its seat key (``None``: no seat, or not one)."""
-    if value is None or not value.isdigit():
+    if value is None or not (value.isascii() and value.isdigit()):
         return None
     rank = int(value)
     return rank if rank < size else None
