@@ -6,8 +6,17 @@ node's key expires by itself). Waiting is notified by the store. Keys, under
 ``rdzv/<run id>/``::
 
     round                 the current round number
-    r<n>/join/<node>      a node's announcement in round n (role, workers, join order)
-    r<n>/done             the completed round: node ids in group-rank order (one CAS)
+    r<n>/join/<node>      a node's announcement in round n (role, workers, addresses): a
+                          TTL key its heartbeat refreshes while it joins or is a member
+    r<n>/lead             the node that completes round n (TTL), woken by
+                          r<n>/done-min once min_nodes announced themselves
+    r<n>/full             the count of join keys the last node to find it full saw
+    r<n>/seat/<a>/<node>  the node's group rank in attempt a to complete round n
+    r<n>/record/<a>       attempt a's full record: every member's announcement, in order
+    r<n>/done             the completed round's summary (one CAS): the attempt, the
+                          number of nodes, their roles and workers in runs, a few
+                          members to host the store or to monitor the others
+    r<n>/joinbell         rung to wake the members' watchers (a reason after "why:")
     r<n>/master           MASTER_ADDR/PORT, written by group rank 0
     r<n>/failed           set once when round n ended in a failure (counts one restart)
     r<n>/exit/<node>      the exit barrier
@@ -21,15 +30,20 @@ node's key expires by itself). Waiting is notified by the store. Keys, under
 
 A round completes at once when ``max_nodes`` have joined (and every live member of the
 previous round, which keeps its place before newcomers), or ``last_call_timeout`` after
-``min_nodes`` had. A node that finds the round complete at ``max_nodes`` is a standby
-(hot spare): it waits, with no ``join_timeout`` while the job's nodes live, for the round
-that re-forms when one is lost, and ends when the job finished (or failed); when every
-member of the round is gone without finishing, it starts the next round itself.
+``min_nodes`` had. Only the round's leader (or the node that finds it full) reads every
+announcement, when the count of them says the round may be complete; every other node
+reads the small summary and its seat, so a round costs O(N) bytes in all, not O(N²). A
+node that finds the round complete at ``max_nodes`` is a standby (hot spare): it waits,
+with no ``join_timeout`` while the job's nodes live, for the round that re-forms when one
+is lost, and ends when the job finished (or failed); when every member of the round is
+gone without finishing, it starts the next round itself.
 
 A running node regroups (a new round, no restart spent) when a node waits to join while
-the round has fewer than ``max_nodes``, or when a member's liveness key expires; a node
-that finishes normally passes the exit barrier (the one that sees every member through
-marks the job ``finished``) and leaves without closing anything for the others.
+the round has fewer than ``max_nodes``, or when a member's liveness key expires (its
+watcher waits on the round's join keys and bell only: nothing is read while nothing
+changes); a node that finishes normally passes the exit barrier (the one that sees every
+member through marks the job ``finished``) and leaves without closing anything for the
+others.
 
 A node excluded for failing (:mod:`elastic_runner.exclusion`) steps out: its liveness
 key goes (the others re-form without it, as for a lost node, logging the reason its
@@ -87,6 +101,7 @@ from elastic_runner.rendezvous.store import (
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
+    count_keys,
     refresh_keys,
 )
 
@@ -109,11 +124,15 @@ _REASON = "why:"
 
 @dataclass
 class _Forming:
-    """This node in round ``n`` while it forms: its arrival, whether it leads, and (the
-    leader's) arrivals at its last full look and last call."""
+    """This node in round ``n`` while it forms: the nodes in it as last counted, whether
+    it leads, and (the leader's) count at its last full look, its last call, when it
+    looked and when it looks again."""
 
     n: int
     arrived: int = 0
+    #: This node found the round full when it announced itself: it reads the join keys
+    #: itself, once.
+    full: bool = False
     leads: bool = False
     checked: int = 0
     last_call: float | None = None
@@ -280,20 +299,17 @@ class DynamicRendezvous:
         prefix = f"{p}r{n}/exit/"
         try:
             store.set(prefix + self.node_id, "1")
-            # A count, so that each wake-up costs one small read, not every exit key:
-            # N nodes finishing would otherwise read N keys N times over.
-            store.add(f"{p}r{n}/exits", 1)
             deadline = self._clock() + self._s.exit_barrier_timeout
             seen = -1
             while not self._stop.is_set():
                 # The version first: a change made after it wakes the wait below.
                 found, version = store.scan(p + "round")
-                failed, round_failed, exits = store.multi_get(
-                    [p + "failed", f"{p}r{n}/failed", f"{p}r{n}/exits"]
-                )
+                failed, round_failed = store.multi_get([p + "failed", f"{p}r{n}/failed"])
                 if round_of(found.get(p + "round"), n) != n or round_failed or failed:
                     return False
-                count = count_of(exits)
+                # A count, so that each wake-up costs one small answer, not every exit
+                # key: N nodes finishing would otherwise read N keys N times over.
+                count = count_keys(store, prefix)
                 if count >= summary.size:
                     self._finished_job()
                     return True
@@ -750,7 +766,7 @@ class DynamicRendezvous:
                 elif not forming.leads and timed_out:
                     # the leader may be gone (its key expires with it): lead instead
                     forming.leads = self._lead(n)
-                if forming.leads:
+                if forming.leads or (forming.full and forming.checked == 0):
                     self._form(n, forming, timed_out)
                 self._progress = (
                     forming.arrived,
@@ -759,11 +775,11 @@ class DynamicRendezvous:
                     deadline,
                     forming.last_call,
                 )
-                # The leader wakes for every arrival (a count it reads: one small
-                # request); the others only for the round's completion, and at least
-                # every heartbeat_timeout (the leader may have died): N joining nodes
-                # cost O(N) requests and bytes, not O(N²).
-                watched = f"{p}r{n}/" if forming.leads else f"{p}r{n}/done"
+                # Every node waits for the round's completion (the leader for the last
+                # call too: r<n>/done-min), and looks again at least every
+                # heartbeat_timeout (the leader may have died): N joining nodes cost
+                # O(N) requests and bytes, not O(N²).
+                watched = f"{p}r{n}/done"
             left = deadline - self._clock()
             if left <= 0:
                 raise self._timeout_error(n)
@@ -796,10 +812,25 @@ class DynamicRendezvous:
         with self._beat_lock:
             self._join_key = (key, value)
             store.set(key, value, ttl=self._s.heartbeat_timeout)
-        arrived = store.add(f"{p}r{n}/arrivals", 1)
-        # The first to arrive leads; the others take the lead only when theirs wait
-        # times out (a leader that died lets its key expire).
-        return _Forming(n, arrived=arrived, leads=arrived == 1 and self._lead(n))
+        # A count of the live join keys, not a shared counter: etcd increments by
+        # compare-and-set, and N nodes contending on one key cost O(N²) requests.
+        arrived = count_keys(store, f"{p}r{n}/join/")
+        s = self._s
+        if s.min_nodes <= arrived < s.max_nodes:
+            # wake the leader (waiting on r<n>/done, as every node) for the last call
+            store.compare_set(f"{p}r{n}/done-min", None, self.node_id)
+        full = False
+        if arrived >= s.max_nodes:
+            # Full by the count: one node reads the join keys now (N arriving at once may
+            # each count N), and one again for each higher count (a member of the last
+            # round the round waits for, arriving after newcomers).
+            key = f"{p}r{n}/full"
+            seen = store.get(key)
+            if seen is None or (seen.isdigit() and int(seen) < arrived):
+                full = store.compare_set(key, seen, str(arrived))[0]
+        # One node takes the lead (the others, when their wait times out: a leader
+        # that died lets its key expire).
+        return _Forming(n, arrived=arrived, full=full, leads=self._lead(n))
 
     def _lead(self, n: int) -> bool:
         """Take the lead of forming round n, unless a live node has it."""
@@ -816,7 +847,7 @@ class DynamicRendezvous:
         O(N): done once each time the round could complete, not on each arrival."""
         s, p, store = self._s, self._p, self._store
         now = self._clock()
-        arrived = count_of(store.get(f"{p}r{n}/arrivals"))
+        arrived = count_keys(store, f"{p}r{n}/join/")
         forming.arrived = max(forming.arrived, arrived)
         if forming.last_call is None and arrived >= s.min_nodes and arrived > forming.checked:
             forming.last_call = now + s.last_call_timeout
@@ -1262,7 +1293,7 @@ class DynamicRendezvous:
         bell with what it found: one node pays for a lost member, not every node."""
         p, store = self._p, self._store
         found, version = store.scan(p + "round")  # the version first
-        failed, bell, exits = store.multi_get([p + "failed", f"{p}r{n}/joinbell", f"{p}r{n}/exits"])
+        failed, bell = store.multi_get([p + "failed", f"{p}r{n}/joinbell"])
         if failed:
             return f"the job failed on another node ({failed})", version
         try:
@@ -1274,7 +1305,7 @@ class DynamicRendezvous:
             return f"another node started round {current}", version
         if bell is not None and bell.startswith(_REASON):
             return bell[len(_REASON) :], version
-        if summary.size < self._s.max_nodes and not count_of(exits):
+        if summary.size < self._s.max_nodes and not count_keys(store, f"{p}r{n}/exit/"):
             waiting = len(store.scan(p + "waiting/")[0])
             if waiting:
                 return (

@@ -242,6 +242,15 @@ class EtcdStore:
         }
         return found, int(answer["header"]["revision"])
 
+    def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (etcd counts them: one small answer)."""
+        full = self._k(prefix)
+        answer = self._post(
+            "/kv/range",
+            {"key": _b64(full), "range_end": _range_end(full), "count_only": True},
+        )
+        return int(answer.get("count", 0))
+
     def delete_prefix(self, prefix: str) -> int:
         full = self._k(prefix)
         answer = self._post("/kv/deleterange", {"key": _b64(full), "range_end": _range_end(full)})

@@ -35,6 +35,7 @@ __all__ = [
     "check_seconds",
     "check_text",
     "check_version",
+    "count_keys",
     "refresh_keys",
 ]
 
@@ -200,6 +201,18 @@ def refresh_keys(store: Store, keys: Sequence[str], ttl: float) -> list[bool]:
 #: How many prefixes :class:`MemoryStore` keeps the last change's version of: each
 #: change checks them all, each wait on one of them is then O(1).
 _PREFIXES = 64
+
+
+def count_keys(store: Store, prefix: str) -> int:
+    """How many keys are under ``prefix``: one small answer where the store has
+    ``count`` (memory, TCP, etcd), else the length of a :meth:`Store.scan`."""
+    count = getattr(store, "count", None)
+    if count is not None:
+        try:
+            return int(count(prefix))
+        except StoreArgumentError:  # a server from before count
+            pass
+    return len(store.scan(prefix)[0])
 
 
 @dataclass
@@ -401,6 +414,13 @@ class MemoryStore:
             data = self._data
             found = {k: data[k].value for k in self._under(prefix)}
             return found, self._version
+
+    def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (see :func:`count_keys`)."""
+        prefix = check_key(prefix, "prefix")
+        with self._cond:
+            self._expire()
+            return len(self._under(prefix))
 
     def _changed_since(self, prefix: str, version: int) -> bool:
         versions = self._prefix_versions

@@ -25,6 +25,10 @@ from elastic_runner.rendezvous.tcp_wire import IDLE_TIMEOUT, BadFrame, encode, r
 
 __all__ = ["TCPStoreClient"]
 
+#: How many times a connection the store closed before its hello was answered is made
+#: again (after 0.2, 0.4 and 0.8 s) before the store counts as unreachable.
+_HELLO_RETRIES = 3
+
 
 class TCPStoreClient:
     """A :class:`~elastic_runner.rendezvous.store.Store` on a
@@ -134,9 +138,22 @@ class TCPStoreClient:
             self._all.append(sock)
         try:
             self._request(sock, "hello", token=self._token)
+        except StoreUnavailableError:
+            self._drop(sock)
+            # A store flooded with new connections sheds those that have not said hello
+            # yet (4,096 agents connecting at once did this on a 2-core machine): try
+            # again a few times, backing off, before calling the store unreachable.
+            shed = getattr(self._local, "shed", 0)
+            if shed >= _HELLO_RETRIES or time.monotonic() > deadline:
+                self._local.shed = 0
+                raise
+            self._local.shed = shed + 1
+            time.sleep(0.2 * 2**shed)
+            return self._conn()
         except BaseException:
             self._drop(sock)
             raise
+        self._local.shed = 0
         self._local.sock = sock
         self._connected_once = True
         with self._lock:
@@ -255,6 +272,10 @@ class TCPStoreClient:
 
     def refresh(self, key: str, ttl: float) -> bool:
         return bool(self._call("refresh", key=key, ttl=ttl))
+
+    def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix``, in one small answer."""
+        return int(self._call("count", prefix=prefix))
 
     def refresh_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
         """:meth:`refresh` of each of ``keys``, in one request."""

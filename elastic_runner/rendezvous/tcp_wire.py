@@ -102,6 +102,7 @@ _ARGS: dict[str, dict[str, tuple[_Check, bool]]] = {
     "multi_get": {"keys": (check_keys, True)},
     "multi_set": {"items": (check_items, True)},
     "scan": {"prefix": (lambda v: check_key(v, "prefix"), True)},
+    "count": {"prefix": (lambda v: check_key(v, "prefix"), True)},
     "wait_for_change": {
         "prefix": (lambda v: check_key(v, "prefix"), True),
         "version": (check_version, True),
