@@ -21,14 +21,16 @@ from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.testing.rendezvous_suite import RendezvousSuite
 
 
-def _failover() -> StoreFailover:
+def _failover(patience: float = 5.0, least: float = 2.0) -> StoreFailover:
+    """A failover on 127.0.0.1 whose probe of a host waits ``patience`` for it to serve
+    (its clients' requests at least ``least``)."""
     return StoreFailover(
         lambda: listen_socket("127.0.0.1", 0),
         lambda sock: TCPStoreServer(None, 0, listening=sock),
-        lambda addr, port, patience: TCPStoreClient(
-            addr, port, connect_timeout=1.0, request_timeout=max(patience, 2.0)
+        lambda addr, port, wait: TCPStoreClient(
+            addr, port, connect_timeout=1.0, request_timeout=max(wait, least)
         ),
-        patience=5.0,
+        patience=patience,
     )
 
 
@@ -204,14 +206,7 @@ def test_the_reserved_port_is_released(failovers: list[StoreFailover]) -> None:
 
 def _quick() -> StoreFailover:
     """A failover whose probe of a host waits half a second for it to serve."""
-    return StoreFailover(
-        lambda: listen_socket("127.0.0.1", 0),
-        lambda sock: TCPStoreServer(None, 0, listening=sock),
-        lambda addr, port, patience: TCPStoreClient(
-            addr, port, connect_timeout=1.0, request_timeout=max(patience, 0.5)
-        ),
-        patience=0.5,
-    )
+    return _failover(patience=0.5, least=0.5)
 
 
 def test_elect_picks_the_first_host_reached_not_the_first_candidate(

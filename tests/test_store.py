@@ -31,6 +31,7 @@ from elastic_runner.rendezvous.store import (
     StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
+    count_keys,
     refresh_keys,
 )
 from elastic_runner.rendezvous.tcp_server import MAX_CONNECTIONS, StoreLimits, TCPStoreServer
@@ -757,5 +758,61 @@ def test_refresh_many_over_tcp_is_one_request(server: TCPStoreServer) -> None:
         before = server.requests.copy()
         assert refresh_keys(client, ["hb/a", "hb/b", "hb/c"], 5) == [True, True, False]
         assert server.requests - before == {"refresh_many": 1}
+    finally:
+        client.close()
+
+
+# -- count: how many keys are under a prefix, in one small answer ------------------------
+
+
+class _Scans:
+    """A store with ``scan`` only (no ``count``), or one whose ``count`` a server from
+    before it refuses."""
+
+    def __init__(self, refused: bool) -> None:
+        self.inner = MemoryStore()
+        self.calls: list[str] = []
+        if refused:
+            self.count = self._refused
+
+    def _refused(self, prefix: str) -> int:
+        self.calls.append("count")
+        raise StoreArgumentError("unknown request 'count'")
+
+    def scan(self, prefix: str) -> tuple[dict[str, str], int]:
+        self.calls.append("scan")
+        return self.inner.scan(prefix)
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_count_keys_falls_back_to_a_scan(refused: bool) -> None:
+    store = _Scans(refused)
+    store.inner.multi_set({"j/a": "1", "j/b": "2", "jx": "3", "k/a": "4"})
+    assert count_keys(store, "j/") == 2  # type: ignore[arg-type]
+    assert store.calls == (["count", "scan"] if refused else ["scan"])
+
+
+def test_count_is_the_keys_under_a_prefix_and_expires_with_them() -> None:
+    clock = [0.0]
+    store = MemoryStore(clock=lambda: clock[0])
+    store.multi_set({"r0/join/a": "1", "r0/join/b": "2", "r0/joinbell": "x", "r1/join/a": "1"})
+    store.set("r0/join/c", "3", ttl=1.0)
+    assert [store.count(p) for p in ("r0/join/", "r0/join", "r", "", "none/")] == [3, 4, 5, 5, 0]
+    clock[0] = 2.0  # c expired
+    assert store.count("r0/join/") == 2
+    store.delete_prefix("r0/")
+    assert store.count("r0/") == 0 and store.count("r1/") == 1
+
+
+def test_count_over_tcp_is_one_small_request(server: TCPStoreServer) -> None:
+    client = TCPStoreClient("127.0.0.1", server.port, token="right")
+    try:
+        client.multi_set({f"join/{i:04d}": "x" * 200 for i in range(200)})
+        before, sent = server.requests.copy(), server.bytes_out
+        assert count_keys(client, "join/") == 200
+        assert server.requests - before == {"count": 1}
+        assert server.bytes_out - sent < 200  # the answer is a number, not the keys
+        with pytest.raises(StoreArgumentError):
+            client.count(5)  # type: ignore[arg-type]
     finally:
         client.close()

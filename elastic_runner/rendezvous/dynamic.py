@@ -1294,15 +1294,8 @@ class DynamicRendezvous:
         p, store = self._p, self._store
         found, version = store.scan(p + "round")  # the version first
         failed, bell = store.multi_get([p + "failed", f"{p}r{n}/joinbell"])
-        if failed:
-            return f"the job failed on another node ({failed})", version
-        try:
-            current = round_of(found.get(p + "round"), n)
-        except CorruptKey as exc:  # go on: lost nodes must still be noticed
-            self._protocol_error(str(exc))
-            current = n
-        if current != n:
-            return f"another node started round {current}", version
+        if (over := self._over(n, failed, found.get(p + "round"))) is not None:
+            return over, version
         if bell is not None and bell.startswith(_REASON):
             return bell[len(_REASON) :], version
         if summary.size < self._s.max_nodes and not count_keys(store, f"{p}r{n}/exit/"):
@@ -1328,19 +1321,24 @@ class DynamicRendezvous:
             self._ring(n, _REASON + why)
         return why, version
 
+    def _over(self, n: int, failed: str | None, current: str | None) -> str | None:
+        """Why round ``n`` is over, from the ``failed`` and ``round`` keys: the job failed,
+        or another node started the next round (``None``: neither)."""
+        if failed:
+            return f"the job failed on another node ({failed})"
+        try:
+            started = round_of(current, n)
+        except CorruptKey as exc:  # go on: lost nodes must still be noticed
+            self._protocol_error(str(exc))
+            started = n
+        return None if started == n else f"another node started round {started}"
+
     def _regroup(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
         """Why round ``n`` (with ``members``) must re-form, as seen in the store's keys
         ``found``, or ``None`` when it need not."""
         p = self._p
-        if why := found.get(p + "failed"):
-            return f"the job failed on another node ({why})"
-        try:
-            current = round_of(found.get(p + "round"), n)
-        except CorruptKey as exc:  # go on: lost nodes must still be noticed
-            self._protocol_error(str(exc))
-            current = n
-        if current != n:
-            return f"another node started round {current}"
+        if (over := self._over(n, found.get(p + "failed"), found.get(p + "round"))) is not None:
+            return over
         finished = {k.rsplit("/", 1)[1] for k in found if k.startswith(f"{p}r{n}/exit/")}
         for m in members:
             if m not in finished and p + "alive/" + m not in found:

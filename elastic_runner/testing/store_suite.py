@@ -245,6 +245,16 @@ class StoreSuite:
             pytest.skip("this store has no refresh_many")
         return many  # type: ignore[no-any-return]
 
+    def test_count_counts_the_keys_under_a_prefix(self, store: Store) -> None:
+        count = getattr(store, "count", None)
+        if count is None:  # optional: the rendezvous counts a scan's keys instead
+            pytest.skip("this store has no count")
+        store.multi_set({"cnt/a/1": "x", "cnt/a/2": "y", "cnt/ab": "z", "cnt/b/1": "w"})
+        store.set("cnt/a/3", "v", ttl=self.TTL)
+        assert [count(p) for p in ("cnt/a/", "cnt/a", "cnt/", "cnt/none/")] == [3, 4, 5, 0]
+        store.delete("cnt/a/1")
+        assert count("cnt/a/") == 2
+
     def test_refresh_many_refreshes_present_keys(self, store: Store) -> None:
         refresh_many = self._refresh_many(store)
         ttl = self.TTL

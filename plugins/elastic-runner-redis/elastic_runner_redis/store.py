@@ -20,7 +20,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
+from elastic_runner.rendezvous.store import (
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    check_key,
+    check_keys,
+    check_seconds,
+)
 
 __all__ = ["RedisStore"]
 
@@ -82,6 +89,21 @@ _SCRIPTS = {
         redis.call('ZADD', EXPIRY, now + ttl, A[1])
         return 1
     """,
+    "refresh_many": """
+        local ttl = tonumber(A[1])
+        local out = {}
+        for i = 2, #A do
+          if redis.call('EXISTS', DATA .. A[i]) == 0 then
+            out[#out + 1] = 0
+          else
+            redis.call('PEXPIRE', DATA .. A[i], ttl + GRACE)
+            redis.call('ZADD', EXPIRY, now + ttl, A[i])
+            out[#out + 1] = 1
+          end
+        end
+        return out
+    """,
+    "count": "return #under(A[1])",
     "get": "return redis.call('GET', DATA .. A[1])",
     "add": """
         local current = redis.call('GET', DATA .. A[1])
@@ -228,6 +250,17 @@ class RedisStore:
 
     def refresh(self, key: str, ttl: float) -> bool:
         return bool(self._call("refresh", key, self._ttl_ms(ttl)))
+
+    def refresh_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        """:meth:`refresh` of each of ``keys``, in one script."""
+        keys, ttl = check_keys(keys), check_seconds(ttl, "ttl")
+        if not keys:
+            return []
+        return [bool(x) for x in self._call("refresh_many", self._ttl_ms(ttl), *keys)]
+
+    def count(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (one small answer)."""
+        return int(self._call("count", check_key(prefix, "prefix")))
 
     def get(self, key: str) -> str | None:
         value = self._call("get", key)
