@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,7 +24,7 @@ from elastic_runner.rendezvous.api import (
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous, RendezvousSettings
 from elastic_runner.rendezvous.etcd_store import EtcdStore
 from elastic_runner.rendezvous.kit import parse_endpoints
-from elastic_runner.rendezvous.store import MemoryStore
+from elastic_runner.rendezvous.store import MemoryStore, Store
 from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 from elastic_runner.rendezvous.tcp_store import TCPStoreClient
 from elastic_runner.testing.etcd import EtcdServer
@@ -190,24 +190,30 @@ def test_a_done_record_without_addresses_still_completes(monkeypatch: pytest.Mon
 class _Job:
     """Handlers of one job on one in-memory store (hot spare tests)."""
 
+    #: Settings of every handler unless the test gives its own.
+    DEFAULTS: dict[str, float] = {
+        "join_timeout": 20.0,
+        "last_call_timeout": 30.0,  # a round completes at max_nodes, never by last call
+        "heartbeat_interval": 0.05,
+        "heartbeat_timeout": 0.5,
+    }
+
     def __init__(self, min_nodes: int, max_nodes: int, **settings: float) -> None:
         self.store, self.run_id = MemoryStore(), uuid.uuid4().hex[:8]
+        self.p = f"rdzv/{self.run_id}/"
         self.min_nodes, self.max_nodes = min_nodes, max_nodes
-        self.settings: dict[str, Any] = {
-            "join_timeout": 20.0,
-            "last_call_timeout": 30.0,  # a round completes at max_nodes, never by last call
-            "heartbeat_interval": 0.05,
-            "heartbeat_timeout": 0.5,
-            **settings,
-        }
+        self.settings: dict[str, Any] = {**self.DEFAULTS, **settings}
         self.handlers: list[DynamicRendezvous] = []
 
     def node(self) -> DynamicRendezvous:
+        return self._handler(self.store, "test-store")
+
+    def _handler(self, store: Store, endpoint: str) -> DynamicRendezvous:
         handler = DynamicRendezvous(
-            self.store,
+            store,
             RendezvousSettings(self.run_id, self.min_nodes, self.max_nodes, **self.settings),
             backend="test",
-            endpoint="test-store",
+            endpoint=endpoint,
             local_addr="127.0.0.1",
         )
         self.handlers.append(handler)
@@ -250,17 +256,25 @@ def _until(condition: Callable[[], object], timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def spares() -> Iterator[Callable[..., _Job]]:
-    made: list[_Job] = []
+_J = TypeVar("_J", bound=_Job)
 
-    def make(min_nodes: int, max_nodes: int, **settings: float) -> _Job:
-        made.append(_Job(min_nodes, max_nodes, **settings))
+
+def _jobs(kind: type[_J]) -> Iterator[Callable[..., _J]]:
+    """A fixture's factory of jobs of ``kind``, each closed at the end."""
+    made: list[_J] = []
+
+    def make(min_nodes: int, max_nodes: int, **settings: float) -> _J:
+        made.append(kind(min_nodes, max_nodes, **settings))
         return made[-1]
 
     yield make
     for job in made:
         job.close()
+
+
+@pytest.fixture
+def spares() -> Iterator[Callable[..., _Job]]:
+    yield from _jobs(_Job)
 
 
 def _form_job(job: _Job, count: int) -> list[DynamicRendezvous]:
@@ -545,38 +559,27 @@ def test_the_last_node_out_removes_the_jobs_keys(spares: Callable[..., _Job]) ->
 # -- O(N) bytes a round: one leader reads the join keys, members read a small summary ----
 
 
-class _TCPJob:
+class _TCPJob(_Job):
     """Handlers of one job on a real TCP store server, each with its own client (as
     agents on separate machines would be); ``kill`` one as SIGKILL would (no leave)."""
 
+    DEFAULTS: dict[str, float] = {
+        "join_timeout": 20.0,
+        "last_call_timeout": 0.0,
+        "heartbeat_interval": 0.2,
+        "heartbeat_timeout": 0.8,
+    }
+
     def __init__(self, min_nodes: int, max_nodes: int, **settings: float) -> None:
+        super().__init__(min_nodes, max_nodes, **settings)
         self.server = TCPStoreServer("127.0.0.1", 0)
-        self.run_id = uuid.uuid4().hex[:8]
-        self.p = f"rdzv/{self.run_id}/"
-        self.min_nodes, self.max_nodes = min_nodes, max_nodes
-        self.settings: dict[str, Any] = {
-            "join_timeout": 20.0,
-            "last_call_timeout": 0.0,
-            "heartbeat_interval": 0.2,
-            "heartbeat_timeout": 0.8,
-            **settings,
-        }
-        self.handlers: list[DynamicRendezvous] = []
         self.clients: list[TCPStoreClient] = []
         self.joining: list[_Joining] = []
 
     def node(self) -> DynamicRendezvous:
         client = TCPStoreClient("127.0.0.1", self.server.port)
         self.clients.append(client)
-        handler = DynamicRendezvous(
-            client,
-            RendezvousSettings(self.run_id, self.min_nodes, self.max_nodes, **self.settings),
-            backend="test",
-            endpoint=f"127.0.0.1:{self.server.port}",
-            local_addr="127.0.0.1",
-        )
-        self.handlers.append(handler)
-        return handler
+        return self._handler(client, f"127.0.0.1:{self.server.port}")
 
     def join(self, handlers: list[DynamicRendezvous]) -> list[RendezvousInfo]:
         joins = [_Joining(h) for h in handlers]
@@ -617,15 +620,7 @@ class _TCPJob:
 @pytest.fixture
 def tcp_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., _TCPJob]]:
     monkeypatch.setattr(dynamic, "find_free_port", lambda addr: 4242)
-    made: list[_TCPJob] = []
-
-    def make(min_nodes: int, max_nodes: int, **settings: float) -> _TCPJob:
-        made.append(_TCPJob(min_nodes, max_nodes, **settings))
-        return made[-1]
-
-    yield make
-    for job in made:
-        job.close()
+    yield from _jobs(_TCPJob)
 
 
 def _bytes(server: TCPStoreServer) -> int:
