@@ -86,6 +86,7 @@ import json
 import math
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -261,7 +262,7 @@ class Store:
     def counters(self) -> tuple[int | None, int, int]:
         raise NotImplementedError
 
-    #: Requests by operation at the last ``counters`` (tcp only).
+    #: Requests by operation at the last ``counters`` (tcp; etcd: by gRPC method).
     by_op: dict[str, int] = {}
 
     def stats(self) -> StoreStats:
@@ -347,13 +348,20 @@ class EtcdStore(Store):
         with urllib.request.urlopen(self._url + "/metrics", timeout=30) as answer:
             text = answer.read().decode()
         requests, received, sent = 0.0, 0.0, 0.0
+        by_op: dict[str, int] = {}
         for line in text.splitlines():
             if line.startswith("grpc_server_started_total{"):
-                requests += float(line.rsplit(" ", 1)[1])
+                count = float(line.rsplit(" ", 1)[1])
+                requests += count
+                method = re.search(r'grpc_method="([^"]+)"', line)
+                if method and count:
+                    name = method.group(1)
+                    by_op[name] = by_op.get(name, 0) + int(count)
             elif line.startswith("etcd_network_client_grpc_received_bytes_total "):
                 received = float(line.rsplit(" ", 1)[1])
             elif line.startswith("etcd_network_client_grpc_sent_bytes_total "):
                 sent = float(line.rsplit(" ", 1)[1])
+        self.by_op = by_op
         return int(requests), int(received), int(sent)
 
 

@@ -669,6 +669,24 @@ def test_a_running_round_reads_nothing_of_the_job(tcp_jobs: Callable[..., _TCPJo
     assert job.server.store.get(p + "r0/lead") is None
 
 
+def test_a_re_form_costs_each_watcher_a_few_waits(tcp_jobs: Callable[..., _TCPJob]) -> None:
+    # A round re-forming deletes its N join keys (and N nodes complete the next): a
+    # watcher still waiting on the old round woke at each, N² waits in all.
+    n = 16
+    job = tcp_jobs(n, n, heartbeat_interval=0.2, heartbeat_timeout=0.8)
+    handlers = [job.node() for _ in range(n)]
+    assert {i.round for i in job.join(handlers)} == {0}
+    _until(lambda: all(h._watching_round == 0 for h in handlers))
+    before = job.server.requests.copy()
+    infos = job.join(handlers)  # every node moves on to the next round, as after a failure
+    assert {i.round for i in infos} == {1} and {i.group_world_size for i in infos} == {n}
+    _until(lambda: all(h._watching_round == 1 for h in handlers))
+    time.sleep(0.1)  # the watchers are in their waits
+    waits = (job.server.requests - before)["wait_for_change"]
+    print(f"{waits} waits for {n} nodes to re-form")
+    assert waits <= 4 * n, waits
+
+
 def test_the_lead_passes_on_when_the_leader_dies(tcp_jobs: Callable[..., _TCPJob]) -> None:
     # 2..4 nodes: the round completes at the leader's last call, not when it is full
     job = tcp_jobs(2, 4, heartbeat_interval=0.1, heartbeat_timeout=0.6, last_call_timeout=0.2)

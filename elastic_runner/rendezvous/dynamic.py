@@ -232,8 +232,9 @@ class DynamicRendezvous:
         self._no_quorum: dict[int, int] = {}
         #: The last full record read (round, attempt) -> record.
         self._records: dict[tuple[int, str], list[list[Any]]] = {}
-        #: The round the watcher waits on (a node back in the job after sitting out
-        #: wakes it there when its next round completes).
+        #: The round whose keys the watcher may be blocked on at the store (``None``
+        #: while it has nothing to watch): a node whose next round completes while
+        #: its watcher is still there rings that round's bell to move it on.
         self._watching_round: int | None = None
         self._clock = clock
         self.node_id = f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -1080,7 +1081,9 @@ class DynamicRendezvous:
         self._tell_lease()
         self._set_waiting(False)
         if last is not None and last != n:
-            self._ring(last)  # this node's watcher, still on round ``last``, moves on
+            # This node's watcher is still blocked on round ``last`` (its join key had
+            # expired, so dropping it woke nobody): ring there to move it on.
+            self._ring(last)
         self._start_watcher()
         return RendezvousInfo(n, group_rank, nodes, addr, port, restart_count=restarts)
 
@@ -1228,23 +1231,30 @@ class DynamicRendezvous:
             with self._lock:
                 n, summary = self._round, self._summary
                 quiet = self._leaving == n or self._exiting == n
-            try:
                 if n is not None and summary is not None and (watching or (-1,))[0] != n:
                     # a new round: its completer saw every member's join key alive at
                     # summary.version (a summary from before versions: look now)
                     watching, look = (n, summary.version), summary.version == 0
-                    self._watching_round = n
-                if watching is None:
+                # Done with this round (leaving it, in its exit barrier, or it re-forms
+                # already): nothing to watch until the next. Waiting on its keys
+                # instead woke each of N watchers at each of the N join keys going as
+                # the round re-forms: N² wake-ups (3,754 etcd watches to re-form 128
+                # nodes).
+                idle = watching is None or watching[0] != n or quiet or notified == n
+                self._watching_round = None if idle else n
+            try:
+                if idle:
                     self._stop.wait(0.05)
                     continue
-                if look and watching[0] == n and n != notified and not quiet:
-                    assert summary is not None
+                assert watching is not None and n is not None and summary is not None
+                if look:
                     why, version = self._look(n, summary)
                     watching = (n, version)
                     if why is not None:
                         notified = n
                         log.warning("%s: the job re-forms", why)
                         self._notify(n)
+                        continue
                 lost_since = None
                 w, version = watching
                 watching = (w, self._store.wait_for_change(

@@ -287,8 +287,12 @@ class EtcdStore:
                     streaming = True
                     for line in response.iter_lines():
                         result = json.loads(line).get("result", {}) if line.strip() else {}
-                        for event in result.get("events", ()):
-                            return int(event["kv"]["mod_revision"])
+                        events = result.get("events") or ()
+                        if events:
+                            # The newest change of the batch: a caller reads the keys
+                            # after waking, and waiting again from the first would replay
+                            # the rest (a round's N join keys going: N² events).
+                            return max(int(e["kv"]["mod_revision"]) for e in events)
                         if time.monotonic() >= deadline:
                             break
             except requests.exceptions.RequestException as exc:

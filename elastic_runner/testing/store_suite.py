@@ -198,6 +198,17 @@ class StoreSuite:
         thread.join(5)
         assert woke and woke[0] - t0 < 0.1  # notified, not polled
 
+    def test_a_wait_returns_past_the_changes_already_made(self, store: Store) -> None:
+        # A caller reads the keys once woken and waits again from the version returned:
+        # woken again for the changes it has read, N watchers of N changes made N² waits.
+        _, version = store.scan("many-changes/")
+        store.multi_set({f"many-changes/{i}": "1" for i in range(5)})
+        for i in range(5):
+            store.delete(f"many-changes/{i}")
+        version = store.wait_for_change("many-changes/", version, timeout=5)
+        with pytest.raises(StoreTimeoutError):
+            store.wait_for_change("many-changes/", version, timeout=0.2)
+
     def test_expiry_wakes_watchers(self, make_store: MakeStore) -> None:
         a, b = make_store(), make_store()
         a.set("hb/a", "1", ttl=self.TTL)
