@@ -4,10 +4,13 @@ redis-server, plus its own failure modes."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from elastic_runner_redis import RedisStore
 from elastic_runner_redis.testing import RedisServer
 
@@ -69,3 +72,38 @@ def test_unreachable_server_is_unavailable(redis_server: RedisServer) -> None:
     message = f"cannot reach Redis at 127.0.0.1:{redis_server.port}"
     with pytest.raises(StoreUnavailableError, match=re.escape(message)):
         store.get("k")
+
+
+def test_a_waiter_is_sent_only_the_changes_under_its_prefix(redis_server: RedisServer) -> None:
+    # One channel for every change sent each of N waiters every change: a 1,024-node
+    # round moved 300 MiB. A waiter's channels are those of its prefix.
+    watcher = RedisStore("127.0.0.1", redis_server.port, namespace="w:")
+    writer = RedisStore("127.0.0.1", redis_server.port, namespace="w:")
+    admin = redis.Redis(port=redis_server.port)
+    try:
+        _, version = watcher.scan("mine/")
+        woke: list[int] = []
+        thread = threading.Thread(
+            target=lambda: woke.append(watcher.wait_for_change("mine/[1]*?", version, 10))
+        )
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not (admin.pubsub_numpat() or admin.pubsub_channels()):  # subscribed
+            assert time.monotonic() < deadline, "the watcher never subscribed"
+            time.sleep(0.01)
+        sent = int(admin.info("stats")["total_net_output_bytes"])
+        for i in range(300):
+            writer.set(f"other/{i}", "x" * 100)
+        # writes of keys that glob-match the prefix but do not start with it
+        writer.set("mine/[1]*?".replace("[1]", "1"), "no")
+        spent = int(admin.info("stats")["total_net_output_bytes"]) - sent
+        assert not woke
+        print(f"{spent} bytes sent for 301 changes outside the watched prefix")
+        assert spent < 300 * 20, spent  # the writer's answers only, nothing to the watcher
+        writer.set("mine/[1]*?/k", "1")
+        thread.join(5)
+        assert woke and woke[0] > version
+    finally:
+        watcher.close()
+        writer.close()
+        admin.close()
