@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
 
 __all__ = ["EtcdStore"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _b64(text: str) -> str:
@@ -154,8 +156,25 @@ class EtcdStore:
                 self._leases[key] = lease
         return op
 
+    def _with_lease(self, put: Callable[[], T]) -> T:
+        """``put()``, which grants a lease and writes with it, again with a new lease when
+        etcd no longer knows the one it got: on a loaded etcd (512 nodes joining on 2
+        cores) a write can reach it after the lease just granted expired."""
+        for attempt in range(3):
+            try:
+                return put()
+            except StoreError as exc:
+                if isinstance(exc, StoreUnavailableError) or "lease not found" not in str(exc):
+                    raise
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
-        self._post("/kv/put", self._put_op(key, value, ttl))
+        if ttl is None:
+            self._post("/kv/put", self._put_op(key, value, None))
+        else:
+            self._with_lease(lambda: self._post("/kv/put", self._put_op(key, value, ttl)))
 
     def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
@@ -191,6 +210,9 @@ class EtcdStore:
         answer = self._post("/kv/txn", {"compare": [compare], "success": [{"request_put": op}]})
         return bool(answer.get("succeeded"))
 
+    def _put_if(self, key: str, mod_revision: int, value: str, ttl: float | None) -> bool:
+        return self._txn_put_if(key, mod_revision, self._put_op(key, value, ttl))
+
     def add(self, key: str, amount: int) -> int:
         while True:
             value, revision = self._get(key)
@@ -204,13 +226,44 @@ class EtcdStore:
     def compare_set(
         self, key: str, expected: str | None, desired: str, ttl: float | None = None
     ) -> tuple[bool, str | None]:
+        if ttl is None:
+            return self._compare_set_once(key, expected, desired)
+        # A TTL needs a lease, granted only once a read says the put can win: most
+        # compare-and-sets of a TTL key lose (N nodes trying to lead a round).
         while True:
             current, revision = self._get(key)
             if current != expected:
                 return False, current
-            if self._txn_put_if(key, revision, self._put_op(key, desired, ttl)):
+            if self._with_lease(functools.partial(self._put_if, key, revision, desired, ttl)):
                 return True, desired
             # changed between the read and the transaction: look again
+
+    def _compare_set_once(
+        self, key: str, expected: str | None, desired: str
+    ) -> tuple[bool, str | None]:
+        """A compare-and-set in one transaction, which answers the value on a miss (a
+        read and then a transaction took two requests)."""
+        k = _b64(self._k(key))
+        compare = (
+            {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+            if expected is None
+            else {"key": k, "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
+        )
+        answer = self._post(
+            "/kv/txn",
+            {
+                "compare": [compare],
+                "success": [{"request_put": {"key": k, "value": _b64(desired)}}],
+                "failure": [{"request_range": {"key": k}}],
+            },
+        )
+        if answer.get("succeeded"):
+            with self._lock:  # a put without a lease detaches the key from its TTL
+                self._leases.pop(key, None)
+            return True, desired
+        responses = answer.get("responses") or [{}]
+        kvs = responses[0].get("response_range", {}).get("kvs") or []
+        return False, _unb64(kvs[0].get("value", "")) if kvs else None
 
     def delete(self, key: str) -> bool:
         answer = self._post("/kv/deleterange", {"key": _b64(self._k(key))})
