@@ -1,6 +1,6 @@
 """What the dynamic rendezvous protocol's keys hold, parsed: garbage there (a bug, another
 version, or a client that should not have been let in) is a protocol error, never a crash.
-Private to :mod:`elastic_runner.rendezvous.dynamic`."""
+Private to the protocol (:mod:`elastic_runner.rendezvous.dynamic` and its parts)."""
 
 from __future__ import annotations
 
