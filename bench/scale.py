@@ -71,7 +71,7 @@ a later round waits for that address forever, which the +1% phase hits on torch 
 Its participants' settings are swapped between phases the same way (``_settings`` of the
 handler, its state holder and its op executor). Per size, the store's requests by
 operation and bytes during the round and each re-form are listed under the table
-(``tcp``), and a JSON line per size goes to stderr as it ends.
+(``tcp``; ``etcd`` by gRPC method), and a JSON line per size goes to stderr as it ends.
 
 Progress goes to stderr. Every process it starts runs in its own session and is killed
 with it at the end, on failure and on Ctrl-C/SIGTERM too; leftovers are swept by the temp
