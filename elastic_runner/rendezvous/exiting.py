@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
 from elastic_runner.rendezvous.forming import Rounds
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.records import RoundSummary, round_of
-from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError, count_keys
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, count_keys
 from elastic_runner.rendezvous.watching import MembershipWatcher
 
 __all__ = ["Exiting", "ExitingHost"]
@@ -29,19 +28,11 @@ __all__ = ["Exiting", "ExitingHost"]
 log = logging.getLogger("elastic_runner.rendezvous.dynamic")
 
 
-class ExitingHost(Protocol):
+class ExitingHost(ProtocolHost, Protocol):
     """What exiting needs of the rendezvous handler: its own attributes, read at each use
     and never copied (the store moves at a failover, the settings may be replaced, and
     the round's state changes under ``_lock``)."""
 
-    node_id: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _clock: Callable[[], float]
-    #: Set when this node leaves or shuts down: the exit barrier ends.
-    _stop: threading.Event
     #: Held over the round's state below.
     _lock: threading.Lock
     _round: int | None

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from elastic_runner.rendezvous.api import RendezvousError, RendezvousGracefulExitError
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.records import RoundSummary, failure_time
-from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
 from elastic_runner.rendezvous.watching import watch_timeout
 
 __all__ = ["Failures", "FailuresHost"]
@@ -31,19 +31,11 @@ __all__ = ["Failures", "FailuresHost"]
 log = logging.getLogger("elastic_runner.rendezvous.dynamic")
 
 
-class FailuresHost(Protocol):
+class FailuresHost(ProtocolHost, Protocol):
     """What failures and exclusions need of the rendezvous handler: its own attributes,
     read at each use and never copied (the store moves at a failover, the settings may
     be replaced); stepping out writes the round, the lease and ``_out``."""
 
-    node_id: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _clock: Callable[[], float]
-    #: Set when this node leaves or shuts down: sitting out ends.
-    _stop: threading.Event
     #: Held over the round (``_round`` is written under it).
     _lock: threading.Lock
     _round: int | None

@@ -18,11 +18,11 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from elastic_runner.rendezvous.api import RendezvousTimeoutError
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.records import (
     CorruptKey,
     RoundSummary,
@@ -31,8 +31,7 @@ from elastic_runner.rendezvous.records import (
     join_record,
     seat_of,
 )
-from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreError, count_keys
+from elastic_runner.rendezvous.store import StoreError, count_keys
 
 __all__ = [
     "CANDIDATES",
@@ -121,21 +120,14 @@ def describe_progress(progress: Progress, now: float) -> str:
     return f"{arrived} node(s) in: starting"
 
 
-class RoundsHost(Protocol):
+class RoundsHost(ProtocolHost, Protocol):
     """What forming and reading rounds needs of the rendezvous handler: its own
     attributes, read at each use and never copied (the store moves to another node at a
     failover, the settings may be replaced, and the join and lead keys are the
     heartbeat's to refresh too)."""
 
-    node_id: str
-    #: The backend's name and the store's endpoint, for messages.
+    #: The backend's name, for messages.
     backend: str
-    _endpoint: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _clock: Callable[[], float]
     #: Held while the join key is set (the heartbeat re-announces it under it).
     _beat_lock: threading.Lock
     _join_key: tuple[str, str] | None

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, refresh_keys
+from elastic_runner.rendezvous.store import refresh_keys
 
 __all__ = ["Heartbeat", "HeartbeatHost", "lease_span"]
 
@@ -36,21 +36,12 @@ def lease_span(settings: RendezvousSettings) -> float:
     return ttl - min(interval, (ttl - interval) / 2)
 
 
-class HeartbeatHost(Protocol):
+class HeartbeatHost(ProtocolHost, Protocol):
     """What the heartbeat needs of the rendezvous handler: its own attributes, read at
     each use and never copied (the store moves at a failover, the settings may be
     replaced, and the keys and the lease change as the node joins, steps out and
     leaves)."""
 
-    node_id: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _endpoint: str
-    _clock: Callable[[], float]
-    #: Set when this node leaves or shuts down: the heartbeat ends.
-    _stop: threading.Event
     #: Held while the heartbeat re-announces a key, and while stepping out or back.
     _beat_lock: threading.Lock
     #: Why this node sits out (only its ``out`` key lives then).

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from elastic_runner.rendezvous.api import RendezvousError
 from elastic_runner.rendezvous.failover import Candidate, StoreFailover
 from elastic_runner.rendezvous.heartbeat import lease_span
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.records import RoundSummary
-from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreError, StoreUnavailableError
+from elastic_runner.rendezvous.store import StoreError, StoreUnavailableError
 
 __all__ = ["ReachHost", "StoreReach"]
 
@@ -32,20 +30,11 @@ __all__ = ["ReachHost", "StoreReach"]
 log = logging.getLogger("elastic_runner.rendezvous.dynamic")
 
 
-class ReachHost(Protocol):
+class ReachHost(ProtocolHost, Protocol):
     """What reaching (and moving) the store needs of the rendezvous handler: its own
     attributes, read at each use and never copied; the store, its endpoint and the lease
     are written here."""
 
-    node_id: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _endpoint: str
-    _clock: Callable[[], float]
-    #: Set when this node leaves or shuts down: the wait for the store ends.
-    _stop: threading.Event
     _failover: StoreFailover | None
     #: The last round this node was in, its full record (a candidate to host the store
     #: only), and the restart count then: what a move carries over.

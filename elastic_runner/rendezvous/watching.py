@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from elastic_runner.rendezvous.forming import Rounds
+from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.records import CorruptKey, RoundSummary, round_of
 from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreTimeoutError, count_keys
+from elastic_runner.rendezvous.store import StoreTimeoutError, count_keys
 
 __all__ = ["REASON", "MembershipWatcher", "WatcherHost", "watch_timeout"]
 
@@ -37,20 +38,11 @@ def watch_timeout(settings: RendezvousSettings) -> float:
     return max(5.0, settings.heartbeat_timeout)
 
 
-class WatcherHost(Protocol):
+class WatcherHost(ProtocolHost, Protocol):
     """What the watcher needs of the rendezvous handler: its own attributes, read at each
     use and never copied (the store moves at a failover, the settings may be replaced,
     and the round's state changes under ``_lock``)."""
 
-    node_id: str
-    _s: RendezvousSettings
-    #: The job's key prefix, ``rdzv/<run id>/``.
-    _p: str
-    _store: Store
-    _endpoint: str
-    _clock: Callable[[], float]
-    #: Set when this node leaves or shuts down: the watcher ends.
-    _stop: threading.Event
     #: Held over the round's state below.
     _lock: threading.Lock
     _round: int | None
