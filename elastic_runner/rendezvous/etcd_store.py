@@ -160,21 +160,16 @@ class EtcdStore:
         """``put()``, which grants a lease and writes with it, again with a new lease when
         etcd no longer knows the one it got: on a loaded etcd (512 nodes joining on 2
         cores) a write can reach it after the lease just granted expired."""
-        for attempt in range(3):
+        for _ in range(2):
             try:
                 return put()
             except StoreError as exc:
                 if isinstance(exc, StoreUnavailableError) or "lease not found" not in str(exc):
                     raise
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return put()
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
-        if ttl is None:
-            self._post("/kv/put", self._put_op(key, value, None))
-        else:
-            self._with_lease(lambda: self._post("/kv/put", self._put_op(key, value, ttl)))
+        self._with_lease(lambda: self._post("/kv/put", self._put_op(key, value, ttl)))
 
     def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
