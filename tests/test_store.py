@@ -120,6 +120,49 @@ def test_connection_error_names_the_address() -> None:
         TCPStoreClient("127.0.0.1", port, connect_timeout=0.2).get("k")
 
 
+def test_a_port_that_never_answers_hello_is_named_within_the_hello_timeout() -> None:
+    # Another program on the store's port (torch's TCPStore, an HTTP server, a socket
+    # nobody serves) accepts the connection and waits for a request of its own
+    # protocol: without a hello timeout the client waited its request timeout (60 s)
+    # per try, and a rendezvous retried that silently until its join timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes connections; nobody ever answers
+        port = silent.getsockname()[1]
+        client = TCPStoreClient("127.0.0.1", port, connect_timeout=30, hello_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as caught:
+            client.get("k")
+        took = time.monotonic() - started
+        client.close()
+    assert took < 3, took  # one try, not the request timeout and not the shed retries
+    assert f"127.0.0.1:{port} accepted a connection but did not answer" in str(caught.value)
+    assert "another program holds that port" in str(caught.value)
+
+
+def test_the_first_contact_window_counts_once_across_calls(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller that retries (the rendezvous, until its join timeout) does not get a new
+    # connect_timeout on each call; a store not reached after a while is said, once.
+    monkeypatch.setattr(tcp_store, "_FIRST_CONTACT_PATIENCE", 0.3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: refused
+    client = TCPStoreClient("127.0.0.1", port, connect_timeout=2.0)
+    with caplog.at_level(logging.WARNING, logger=tcp_store.__name__):
+        started = time.monotonic()
+        for _ in range(2):
+            with pytest.raises(StoreUnavailableError, match=r"tried for 2 s"):
+                client.get("k")
+        took = time.monotonic() - started
+    # each call had its own 2 s before: 3 s and more for the two
+    assert 1.4 < took < 2.5, took
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"still cannot reach the rendezvous store at 127.0.0.1:{port}")
+
+
 # -- where the server listens, and how clients find it ----------------------------------
 
 

@@ -234,6 +234,31 @@ def test_a_port_taken_on_this_machine_makes_an_auto_host_its_client(tmp_path: Pa
             rdzv.shutdown()
 
 
+def test_a_port_held_by_a_program_that_never_answers_fails_at_join_timeout_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # torch's TCPStore on the same port, say: the agent cannot host, becomes a client of
+    # a listener that never answers, and used to wait in silence (60 s a try, retried
+    # until join_timeout, then as long again in shutdown to leave a store it never
+    # reached). Now: one warning, the error at join_timeout, a shutdown at once.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        rdzv = tcp._tcp(_config(f"127.0.0.1:{port}", join_timeout=3), _context(tmp_path, 2))
+        started = time.monotonic()
+        try:
+            with pytest.raises(RendezvousError, match="did not answer") as caught:
+                rdzv.next_round(NodeInfo("default", 1))
+            failed = time.monotonic() - started
+        finally:
+            rdzv.shutdown()
+        shut = time.monotonic() - started - failed
+    assert 2.5 < failed < 4.5, failed
+    assert shut < 0.5, shut
+    assert "another program holds that port" in str(caught.value)
+
+
 # -- who hosts ------------------------------------------------------------------------------
 
 

@@ -328,7 +328,9 @@ class DynamicRendezvous:
             if not self._exit.others()[0]:
                 self._store.delete_prefix(self._p)  # the last node out removes the job's keys
 
-        if self._left is None:
+        if self._lease_gen == 0:
+            pass  # the store was never reached: nothing of this node's is there to remove
+        elif self._left is None:
             with contextlib.suppress(StoreError):
                 leave_store()
         else:  # stopping for a signal: do not hold the stop up

@@ -58,6 +58,7 @@ class StoreReach:
         h = self._h
         delay = 0.05
         cut_off = False
+        said = False
         while True:
             if h._stop.is_set():
                 raise RendezvousError("this node is leaving the job")
@@ -88,6 +89,15 @@ class StoreReach:
                     raise StoreUnavailableError(
                         f"{exc}; gave up after rdzv.join_timeout={h._s.join_timeout:g} s"
                     ) from None
+                if not said and not cut_off and h._clock() + 1.0 < deadline:
+                    # Once: a store that answers nobody (another program on its port) would
+                    # otherwise keep the node silent until join_timeout.
+                    said = True
+                    log.warning(
+                        "%s; trying again until rdzv.join_timeout=%g s",
+                        exc,
+                        h._s.join_timeout,
+                    )
                 h._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
 

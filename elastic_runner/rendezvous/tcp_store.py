@@ -6,6 +6,7 @@ agent needs (importing asyncio costs ~11 ms), is :mod:`elastic_runner.rendezvous
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import ssl
@@ -25,9 +26,20 @@ from elastic_runner.rendezvous.tcp_wire import IDLE_TIMEOUT, BadFrame, encode, r
 
 __all__ = ["TCPStoreClient"]
 
+log = logging.getLogger(__name__)
+
 #: How many times a connection the store closed before its hello was answered is made
 #: again (after 0.2, 0.4 and 0.8 s) before the store counts as unreachable.
 _HELLO_RETRIES = 3
+#: Seconds of failing to reach the store the first time before saying so, once: a host
+#: agent that starts late is normal for that long; longer, the user wants to know why.
+_FIRST_CONTACT_PATIENCE = 30.0
+
+
+class _HelloUnanswered(StoreUnavailableError):
+    """A connection was accepted but its hello got no answer in time: a frozen store, or
+    another program on the port. Not retried as a shed connection is: each try would
+    cost the whole hello timeout again."""
 
 
 class TCPStoreClient:
@@ -53,6 +65,13 @@ class TCPStoreClient:
     as :func:`socket.create_connection` takes it; ``None`` (the default) lets the
     kernel choose. A benchmark spreads many clients over 127.0.0.x this way, so they do
     not run out of ephemeral ports towards one server.
+
+    ``hello_timeout``: seconds a new connection waits for the answer to its hello (at
+    most ``request_timeout``). The store answers a hello at once; silence means another
+    program holds the port (torch's TCPStore, an HTTP server: they wait for a request
+    of their own protocol and never answer ours) or a frozen host. Either way it is a
+    :class:`StoreUnavailableError` that names the likely cause, raised after this long
+    rather than after ``request_timeout``.
     """
 
     def __init__(
@@ -67,8 +86,10 @@ class TCPStoreClient:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         source_address: tuple[str, int] | None = None,
+        hello_timeout: float = 10.0,
     ) -> None:
         self.address = f"{host}:{port}"
+        self._hello_timeout = hello_timeout
         self._source_address = source_address
         self._host, self._port, self._token = host, port, token
         self._ssl = ssl_context
@@ -80,6 +101,9 @@ class TCPStoreClient:
             connect_timeout if reconnect_timeout is None else reconnect_timeout
         )
         self._connected_once = False
+        #: When the first try to reach the store began: ``connect_timeout`` counts from
+        #: there across calls, so a caller retrying does not get a whole new one each time.
+        self._first_try: float | None = None
         #: When the store was first found unreachable after it had been reached (None:
         #: reachable); shared by every thread's reconnect.
         self._lost_since: float | None = None
@@ -102,12 +126,18 @@ class TCPStoreClient:
             self._drop(sock)
         patience = self._reconnect_timeout if self._connected_once else self._connect_timeout
         start = time.monotonic()
-        if self._connected_once:
+        if not self._connected_once:
+            with self._lock:
+                self._first_try = start = self._first_try or start
+        else:
             with self._lock:
                 self._lost_since = self._lost_since or start
                 start = self._lost_since
         deadline = start + patience
         delay = 0.01
+        say_at = None if self._connected_once else start + _FIRST_CONTACT_PATIENCE
+        if say_at is not None and say_at < time.monotonic():
+            say_at = None  # said (or the time to say it passed) in an earlier call
         while True:
             try:
                 # No longer than the patience left: a cut link answers no SYN at all.
@@ -128,6 +158,16 @@ class TCPStoreClient:
                         else f"cannot reach the rendezvous store at {self.address}"
                     )
                     raise kind(f"{what} (tried for {patience:g} s): {exc}") from None
+                if say_at is not None and time.monotonic() >= say_at:
+                    say_at = None  # once: the host agent may start late, not this late
+                    log.warning(
+                        "still cannot reach the rendezvous store at %s after %g s (%s): "
+                        "waiting for its host agent for up to %g s in all",
+                        self.address,
+                        _FIRST_CONTACT_PATIENCE,
+                        exc,
+                        patience,
+                    )
                 # The host agent may still be starting, its name not yet in DNS: back off.
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -137,7 +177,13 @@ class TCPStoreClient:
         with self._lock:
             self._all.append(sock)
         try:
-            self._request(sock, "hello", token=self._token)
+            # no longer than the patience left: a node that gives up at its join timeout
+            # should not wait a whole hello timeout past it
+            left = max(0.2, deadline - time.monotonic())
+            self._request(sock, "hello", hello_within=left, token=self._token)
+        except _HelloUnanswered:
+            self._drop(sock)
+            raise
         except StoreUnavailableError:
             self._drop(sock)
             # A store flooded with new connections sheds those that have not said hello
@@ -220,7 +266,12 @@ class TCPStoreClient:
             sock.close()
 
     def _request(
-        self, sock: socket.socket, op: str, wait_s: float | None = None, **args: Any
+        self,
+        sock: socket.socket,
+        op: str,
+        wait_s: float | None = None,
+        hello_within: float | None = None,
+        **args: Any,
     ) -> Any:
         with self._lock:
             self._ids += 1
@@ -228,9 +279,11 @@ class TCPStoreClient:
         payload: dict[str, Any] = {"id": rid, "op": op}
         if op == "hello":
             payload["token"] = args["token"]
+            limits = (self._hello_timeout, self._request_timeout, hello_within)
+            sock.settimeout(min(t for t in limits if t is not None))
         else:
             payload["args"] = args
-        sock.settimeout((wait_s or 0) + self._request_timeout)
+            sock.settimeout((wait_s or 0) + self._request_timeout)
         try:
             sock.sendall(encode(payload))
             answer = read_frame(sock)
@@ -239,6 +292,13 @@ class TCPStoreClient:
             raise StoreError(f"lost the rendezvous store at {self.address}: {exc}") from None
         except OSError as exc:  # the connection is lost; reconnecting tells more
             self._drop(sock)
+            if op == "hello" and isinstance(exc, TimeoutError):
+                raise _HelloUnanswered(
+                    f"{self.address} accepted a connection but did not answer the "
+                    f"rendezvous store's hello within {sock.gettimeout() or 0:.3g} s: "
+                    "another program holds that port (torch's TCPStore, for one), or "
+                    "the store's host is frozen"
+                ) from None
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no answer within {sock.gettimeout() or 0:g} s")
             hint = ""

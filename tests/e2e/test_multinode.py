@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -204,6 +205,34 @@ def test_missing_node_times_out_with_counts(elastic_run: ElasticRunner, tmp_path
     line = err.strip().splitlines()[-1]
     assert line.startswith("elastic-run: rendezvous failed: rendezvous timed out after 1 s")
     assert f"1 of 2 nodes arrived at tcp store 127.0.0.1:{job.port}" in line
+
+
+def test_an_endpoint_held_by_a_program_that_never_answers_is_said_and_ends(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    # Another job's torch TCPStore on the port, say (29400 is the default of both
+    # tools): it accepts connections and never answers ours. The agent used to sit in
+    # silence until SIGKILLed; now it says why at the first hello that got no answer
+    # (10 s), goes on trying until rdzv.join_timeout and ends with one line.
+    job = Job(elastic_run, tmp_path, "2")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", job.port))
+        silent.listen()
+        started = time.monotonic()
+        job.start("rdzv.join_timeout=14", nproc=1)
+        [(code, err)] = job.finish(timeout=60)
+        took = time.monotonic() - started
+    assert code == 1, err
+    assert 13 < took < 25, took
+    lines = err.strip().splitlines()
+    said = [line for line in lines if "did not answer" in line]
+    assert len(said) == 2, err  # the warning, then the error line
+    assert said[0].startswith(f"[elastic-run] 127.0.0.1:{job.port} accepted a connection")
+    assert "trying again until rdzv.join_timeout=14 s" in said[0]
+    assert lines[-1].startswith("elastic-run: rendezvous failed:")
+    assert "another program holds that port" in lines[-1]
+    assert "Traceback" not in err
+    assert not list(job.out.iterdir())  # no worker started
 
 
 def test_wrong_token_is_rejected(elastic_run: ElasticRunner, tmp_path: Path) -> None:

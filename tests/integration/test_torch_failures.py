@@ -59,3 +59,47 @@ def test_three_of_four_ranks_raising_after_init_process_group(
         2: ("FAILED", "ValueError: boom"),
         3: ("TERMINATED", None),
     }, _explain(run)
+
+
+def test_an_endpoint_where_torchs_tcpstore_listens_is_named_not_waited_on_in_silence(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    # A torchrun job on this machine holds the port (29400 is the default of both):
+    # torch's TCPStore accepts our connection and waits for a request of its own
+    # protocol. The agent says so within its hello timeout and ends at join_timeout.
+    import subprocess
+    import sys
+
+    from elastic_runner.testing.runner import free_port
+
+    port = free_port()
+    store = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, torch.distributed as d; "
+            f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+            "print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert store.stdout is not None and store.stdout.readline().strip() == "up"
+        run = elastic_run(
+            f"job.entrypoint={BOOM}",
+            f"job.args=[{tmp_path}]",
+            "nnodes=2",
+            "rdzv=tcp",
+            f"rdzv.endpoint=127.0.0.1:{port}",
+            "rdzv.join_timeout=12",
+            timeout=60,
+        )
+    finally:
+        store.kill()
+        store.wait()
+    assert run.returncode == 1, run.stderr
+    said = [line for line in run.stderr.splitlines() if "did not answer" in line]
+    assert said and said[0].startswith(f"[elastic-run] 127.0.0.1:{port} accepted a connection")
+    assert run.stderr.strip().splitlines()[-1].startswith("elastic-run: rendezvous failed:")
+    assert run.seconds < 30, run.seconds
