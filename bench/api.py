@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from elastic_runner.testing.runner import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def rank() -> int:
     return int(os.environ["RANK"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _elastic_runner(runs: int, nproc: int) -> list[float]:
@@ -72,7 +67,7 @@ def _torch(runs: int, nproc: int) -> list[float]:
             nproc_per_node=nproc,
             run_id=f"bench{i}",
             rdzv_backend="c10d",
-            rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+            rdzv_endpoint=f"127.0.0.1:{free_port()}",
             max_restarts=0,
         )
         start = time.perf_counter()

@@ -72,7 +72,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -85,6 +84,8 @@ from pathlib import Path
 from typing import Any
 
 from _procs import sweep, torch_version  # bench/ is on the path: scripts run from it
+
+from elastic_runner.testing.runner import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
@@ -100,12 +101,6 @@ class RunError(RuntimeError):
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def agent_env() -> dict[str, str]:
@@ -254,6 +249,7 @@ def _rendezvous_events(run_dir: Path) -> dict[str, float]:
 def launch_once(tool: str, exe: str, m: int, timeout: float, keep: bool) -> dict[str, float]:
     """One launch run of ``tool`` with M agents; returns metrics in ms from t0."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{tool}-m{m}-"))
+    failed = True
     try:
         out = tmp / "out"
         out.mkdir()
@@ -284,9 +280,10 @@ def launch_once(tool: str, exe: str, m: int, timeout: float, keep: bool) -> dict
             metrics["first_joins"] = _ms(min(r["entered"] for r in rdzv) - agents.t0)
             metrics["last_joins"] = _ms(max(r["entered"] for r in rdzv) - agents.t0)
             metrics["round_done"] = _ms(max(r["done"] for r in rdzv) - agents.t0)
+        failed = False
         return metrics
     finally:
-        if keep:
+        if keep or failed:  # a failed run's logs are what explains it
             print(f"  kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -90,7 +90,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,6 +104,8 @@ from typing import IO, Any
 
 import psutil
 from _procs import sweep, torch_version  # bench/ is on the path: scripts run from it
+
+from elastic_runner.testing.runner import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 CLIENT = BENCH_DIR / "_scale_client.py"
@@ -124,12 +125,6 @@ class RunError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listen_overflows() -> int:

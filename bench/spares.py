@@ -39,7 +39,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from _procs import sweep
+
+from elastic_runner.testing.runner import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "workers" / "probe.py"
@@ -82,12 +83,6 @@ class Result:
     restarts: set[str] = field(default_factory=set)
     left_behind: int = 0
     error: str = ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _exe() -> str:
@@ -136,7 +131,7 @@ def run_one(scenario: Scenario, run: int, args: argparse.Namespace, tmp: Path) -
     base = tmp / f"{scenario.name.replace(' ', '_')}_{run}"
     out = base / "probe"
     out.mkdir(parents=True)
-    port, run_id = _free_port(), f"spares-{uuid.uuid4().hex[:8]}"
+    port, run_id = free_port(), f"spares-{uuid.uuid4().hex[:8]}"
     agents: list[subprocess.Popen[bytes]] = []
     run_dirs: list[Path] = []
 

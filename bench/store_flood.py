@@ -54,15 +54,11 @@ from typing import Any
 import psutil
 from _procs import sweep  # bench/ is on the path: scripts run from it
 
+from elastic_runner.testing.runner import free_port
+
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_worker.py"
 TOKEN = "bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def frame(message: dict[str, Any]) -> bytes:
