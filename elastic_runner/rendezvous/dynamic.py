@@ -535,10 +535,12 @@ class DynamicRendezvous:
             port = find_free_port(addr) if pinned is None else pinned_port(pinned)
             store.set(master_key, json.dumps([addr, port]))
             store.delete_prefix(f"{p}r{n - 2}/")  # keep the store small over many rounds
-        master, restarts_value = store.multi_get([master_key, p + "restarts"])
-        if master is None:  # group rank 0 has not written it yet
+        else:
+            # Group rank 0 writes it once it too has woken and read the record: most
+            # members get here first, and waiting first costs them two requests, not
+            # three (a read, the wait, a read again).
             store.wait([master_key], timeout=self._s.join_timeout)
-            master, restarts_value = store.multi_get([master_key, p + "restarts"])
+        master, restarts_value = store.multi_get([master_key, p + "restarts"])
         addr, port = master_record(master_key, master)
         restarts = count_of(restarts_value)
         with self._lock:
