@@ -331,14 +331,18 @@ SCHEMA_NAME = "elastic_runner_schema"
 
 def register_configs(registry: Registry) -> None:
     """Register the primary schema and every component's schema in Hydra's ConfigStore
-    (a process-wide singleton owned by Hydra; storing the same node again is harmless)."""
+    (a process-wide singleton owned by Hydra; storing the same node again is harmless),
+    each made a structured config when a composition first loads it
+    (:mod:`elastic_runner.schema_store`)."""
     from hydra.core.config_store import ConfigStore
 
+    from elastic_runner.schema_store import store_schema
+
     cs = ConfigStore.instance()
-    cs.store(name=SCHEMA_NAME, node=ElasticRunConfig, provider="elastic_runner")
-    cs.store(group="logs", name="default", node=LogsConfig, provider="elastic_runner")
+    store_schema(cs, SCHEMA_NAME, ElasticRunConfig, provider="elastic_runner")
+    store_schema(cs, "default", LogsConfig, group="logs", provider="elastic_runner")
     for name, schema in FAULTS.items():
-        cs.store(group="fault", name=name, node=schema, provider="elastic_runner")
+        store_schema(cs, name, schema, group="fault", provider="elastic_runner")
     for kind, spec in registry:
         base = _GROUP_BASES[kind]
         if not (isinstance(spec.config_class, type) and issubclass(spec.config_class, base)):
@@ -347,10 +351,11 @@ def register_configs(registry: Registry) -> None:
                 f"{registry.provider(kind, spec.name)!r}: config_class must subclass "
                 f"{base.__name__}"
             )
-        cs.store(
+        store_schema(
+            cs,
+            spec.name,
+            spec.config_class,
             group=kind.group,
-            name=spec.name,
-            node=spec.config_class,
             provider=registry.provider(kind, spec.name),
         )
 
