@@ -37,9 +37,9 @@ _FIRST_CONTACT_PATIENCE = 30.0
 
 
 class _HelloUnanswered(StoreUnavailableError):
-    """A connection was accepted but its hello got no answer in time: a frozen store, or
-    another program on the port. Not retried as a shed connection is: each try would
-    cost the whole hello timeout again."""
+    """A connection was accepted but its hello got no answer in time: a frozen or
+    swamped store, or another program on the port. Not retried as a shed connection
+    is: each try would cost the whole request timeout again."""
 
 
 class TCPStoreClient:
@@ -66,12 +66,13 @@ class TCPStoreClient:
     kernel choose. A benchmark spreads many clients over 127.0.0.x this way, so they do
     not run out of ephemeral ports towards one server.
 
-    ``hello_timeout``: seconds a new connection waits for the answer to its hello (at
-    most ``request_timeout``). The store answers a hello at once; silence means another
-    program holds the port (torch's TCPStore, an HTTP server: they wait for a request
-    of their own protocol and never answer ours) or a frozen host. Either way it is a
-    :class:`StoreUnavailableError` that names the likely cause, raised after this long
-    rather than after ``request_timeout``.
+    ``hello_warning``: seconds without an answer to a new connection's hello before
+    saying so (a warning, once per client); the wait goes on up to ``request_timeout``
+    (and the patience left), then it is a :class:`StoreUnavailableError` naming the
+    likely cause. An idle store answers a hello at once; silence means another program
+    holds the port (torch's TCPStore, an HTTP server: they wait for a request of their
+    own protocol and never answer ours), a frozen host, or a store swamped by thousands
+    of agents connecting at once, which is why it is not given up sooner.
     """
 
     def __init__(
@@ -86,10 +87,11 @@ class TCPStoreClient:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         source_address: tuple[str, int] | None = None,
-        hello_timeout: float = 10.0,
+        hello_warning: float = 10.0,
     ) -> None:
         self.address = f"{host}:{port}"
-        self._hello_timeout = hello_timeout
+        self._hello_warning = hello_warning
+        self._said_silent = False
         self._source_address = source_address
         self._host, self._port, self._token = host, port, token
         self._ssl = ssl_context
@@ -265,6 +267,24 @@ class TCPStoreClient:
         with contextlib.suppress(OSError):
             sock.close()
 
+    def _await_hello(self, sock: socket.socket, limit: float) -> None:
+        """Wait until the answer to a hello starts arriving, saying so once (per client)
+        when none has come within ``hello_warning``; the read that follows waits for the
+        rest of ``limit``."""
+        first = min(self._hello_warning, limit)
+        if self._said_silent or first >= limit or _readable(sock, first):
+            return
+        self._said_silent = True
+        log.warning(
+            "the rendezvous store at %s accepted a connection but has not answered its "
+            "hello in %g s: another program may hold that port (torch's TCPStore, for "
+            "one), or the store is swamped; waiting up to %g s",
+            self.address,
+            first,
+            limit,
+        )
+        sock.settimeout(max(0.001, limit - first))
+
     def _request(
         self,
         sock: socket.socket,
@@ -279,13 +299,15 @@ class TCPStoreClient:
         payload: dict[str, Any] = {"id": rid, "op": op}
         if op == "hello":
             payload["token"] = args["token"]
-            limits = (self._hello_timeout, self._request_timeout, hello_within)
-            sock.settimeout(min(t for t in limits if t is not None))
+            limit = min(t for t in (self._request_timeout, hello_within) if t is not None)
+            sock.settimeout(limit)
         else:
             payload["args"] = args
             sock.settimeout((wait_s or 0) + self._request_timeout)
         try:
             sock.sendall(encode(payload))
+            if op == "hello":
+                self._await_hello(sock, limit)
             answer = read_frame(sock)
         except BadFrame as exc:
             self._drop(sock)
@@ -295,9 +317,9 @@ class TCPStoreClient:
             if op == "hello" and isinstance(exc, TimeoutError):
                 raise _HelloUnanswered(
                     f"{self.address} accepted a connection but did not answer the "
-                    f"rendezvous store's hello within {sock.gettimeout() or 0:.3g} s: "
-                    "another program holds that port (torch's TCPStore, for one), or "
-                    "the store's host is frozen"
+                    f"rendezvous store's hello within {limit:.3g} s: another program "
+                    "holds that port (torch's TCPStore, for one), or the store's host "
+                    "is frozen or swamped"
                 ) from None
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no answer within {sock.gettimeout() or 0:g} s")
@@ -389,6 +411,16 @@ class TCPStoreClient:
                 with contextlib.suppress(OSError):
                     sock.close()
             self._all.clear()
+
+
+def _readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether ``sock`` has something to read within ``seconds`` (an interrupted wait
+    counts as yes: the read that follows has the whole timeout)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], seconds)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _as_list(keys: Sequence[str]) -> Any:

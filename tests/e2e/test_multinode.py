@@ -212,8 +212,9 @@ def test_an_endpoint_held_by_a_program_that_never_answers_is_said_and_ends(
 ) -> None:
     # Another job's torch TCPStore on the port, say (29400 is the default of both
     # tools): it accepts connections and never answers ours. The agent used to sit in
-    # silence until SIGKILLed; now it says why at the first hello that got no answer
-    # (10 s), goes on trying until rdzv.join_timeout and ends with one line.
+    # silence until SIGKILLed; now it says why when a hello has had no answer for its
+    # request timeout (here 2 s, the heartbeat timeout being short), tries again until
+    # rdzv.join_timeout and ends with one line.
     job = Job(elastic_run, tmp_path, "2")
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", job.port))
@@ -225,11 +226,17 @@ def test_an_endpoint_held_by_a_program_that_never_answers_is_said_and_ends(
     assert code == 1, err
     assert 13 < took < 25, took
     lines = err.strip().splitlines()
-    said = [line for line in lines if "did not answer" in line]
+    said = [line for line in lines if "hello" in line]
     assert len(said) == 2, err  # the warning, then the error line
-    assert said[0].startswith(f"[elastic-run] 127.0.0.1:{job.port} accepted a connection")
-    assert "trying again until rdzv.join_timeout=14 s" in said[0]
+    assert said[0].startswith(
+        f"[elastic-run] 127.0.0.1:{job.port} accepted a connection but did not answer "
+        "the rendezvous store's hello within 2 s: another program holds that port "
+        "(torch's TCPStore, for one)"
+    ), err
+    assert said[0].endswith("; trying again until rdzv.join_timeout=14 s"), err
+    assert said[1] == lines[-1]
     assert lines[-1].startswith("elastic-run: rendezvous failed:")
+    assert "did not answer the rendezvous store's hello" in lines[-1]
     assert "another program holds that port" in lines[-1]
     assert "Traceback" not in err
     assert not list(job.out.iterdir())  # no worker started
