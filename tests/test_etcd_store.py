@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,28 @@ def test_multi_get_and_set_beyond_etcds_transaction_limit(etcd_server: EtcdServe
     items = {f"many/{i:04d}": str(i) for i in range(300)}  # etcd allows 128 ops per txn
     store.multi_set(items)
     assert store.multi_get(list(items)) == list(items.values())
+
+
+def test_a_wait_for_keys_that_exist_is_one_request(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A member waits for MASTER_ADDR before reading it: when it is there already, that
+    # wait is one range request (it was a range for the version and a read of the keys).
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/wait-one/")
+    store.multi_set({"r0/master": "[1]", "r0/seat": "2", "r0/other": ""})
+    posts: list[str] = []
+    post = store._post
+
+    def counting(path: str, body: Mapping[str, Any]) -> Any:
+        posts.append(path)
+        return post(path, body)
+
+    monkeypatch.setattr(store, "_post", counting)
+    store.wait(["r0/master", "r0/other"], timeout=5)  # an empty value exists too
+    assert posts == ["/kv/range"]
+    with pytest.raises(StoreTimeoutError, match="r0/missing"):
+        store.wait(["r0/master", "r0/missing"], timeout=0.3)
+    store.close()
 
 
 def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:

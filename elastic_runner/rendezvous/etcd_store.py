@@ -360,8 +360,10 @@ class EtcdStore:
         deadline = time.monotonic() + timeout
         common = _common_prefix(keys)
         while True:
-            _, version = self.scan(common)
-            missing = [k for k, v in zip(keys, self.multi_get(keys), strict=True) if v is None]
+            # the scan holds every key asked for (they all start with ``common``): one
+            # request, not a scan for the version and a read of the keys
+            found, version = self.scan(common)
+            missing = [k for k in keys if k not in found]
             if not missing:
                 return
             left = deadline - time.monotonic()
