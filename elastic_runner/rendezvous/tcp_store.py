@@ -251,11 +251,7 @@ class TCPStoreClient:
             return True
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return _readable(sock, 0)
 
     def _drop(self, sock: socket.socket) -> None:
         """Forget and close a connection of this thread."""
@@ -414,13 +410,17 @@ class TCPStoreClient:
 
 
 def _readable(sock: socket.socket, seconds: float) -> bool:
-    """Whether ``sock`` has something to read within ``seconds`` (an interrupted wait
-    counts as yes: the read that follows has the whole timeout)."""
+    """Whether ``sock`` has something to read (or was closed) within ``seconds``; a
+    failed wait counts as yes. ``poll``, not ``select``: select refuses descriptors from
+    1024 on, and answering yes for them made every request of a client with that many
+    files open (a store-hosting agent of a large job, a benchmark's client process) a
+    new connection and a hello."""
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], seconds)
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(max(0, int(seconds * 1000))))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def _as_list(keys: Sequence[str]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from elastic_runner.rendezvous.tcp_server import TCPStoreServer
 from elastic_runner.testing.runner import wait_for
 from tests.conftest import (
     ElasticRunner,
@@ -240,6 +242,48 @@ def test_an_endpoint_held_by_a_program_that_never_answers_is_said_and_ends(
     assert "another program holds that port" in lines[-1]
     assert "Traceback" not in err
     assert not list(job.out.iterdir())  # no worker started
+
+
+def test_an_agent_with_over_a_thousand_files_open_keeps_its_store_connections(
+    elastic_run: ElasticRunner, tmp_path: Path
+) -> None:
+    # Its sockets get descriptors from 1024 on (a store-hosting agent of a large job has
+    # that many): the store client's check for a connection the server closed used
+    # select(), which refuses them, and took the refusal for a closed connection, so
+    # most requests opened a new connection and said hello again (14 hellos, not 4).
+    wanted = 1200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted + 200:
+        pytest.skip(f"the open-file limit ({hard}) is below {wanted + 200}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted + 200), hard))
+    padding: list[int] = []
+    server = TCPStoreServer("127.0.0.1", free_port())  # here, to count its requests
+    try:
+        while not padding or padding[-1] < wanted:
+            padding.append(os.open(os.devnull, os.O_RDONLY))
+        out = tmp_path / "probe"
+        out.mkdir()
+        proc, _, _ = elastic_run.popen(
+            *probe_job(out, "--sleep", "1.5"),
+            "rdzv=tcp",
+            f"rdzv.endpoint=127.0.0.1:{server.port}",
+            "rdzv.is_host=false",
+            "nnodes=1",
+            *FAST,
+            pass_fds=padding,  # inherited: the agent's own descriptors start above them
+        )
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for fd in padding:
+            os.close(fd)
+        server.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert proc.returncode == 0, err
+    requests = server.requests
+    print(dict(requests))
+    assert requests.total() - requests["hello"] >= 15, requests  # a round and heartbeats
+    # one connection per thread (main, heartbeat, watcher), and one more for leaving
+    assert requests["hello"] <= 6, requests
 
 
 def test_wrong_token_is_rejected(elastic_run: ElasticRunner, tmp_path: Path) -> None:
