@@ -42,6 +42,8 @@ from elastic_runner.testing.store_suite import StoreSuite, StrictStoreSuite
 
 
 class TestMemoryStore(StrictStoreSuite):
+    CLOSE_IS_FINAL = False  # every "client" is the one shared store
+
     @pytest.fixture
     def make_store(self) -> Callable[[], MemoryStore]:
         shared = MemoryStore()

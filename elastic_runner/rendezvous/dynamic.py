@@ -350,16 +350,20 @@ class DynamicRendezvous:
         """Run ``work`` (store requests) in a thread and wait at most ``seconds``: a store
         that cannot be reached must not delay a stop. Errors are logged, never raised."""
 
+        late = threading.Event()
+
         def run() -> None:
             try:
                 work()
             except StoreError as exc:
-                log.warning("could not %s: %s", what, exc)
+                if not late.is_set():  # else said below; the store's close ended it
+                    log.warning("could not %s: %s", what, exc)
 
         thread = threading.Thread(target=run, name="rdzv-leave", daemon=True)
         thread.start()
         thread.join(seconds)
         if thread.is_alive():
+            late.set()
             log.warning("could not %s within %g s (store at %s)", what, seconds, self._endpoint)
 
     # -- the protocol -------------------------------------------------------------------

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +81,11 @@ class EtcdStore:
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}  # key -> lease id of its TTL
         self._clients: dict[int, Any] = {}
+        #: Set by ``close``: no request after it (a watcher thread still waiting would
+        #: otherwise open a connection that outlives the client).
+        self._closed = False
+        #: The watch streams being read (their sockets are shut down by ``close``).
+        self._watches: set[Any] = set()
 
     @property
     def address(self) -> str:
@@ -88,6 +94,8 @@ class EtcdStore:
     # -- transport ----------------------------------------------------------------------
 
     def _client(self, index: int) -> Any:
+        if self._closed:
+            raise StoreError(f"the client of etcd at {self.address} is closed")
         client = self._clients.get(index)
         if client is None:
             host, port = self._endpoints[index]
@@ -322,6 +330,7 @@ class EtcdStore:
             # that is the caller's process).
             requests = self._requests
             streaming = False
+            mine: list[Any] = []  # this call's stream, for close to shut down
             try:
                 with client.session.post(
                     client.get_url("/watch"),
@@ -331,6 +340,11 @@ class EtcdStore:
                     # etcd is not a lost one (the deadline below decides what a wait is)
                     timeout=(max(min(timeout, 10.0), 0.5), max(timeout, 0.05)),
                 ) as response:
+                    with self._lock:
+                        if self._closed:
+                            raise StoreError(f"the client of etcd at {self.address} is closed")
+                        mine.append(response)
+                        self._watches.add(response)
                     response.raise_for_status()
                     streaming = True
                     for line in response.iter_lines():
@@ -344,6 +358,8 @@ class EtcdStore:
                         if time.monotonic() >= deadline:
                             break
             except requests.exceptions.RequestException as exc:
+                if self._closed:  # close shut the stream down
+                    raise StoreError(f"the client of etcd at {self.address} is closed") from None
                 # A read timeout, before the answer (ReadTimeout) or during the stream
                 # (urllib3's shows as a connection error), is the wait running out: etcd
                 # took the connection. A refused or failed connection is the endpoint's.
@@ -352,6 +368,9 @@ class EtcdStore:
                     raise
             except ValueError as exc:
                 raise StoreError(f"etcd at {self.address}: bad watch stream: {exc}") from None
+            finally:
+                with self._lock:
+                    self._watches.difference_update(mine)
             raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s")
 
         return int(self._call(watch))
@@ -379,10 +398,25 @@ class EtcdStore:
         for lease in leases:
             with contextlib.suppress(StoreError):
                 self._post("/kv/lease/revoke", {"ID": lease})
+        with self._lock:
+            self._closed = True
+            watches, self._watches = list(self._watches), set()
+        for response in watches:
+            _shut_down(response)  # a thread reading it wakes at once
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 client.session.close()
         self._clients.clear()
+
+
+def _shut_down(response: Any) -> None:
+    """Shut down the socket a streamed response is read from: a thread blocked reading
+    it wakes with the stream ended (closing the socket alone would not wake it)."""
+    connection = getattr(getattr(response, "raw", None), "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _etcd_error(exc: Exception) -> str:

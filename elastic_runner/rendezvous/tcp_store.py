@@ -113,6 +113,9 @@ class TCPStoreClient:
         self._local = threading.local()
         self._ids = 0
         self._all: list[socket.socket] = []
+        #: Set by ``close``: no connection is opened after it (a thread still in a wait
+        #: would otherwise reconnect, and that socket outlived the client).
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
@@ -121,6 +124,8 @@ class TCPStoreClient:
         return str(self._conn().getsockname()[0])
 
     def _conn(self) -> socket.socket:
+        if self._closed:
+            raise StoreError(f"the client of the rendezvous store at {self.address} is closed")
         sock: socket.socket | None = getattr(self._local, "sock", None)
         if sock is not None:
             if not self._stale(sock):
@@ -177,6 +182,9 @@ class TCPStoreClient:
         if self._ssl is not None:
             sock = self._handshake(sock, wait)
         with self._lock:
+            if self._closed:  # closed while this thread connected
+                sock.close()
+                raise StoreError(f"the client of the rendezvous store at {self.address} is closed")
             self._all.append(sock)
         try:
             # no longer than the patience left: a node that gives up at its join timeout
@@ -401,6 +409,7 @@ class TCPStoreClient:
         a request on it (a watcher's wait) wakes at once with the connection lost,
         instead of reading, after the close, whatever socket reuses its descriptor."""
         with self._lock:
+            self._closed = True
             for sock in self._all:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

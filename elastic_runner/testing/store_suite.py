@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -247,6 +248,47 @@ class StoreSuite:
         client.set("z/done", "1")
         thread.join(5)
 
+    # -- close ----------------------------------------------------------------------------
+
+    #: Whether ``close`` ends this client's waits and refuses its later requests (not so
+    #: for a store whose "clients" are one shared object, the in-memory store).
+    CLOSE_IS_FINAL: bool = True
+
+    def test_close_ends_a_wait_and_opens_nothing_after(self, make_store: MakeStore) -> None:
+        """A rendezvous closes its store while its watcher thread waits in it: the wait
+        ends (within 2 s), and neither that thread nor a later call opens a connection
+        again. One that did was left open in the caller's process (a launch's caller saw
+        a socket stay open after it returned)."""
+        if not self.CLOSE_IS_FINAL:
+            pytest.skip("close is not final for this store")
+        before = _sockets()
+        client = make_store()
+        _, version = client.scan("close/")
+        ended: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                client.wait_for_change("close/", version, timeout=20)
+                ended.append(None)
+            except BaseException as exc:
+                ended.append(exc)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(0.2)  # inside the wait
+        t0 = time.monotonic()
+        client.close()
+        thread.join(5)
+        assert not thread.is_alive(), "a wait went on after close"
+        assert time.monotonic() - t0 < 2.0
+        assert ended and isinstance(ended[0], StoreError), ended
+        with pytest.raises(StoreError):
+            client.set("close/after", "1")
+        deadline = time.monotonic() + 3
+        while (left := _sockets() - before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"sockets left open after close: {sorted(left)}"
+
     # -- refresh_many (optional: refresh_keys falls back to refresh per key) ------------
 
     @staticmethod
@@ -357,6 +399,17 @@ def _assert_refused(store: Store, what: str, call: Call, ttl: float) -> None:
     assert store.get("bad/n") == "7", f"{what}: changed the counter"
     store.set("after", what)  # the store (and this client) goes on
     assert store.get("after") == what
+
+
+def _sockets() -> set[str]:
+    """The sockets this process has open (``socket:[inode]``)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
 
 
 def _ignore(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -18,6 +18,7 @@ Every operation is one Lua script, so it is atomic and sees the same clock (Redi
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -211,6 +212,9 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
         self._timeout = timeout
+        #: Set by ``close``: no request after it. A watcher thread still in a wait would
+        #: otherwise reconnect, and the pool kept that socket open past the client.
+        self._closed = False
         meta = namespace + "meta:"
         self._keys = [meta + "version", meta + "changes", meta + "expiry", meta + "index"]
         #: A change of key k is published on ``events:k``.
@@ -228,19 +232,35 @@ class RedisStore:
             lambda: script(keys=self._keys, args=[*self._base_args, *(str(a) for a in args)])
         )
 
+    def _closed_error(self) -> StoreError:
+        return StoreError(f"the client of Redis at {self.address} is closed")
+
     def _guard(self, request: Callable[[], T]) -> T:
         errors = self._errors
+        if self._closed:
+            raise self._closed_error()
         try:
             return request()
-        except errors.AuthenticationError as exc:
-            raise StoreError(
+        except Exception as exc:
+            if self._closed:  # closed meanwhile: its connection went under the request
+                raise self._closed_error() from None
+            if isinstance(exc, errors.RedisError):
+                raise self._store_error(exc) from None
+            raise
+        finally:
+            if self._closed:  # a request that began before close may have reconnected
+                self._redis.connection_pool.disconnect()
+
+    def _store_error(self, exc: Exception) -> StoreError:
+        errors = self._errors
+        if isinstance(exc, errors.AuthenticationError):
+            return StoreError(
                 f"Redis at {self.address} refused the credentials (rdzv.username, "
                 f"rdzv.password): {exc}"
-            ) from None
-        except (errors.ConnectionError, errors.TimeoutError) as exc:
-            raise StoreUnavailableError(f"cannot reach Redis at {self.address}: {exc}") from None
-        except errors.RedisError as exc:
-            raise StoreError(f"Redis at {self.address}: {exc}") from None
+            )
+        if isinstance(exc, (errors.ConnectionError, errors.TimeoutError)):
+            return StoreUnavailableError(f"cannot reach Redis at {self.address}: {exc}")
+        return StoreError(f"Redis at {self.address}: {exc}")
 
     @staticmethod
     def _ttl_ms(ttl: float | None) -> str:
@@ -352,14 +372,34 @@ class RedisStore:
                 if left <= 0:
                     raise StoreTimeoutError(why())
                 sleep = left if next_expiry_ms < 0 else min(left, next_expiry_ms / 1000 + 0.001)
-                message = self._guard(lambda s=sleep: pubsub.get_message(timeout=s))  # type: ignore[misc]
+                message = self._next_message(pubsub, sleep)
                 while message is not None:  # drain: one check covers a burst
                     message = self._guard(lambda: pubsub.get_message(timeout=0))
         finally:
             pubsub.close()
 
+    def _next_message(self, pubsub: Any, seconds: float) -> Any:
+        """The next message within ``seconds`` (None if none came), read in slices of
+        at most ``_CLOSE_CHECK`` s so that ``close`` ends the wait: closing the pool
+        under it would not (redis-py reconnects and resubscribes a pub/sub)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            slice_ = max(0.0, min(left, _CLOSE_CHECK))
+            message = self._guard(functools.partial(pubsub.get_message, timeout=slice_))
+            if message is not None or left <= _CLOSE_CHECK:
+                return message
+
     def close(self) -> None:
+        """Close the connections; the waits of other threads end (within
+        ``_CLOSE_CHECK`` s) and later requests are refused."""
+        self._closed = True
         self._redis.close()
+
+
+#: How often a wait looks whether the client was closed: a wakeup without a request,
+#: four a second per waiting thread.
+_CLOSE_CHECK = 0.25
 
 
 def _glob_escape(text: str) -> str:
