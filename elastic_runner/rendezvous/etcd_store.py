@@ -1,5 +1,5 @@
 """The :class:`~elastic_runner.rendezvous.store.Store` on etcd's v3 API (through its JSON
-gateway, with etcd3gw).
+gateway: :mod:`elastic_runner.rendezvous.etcd_http`).
 
 - Liveness is a lease: a TTL key is put with its own lease and :meth:`EtcdStore.refresh`
   is a lease keep-alive, which changes no key (watchers stay asleep); when a node dies
@@ -15,15 +15,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import json
 import logging
 import math
-import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from elastic_runner.rendezvous.etcd_http import EndpointUnreachable, EtcdEndpoint, EtcdHTTPError
 from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
 
 __all__ = ["EtcdStore"]
@@ -61,31 +61,18 @@ class EtcdStore:
         password: str | None = None,
         timeout: float = 10.0,
     ) -> None:
-        try:
-            import etcd3gw
-        except ImportError:
-            raise StoreError(
-                "rdzv=etcd needs etcd3gw: pip install 'elastic-runner[etcd]'"
-            ) from None
-        import requests
-
-        self._etcd3gw = etcd3gw
-        self._requests = requests
         self._endpoints = list(endpoints)
         self._ns = namespace
         self._ca_cert, self._cert, self._key = ca_cert, cert, key
-        self._protocol = "https" if (ca_cert or cert) else "http"
         self._auth = (user, password) if user else None
         self._timeout = timeout
         self._current = 0
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}  # key -> lease id of its TTL
-        self._clients: dict[int, Any] = {}
+        self._clients: dict[int, EtcdEndpoint] = {}
         #: Set by ``close``: no request after it (a watcher thread still waiting would
         #: otherwise open a connection that outlives the client).
         self._closed = False
-        #: The watch streams being read (their sockets are shut down by ``close``).
-        self._watches: set[Any] = set()
 
     @property
     def address(self) -> str:
@@ -93,61 +80,61 @@ class EtcdStore:
 
     # -- transport ----------------------------------------------------------------------
 
-    def _client(self, index: int) -> Any:
+    def _client(self, index: int) -> EtcdEndpoint:
         if self._closed:
             raise StoreError(f"the client of etcd at {self.address} is closed")
-        client = self._clients.get(index)
-        if client is None:
-            host, port = self._endpoints[index]
-            client = self._etcd3gw.Etcd3Client(
-                host=host,
-                port=port,
-                protocol=self._protocol,
-                timeout=self._timeout,
-                ca_cert=self._ca_cert,
-                cert_key=self._key,
-                cert_cert=self._cert,
-            )
-            if self._ca_cert:
-                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the session's
-                # CA; the CA given for etcd must win
-                client.session.trust_env = False
-            if self._auth:
-                token = client.post(
-                    client.get_url("/auth/authenticate"),
-                    json={"name": self._auth[0], "password": self._auth[1]},
-                )
-                client.session.headers["Authorization"] = token["token"]
-            self._clients[index] = client
-        return client
+        with self._lock:
+            client = self._clients.get(index)
+        if client is not None:
+            return client
+        host, port = self._endpoints[index]
+        client = EtcdEndpoint(host, port, timeout=self._timeout, ssl_context=self._tls())
+        if self._auth:
+            name, password = self._auth
+            token = client.post("/auth/authenticate", {"name": name, "password": password})
+            client.headers["Authorization"] = token["token"]
+        with self._lock:
+            if self._closed:
+                client.close()
+                raise StoreError(f"the client of etcd at {self.address} is closed")
+            return self._clients.setdefault(index, client)
 
-    def _call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(client)`` on the current endpoint, failing over to the next ones."""
+    def _tls(self) -> ssl.SSLContext | None:
+        """The TLS context (None: plain HTTP): etcd's CA (else the system's), and a
+        client certificate if given."""
+        if not (self._ca_cert or self._cert):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self._ca_cert)
+            if self._cert:
+                context.load_cert_chain(self._cert, self._key)
+        except OSError as exc:  # ssl.SSLError too: a file missing, unreadable or not PEM
+            raise StoreError(
+                f"etcd at {self.address}: cannot load rdzv.ca_cert, rdzv.cert or rdzv.key: {exc}"
+            ) from None
+        return context
+
+    def _call(self, fn: Callable[[EtcdEndpoint], T]) -> T:
+        """Run ``fn(endpoint)`` on the current endpoint, failing over to the next ones."""
         errors = []
-        exc_types = self._etcd3gw.exceptions
         for attempt in range(len(self._endpoints)):
             index = (self._current + attempt) % len(self._endpoints)
             try:
                 result = fn(self._client(index))
                 self._current = index
                 return result
-            except (
-                exc_types.ConnectionFailedError,
-                exc_types.ConnectionTimeoutError,
-                self._requests.exceptions.RequestException,  # raised raw by etcd3gw watches
-            ) as exc:
-                self._clients.pop(index, None)
+            except EndpointUnreachable as exc:  # that thread's connection is gone with it
                 host, port = self._endpoints[index]
-                detail = getattr(exc, "detail_text", None) or str(exc) or "connection failed"
-                errors.append(f"{host}:{port}: {detail.strip().splitlines()[0][:300]}")
-            except exc_types.Etcd3Exception as exc:
-                raise StoreError(f"etcd at {self.address}: {_etcd_error(exc)}") from None
+                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                errors.append(f"{host}:{port}: {detail or 'connection failed'}")
+            except EtcdHTTPError as exc:
+                raise StoreError(f"etcd at {self.address}: {exc}") from None
         raise StoreUnavailableError(
             f"cannot reach etcd at any of {self.address} ({'; '.join(errors)})"
         )
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
-        return self._call(lambda c: c.post(c.get_url(path), json=dict(body)))
+        return self._call(lambda c: c.post(path, body))
 
     def _k(self, key: str) -> str:
         return self._ns + key
@@ -324,53 +311,38 @@ class EtcdStore:
         }
         deadline = time.monotonic() + timeout
 
-        def watch(client: Any) -> int:
-            # A watch stream of our own, closed when this returns: etcd3gw's watcher left
-            # its socket to the garbage collector and a thread behind it (under launch()
-            # that is the caller's process).
-            requests = self._requests
-            streaming = False
-            mine: list[Any] = []  # this call's stream, for close to shut down
+        def watch(client: EtcdEndpoint) -> int:
+            # A watch stream of its own, closed when this returns or the store closes.
+            messages = client.watch(
+                "/watch",
+                request,
+                # connecting gets at least 0.5 s even for a short wait: a busy etcd is
+                # not a lost one (the deadline below decides what a wait is)
+                connect_timeout=max(min(timeout, 10.0), 0.5),
+                read_timeout=max(timeout, 0.05),
+            )
             try:
-                with client.session.post(
-                    client.get_url("/watch"),
-                    json=request,
-                    stream=True,
-                    # connecting gets at least 0.5 s even for a short wait: a busy
-                    # etcd is not a lost one (the deadline below decides what a wait is)
-                    timeout=(max(min(timeout, 10.0), 0.5), max(timeout, 0.05)),
-                ) as response:
-                    with self._lock:
-                        if self._closed:
-                            raise StoreError(f"the client of etcd at {self.address} is closed")
-                        mine.append(response)
-                        self._watches.add(response)
-                    response.raise_for_status()
-                    streaming = True
-                    for line in response.iter_lines():
-                        result = json.loads(line).get("result", {}) if line.strip() else {}
-                        events = result.get("events") or ()
-                        if events:
-                            # The newest change of the batch: a caller reads the keys
-                            # after waking, and waiting again from the first would replay
-                            # the rest (a round's N join keys going: N² events).
-                            return max(int(e["kv"]["mod_revision"]) for e in events)
-                        if time.monotonic() >= deadline:
-                            break
-            except requests.exceptions.RequestException as exc:
+                for message in messages:
+                    events = (message.get("result") or {}).get("events") or ()
+                    if events:
+                        # The newest change of the batch: a caller reads the keys after
+                        # waking, and waiting again from the first would replay the rest
+                        # (a round's N join keys going: N² events).
+                        return max(int(e["kv"]["mod_revision"]) for e in events)
+                    if message.get("error"):
+                        raise StoreError(f"etcd at {self.address}: watch: {message['error']}")
+                    if time.monotonic() >= deadline:
+                        break
+            except TimeoutError:
+                pass  # the read ran out: the wait did
+            except EndpointUnreachable:
                 if self._closed:  # close shut the stream down
                     raise StoreError(f"the client of etcd at {self.address} is closed") from None
-                # A read timeout, before the answer (ReadTimeout) or during the stream
-                # (urllib3's shows as a connection error), is the wait running out: etcd
-                # took the connection. A refused or failed connection is the endpoint's.
-                timed_out = streaming or isinstance(exc, requests.exceptions.ReadTimeout)
-                if not (timed_out and time.monotonic() >= deadline - 0.05):
-                    raise
-            except ValueError as exc:
+                raise
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StoreError(f"etcd at {self.address}: bad watch stream: {exc}") from None
             finally:
-                with self._lock:
-                    self._watches.difference_update(mine)
+                messages.close()
             raise StoreTimeoutError(f"no change under {prefix!r} in {timeout:g} s")
 
         return int(self._call(watch))
@@ -400,33 +372,9 @@ class EtcdStore:
                 self._post("/kv/lease/revoke", {"ID": lease})
         with self._lock:
             self._closed = True
-            watches, self._watches = list(self._watches), set()
-        for response in watches:
-            _shut_down(response)  # a thread reading it wakes at once
-        for client in self._clients.values():
-            with contextlib.suppress(Exception):
-                client.session.close()
-        self._clients.clear()
-
-
-def _shut_down(response: Any) -> None:
-    """Shut down the socket a streamed response is read from: a thread blocked reading
-    it wakes with the stream ended (closing the socket alone would not wake it)."""
-    connection = getattr(getattr(response, "raw", None), "_connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-
-def _etcd_error(exc: Exception) -> str:
-    """etcd's own message (its JSON body says why), else the HTTP reason."""
-    detail = getattr(exc, "detail_text", None) or ""
-    with contextlib.suppress(ValueError, AttributeError):
-        body = json.loads(detail)
-        detail = body.get("error") or body.get("message") or detail
-    reason = str(exc) or type(exc).__name__
-    return f"{reason}: {detail}" if detail else reason
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()  # a thread reading a watch wakes at once
 
 
 def _chunks(keys: list[str], size: int = 100) -> list[list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -138,3 +139,20 @@ def test_unquoted_endpoint_list_gets_a_quoting_hint(elastic_run: ElasticRunner) 
         "elastic-run: error: rdzv.endpoint=a:1,b:2: unquoted commas mean a --multirun "
         "sweep; quote the value: 'rdzv.endpoint=\"a:1,b:2\"'"
     )
+
+
+def test_proxy_variables_do_not_come_between_the_agents_and_etcd(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    # Cluster nodes often have HTTP_PROXY set for the outside world and no NO_PROXY
+    # entry for etcd: the agents reach etcd directly (through requests, they sent every
+    # request to the proxy, here a port nobody serves, and never formed the job).
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env |= {name: dead for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY")}
+    job = _job(elastic_run, tmp_path, etcd_server, "2")
+    for _ in range(2):
+        job.start("rdzv.join_timeout=15", env=env)
+    results = job.finish()
+    assert [code for code, _ in results] == [0, 0], results
+    assert sorted(rank for _, rank in probe_records(job.out)) == [0, 1]

@@ -53,7 +53,11 @@ class Job:
         self.run_dirs: list[Path] = []
 
     def start(
-        self, *overrides: str, nproc: int = 1, probe: tuple[str, ...] = ()
+        self,
+        *overrides: str,
+        nproc: int = 1,
+        probe: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[str]:
         proc, run_dir, _ = self.elastic_run.popen(
             *probe_job(self.out, *probe, nproc=nproc),
@@ -61,6 +65,7 @@ class Job:
             f"nnodes={self.nnodes}",
             *overrides,
             run_id=self.run_id,
+            env=env,
         )
         self.agents.append(proc)
         self.run_dirs.append(run_dir)
