@@ -1,11 +1,10 @@
 """JSON over HTTP to one etcd endpoint's gateway (its v3 API, etcd 3.4 and newer).
 
-Why not ``requests`` (through etcd3gw, as before): against a local etcd, one request
-cost the client 0.84 ms of CPU through a ``requests`` session, 0.39 ms through urllib3
-and 0.19 ms through :mod:`http.client` (``bench/etcd_scale.py``'s requests, 2,000 each).
-The gateway itself costs etcd 0.7 to 1.2 ms a request, so with ``requests`` the clients
-of a rendezvous spent more CPU than etcd did. This module is what the store needs and
-no more:
+Why not ``requests`` (through etcd3gw, as before): against a local etcd, a store request
+cost the client 0.7 to 0.85 ms of CPU that way (a bare ``requests`` session about the
+same, urllib3 about half), and this module about 0.2 ms (``bench/etcd_client.py``),
+while etcd's gateway spends 0.5 to 0.8 ms on it: with ``requests`` the clients of a rendezvous spent
+more CPU than etcd did. This module is what the store needs and no more:
 
 - One keep-alive connection per thread (a store's heartbeat, watcher and main thread
   each have theirs), checked before reuse: one the server closed while idle is replaced
