@@ -224,3 +224,42 @@ def test_a_put_whose_new_lease_is_gone_gets_another(
         assert store.refresh("lead", 30)  # on the lease that lived
     finally:
         store.close()
+
+
+def test_a_key_tied_to_another_lives_and_is_refreshed_with_it(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node's join key rides on its liveness key's lease: its heartbeat keeps both with
+    # one keep-alive (two before), and a round costs one lease grant less per node.
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/")
+    other = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/")
+    try:
+        store.set("alive/a", "1", ttl=2)
+        posts: list[str] = []
+        post = store._post
+
+        def counting(path: str, body: Mapping[str, Any]) -> Any:
+            posts.append(path)
+            return post(path, body)
+
+        monkeypatch.setattr(store, "_post", counting)
+        store.set_tied("join/a", "x", "alive/a", 2)
+        assert posts == ["/kv/put"]  # no lease granted for it
+        posts.clear()
+        assert store.refresh_many(["alive/a", "join/a", "never/set"], 2) == [True, True, False]
+        assert posts == ["/lease/keepalive"]  # one lease, one keep-alive
+        assert store.refresh("join/a", 2)
+        store.set_tied("join/b", "y", "not/set/here", 2)  # no owner: a lease of its own
+        assert posts[-2:] == ["/lease/grant", "/kv/put"]
+        store.delete("join/a")  # the owner's lease goes on
+        assert store.refresh_many(["alive/a", "join/a"], 2) == [True, False]
+        store.set_tied("join/a", "x", "alive/a", 2)
+        # neither refreshed: both go when the one lease expires
+        t0 = time.monotonic()
+        while other.get("alive/a") is not None and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert other.multi_get(["alive/a", "join/a"]) == [None, None]
+        assert time.monotonic() - t0 < 5
+    finally:
+        store.close()
+        other.close()

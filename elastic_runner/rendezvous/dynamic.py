@@ -106,7 +106,7 @@ from elastic_runner.rendezvous.records import (
     round_of,
 )
 from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError
+from elastic_runner.rendezvous.store import Store, StoreError, StoreTimeoutError, set_tied
 from elastic_runner.rendezvous.watching import MembershipWatcher
 
 __all__ = ["DynamicRendezvous", "RendezvousSettings"]
@@ -589,7 +589,8 @@ class DynamicRendezvous:
             self._waiting = waiting
             key = self._p + "waiting/" + self.node_id
             if waiting:
-                self._store.set(key, "1", ttl=self._s.heartbeat_timeout)
+                alive = self._p + "alive/" + self.node_id
+                set_tied(self._store, key, "1", alive, self._s.heartbeat_timeout)
                 if outside is not None and outside[1].size < self._s.max_nodes:
                     self._ring(outside[0])
             else:

@@ -24,7 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from elastic_runner.rendezvous.etcd_http import EndpointUnreachable, EtcdEndpoint, EtcdHTTPError
-from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, StoreUnavailableError
+from elastic_runner.rendezvous.store import (
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    check_keys,
+)
 
 __all__ = ["EtcdStore"]
 
@@ -166,10 +171,42 @@ class EtcdStore:
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
         self._with_lease(lambda: self._post("/kv/put", self._put_op(key, value, ttl)))
 
+    def set_tied(self, key: str, value: str, owner: str, ttl: float) -> None:
+        """Set ``key`` on the lease of ``owner`` (a TTL key this client set): it lives
+        and is refreshed with it, and a heartbeat keeps both alive with one keep-alive.
+        Without such a lease (``owner`` not set here, deleted, or its lease gone), a
+        ``set`` with a lease of its own."""
+        with self._lock:
+            lease = self._leases.get(owner)
+        if lease is not None:
+            op = {"key": _b64(self._k(key)), "value": _b64(value), "lease": lease}
+            try:
+                self._post("/kv/put", op)
+            except StoreError as exc:
+                if isinstance(exc, StoreUnavailableError) or "lease not found" not in str(exc):
+                    raise
+            else:
+                with self._lock:
+                    self._leases[key] = lease
+                return
+        self.set(key, value, ttl)
+
     def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
         if lease is None:
             return False
+        return self._keep_alive(lease)
+
+    def refresh_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        """:meth:`refresh` of each of ``keys``: one keep-alive per lease, so keys set
+        with :meth:`set_tied` cost nothing more."""
+        keys = check_keys(keys)
+        with self._lock:
+            leases = [self._leases.get(key) for key in keys]
+        alive = {lease: self._keep_alive(lease) for lease in dict.fromkeys(leases) if lease}
+        return [bool(lease and alive[lease]) for lease in leases]
+
+    def _keep_alive(self, lease: int) -> bool:
         try:
             answer = self._post("/lease/keepalive", {"ID": lease})
         except StoreUnavailableError:
@@ -365,8 +402,8 @@ class EtcdStore:
 
     def close(self) -> None:
         """Revoke this client's leases (its TTL keys go at once) and drop connections."""
-        with self._lock:
-            leases, self._leases = list(self._leases.values()), {}
+        with self._lock:  # each once: tied keys share their owner's
+            leases, self._leases = list(dict.fromkeys(self._leases.values())), {}
         for lease in leases:
             with contextlib.suppress(StoreError):
                 self._post("/kv/lease/revoke", {"ID": lease})

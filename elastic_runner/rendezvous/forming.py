@@ -31,7 +31,7 @@ from elastic_runner.rendezvous.records import (
     join_record,
     seat_of,
 )
-from elastic_runner.rendezvous.store import StoreError, count_keys
+from elastic_runner.rendezvous.store import StoreError, count_keys, set_tied
 
 __all__ = [
     "CANDIDATES",
@@ -159,7 +159,9 @@ class Rounds:
         key, value = f"{p}r{n}/join/{h.node_id}", json.dumps(record)
         with h._beat_lock:
             h._join_key = (key, value)
-            store.set(key, value, ttl=h._s.heartbeat_timeout)
+            # on the liveness key's lease where the store has leases: one keep-alive a
+            # heartbeat keeps both (etcd: half the heartbeat requests, a grant less)
+            set_tied(store, key, value, f"{p}alive/{h.node_id}", h._s.heartbeat_timeout)
         # A count of the live join keys, not a shared counter: etcd increments by
         # compare-and-set, and N nodes contending on one key cost O(N²) requests.
         arrived = count_keys(store, f"{p}r{n}/join/")

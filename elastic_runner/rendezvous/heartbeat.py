@@ -16,7 +16,7 @@ from typing import Protocol
 
 from elastic_runner.rendezvous.host import ProtocolHost
 from elastic_runner.rendezvous.settings import RendezvousSettings
-from elastic_runner.rendezvous.store import refresh_keys
+from elastic_runner.rendezvous.store import refresh_keys, set_tied
 
 __all__ = ["Heartbeat", "HeartbeatHost", "lease_span"]
 
@@ -107,11 +107,11 @@ class Heartbeat:
                 if waiting is not None and not found[waiting]:
                     with h._beat_lock:
                         if h._out is None:
-                            h._store.set(waiting, "1", ttl=ttl)
+                            set_tied(h._store, waiting, "1", alive, ttl)
                 if joined is not None and not found[joined[0]]:
                     with h._beat_lock:
                         if h._join_key == joined:  # not dropped meanwhile
-                            h._store.set(joined[0], joined[1], ttl=ttl)
+                            set_tied(h._store, joined[0], joined[1], alive, ttl)
                 if lead is not None and not found[lead]:
                     h._lead_key = None  # lapsed: another node may lead now
             except Exception as exc:  # never let the heartbeat thread die

@@ -37,6 +37,7 @@ __all__ = [
     "check_version",
     "count_keys",
     "refresh_keys",
+    "set_tied",
 ]
 
 #: The longest time to live or timeout a store accepts, in seconds (about 31 years):
@@ -196,6 +197,19 @@ def refresh_keys(store: Store, keys: Sequence[str], ttl: float) -> list[bool]:
         except StoreArgumentError:  # a server from before refresh_many
             pass
     return [store.refresh(key, ttl) for key in keys]
+
+
+def set_tied(store: Store, key: str, value: str, owner: str, ttl: float) -> None:
+    """Set ``key`` with a time to live ``ttl``, tied where the store can to ``owner``, a
+    TTL key this client set: then it lives as long as ``owner`` does, and refreshing
+    either refreshes both (etcd: one lease, so a node's heartbeat is one lease
+    keep-alive, not one per key). Elsewhere it is ``set(key, value, ttl=ttl)``: a key of
+    its own, which the heartbeat refreshes with the others."""
+    tied = getattr(store, "set_tied", None)
+    if tied is not None:
+        tied(key, value, owner, ttl)
+    else:
+        store.set(key, value, ttl=ttl)
 
 
 #: How many prefixes :class:`MemoryStore` keeps the last change's version of: each
