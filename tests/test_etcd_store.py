@@ -66,13 +66,8 @@ def test_multi_get_and_set_beyond_etcds_transaction_limit(etcd_server: EtcdServe
     assert store.multi_get(list(items)) == list(items.values())
 
 
-def test_a_wait_for_keys_that_exist_is_one_request(
-    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A member waits for MASTER_ADDR before reading it: when it is there already, that
-    # wait is one range request (it was a range for the version and a read of the keys).
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/wait-one/")
-    store.multi_set({"r0/master": "[1]", "r0/seat": "2", "r0/other": ""})
+def _count_posts(store: EtcdStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the HTTP requests ``store`` makes from now on."""
     posts: list[str] = []
     post = store._post
 
@@ -81,6 +76,17 @@ def test_a_wait_for_keys_that_exist_is_one_request(
         return post(path, body)
 
     monkeypatch.setattr(store, "_post", counting)
+    return posts
+
+
+def test_a_wait_for_keys_that_exist_is_one_request(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A member waits for MASTER_ADDR before reading it: when it is there already, that
+    # wait is one range request (it was a range for the version and a read of the keys).
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/wait-one/")
+    store.multi_set({"r0/master": "[1]", "r0/seat": "2", "r0/other": ""})
+    posts = _count_posts(store, monkeypatch)
     store.wait(["r0/master", "r0/other"], timeout=5)  # an empty value exists too
     assert posts == ["/kv/range"]
     with pytest.raises(StoreTimeoutError, match="r0/missing"):
@@ -235,14 +241,7 @@ def test_a_key_tied_to_another_lives_and_is_refreshed_with_it(
     other = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/")
     try:
         store.set("alive/a", "1", ttl=2)
-        posts: list[str] = []
-        post = store._post
-
-        def counting(path: str, body: Mapping[str, Any]) -> Any:
-            posts.append(path)
-            return post(path, body)
-
-        monkeypatch.setattr(store, "_post", counting)
+        posts = _count_posts(store, monkeypatch)
         store.set_tied("join/a", "x", "alive/a", 2)
         assert posts == ["/kv/put"]  # no lease granted for it
         posts.clear()

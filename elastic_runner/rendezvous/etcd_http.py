@@ -132,9 +132,9 @@ class EtcdEndpoint:
             conn.request("POST", API + path, body=data, headers=self.headers)
             response = conn.getresponse()
             text = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except Exception as exc:
             self._forget(conn)
-            raise EndpointUnreachable(_describe(exc)) from None
+            raise self._lost(exc) from None
         if response.will_close:
             self._forget(conn)
         return _answer(response.status, response.reason, text)
@@ -151,21 +151,21 @@ class EtcdEndpoint:
             try:
                 conn.request("POST", API + path, body=json.dumps(body), headers=self.headers)
                 response = conn.getresponse()
-            except TimeoutError:
+                if response.status != 200:
+                    _answer(response.status, response.reason, response.read())
+                sock = conn.sock
+                if sock is None:  # closed meanwhile
+                    raise EndpointUnreachable(f"{self}: closed")
+                sock.settimeout(read_timeout)
+            except (EndpointUnreachable, EtcdHTTPError):
                 raise
-            except (OSError, http.client.HTTPException) as exc:
-                raise EndpointUnreachable(_describe(exc)) from None
-            if response.status != 200:
-                _answer(response.status, response.reason, response.read())
-            assert conn.sock is not None
-            conn.sock.settimeout(read_timeout)
+            except Exception as exc:
+                raise self._lost(exc, timeout_is_the_callers=True) from None
             while True:
                 try:
                     line = response.readline()
-                except TimeoutError:
-                    raise
-                except (OSError, http.client.HTTPException, ValueError) as exc:
-                    raise EndpointUnreachable(_describe(exc)) from None
+                except Exception as exc:
+                    raise self._lost(exc, timeout_is_the_callers=True) from None
                 if not line:
                     if self._closed:
                         raise EndpointUnreachable(f"{self}: closed")
@@ -174,6 +174,20 @@ class EtcdEndpoint:
                     yield json.loads(line)
         finally:
             self._forget(conn)
+
+    def _lost(self, exc: Exception, *, timeout_is_the_callers: bool = False) -> Exception:
+        """What an exception from a connection's I/O means. After ``close`` (from another
+        thread, which can leave http.client's objects half torn down under a reader: an
+        AttributeError or a ValueError), the endpoint is closed. A watch's timeout is
+        its caller's to judge (the wait ran out). An I/O or protocol error, a request's
+        timeout included, is an unreachable endpoint. Anything else is not ours to hide."""
+        if self._closed:
+            return EndpointUnreachable(f"{self}: closed")
+        if timeout_is_the_callers and isinstance(exc, TimeoutError):
+            return exc
+        if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
+            return EndpointUnreachable(_describe(exc))
+        return exc
 
     def close(self) -> None:
         """Close every connection; a thread reading one (a watch) wakes at once, and no
