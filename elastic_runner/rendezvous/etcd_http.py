@@ -124,12 +124,20 @@ class EtcdEndpoint:
 
     # -- requests -----------------------------------------------------------------------
 
-    def post(self, path: str, body: Mapping[str, Any]) -> Any:
+    def authenticate(self, name: str, password: str) -> None:
+        """Get a token for ``name`` and send it with every request from now on (asked
+        without the token held: etcd refuses any request with a token it forgot)."""
+        answer = self.post("/auth/authenticate", {"name": name, "password": password}, _HEADERS)
+        self.headers = {**_HEADERS, "Authorization": str(answer["token"])}
+
+    def post(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> Any:
         """``body`` to ``/v3`` + ``path``; etcd's JSON answer."""
         data = json.dumps(body)
         conn = self._thread_connection()
         try:
-            conn.request("POST", API + path, body=data, headers=self.headers)
+            conn.request("POST", API + path, body=data, headers=dict(headers or self.headers))
             response = conn.getresponse()
             text = response.read()
         except Exception as exc:

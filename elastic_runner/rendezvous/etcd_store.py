@@ -94,15 +94,22 @@ class EtcdStore:
             return client
         host, port = self._endpoints[index]
         client = EtcdEndpoint(host, port, timeout=self._timeout, ssl_context=self._tls())
-        if self._auth:
-            name, password = self._auth
-            token = client.post("/auth/authenticate", {"name": name, "password": password})
-            client.headers["Authorization"] = token["token"]
+        try:
+            self._authenticate(client)
+        except BaseException:
+            client.close()
+            raise
         with self._lock:
             if self._closed:
                 client.close()
                 raise StoreError(f"the client of etcd at {self.address} is closed")
             return self._clients.setdefault(index, client)
+
+    def _authenticate(self, client: EtcdEndpoint) -> None:
+        """Get a token for ``client`` (with ``user`` and ``password``; else nothing)."""
+        if self._auth:
+            name, password = self._auth
+            client.authenticate(name, password or "")
 
     def _tls(self) -> ssl.SSLContext | None:
         """The TLS context (None: plain HTTP): etcd's CA (else the system's), and a
@@ -125,7 +132,16 @@ class EtcdStore:
         for attempt in range(len(self._endpoints)):
             index = (self._current + attempt) % len(self._endpoints)
             try:
-                result = fn(self._client(index))
+                client = self._client(index)
+                try:
+                    result = fn(client)
+                except EtcdHTTPError as exc:
+                    # etcd forgets its simple tokens when it restarts: get another, once
+                    # (a request refused for its token was not carried out)
+                    if not (self._auth and "invalid auth token" in str(exc)):
+                        raise
+                    self._authenticate(client)
+                    result = fn(client)
                 self._current = index
                 return result
             except EndpointUnreachable as exc:  # that thread's connection is gone with it
