@@ -128,7 +128,10 @@ class EtcdEndpoint:
         """Get a token for ``name`` and send it with every request from now on (asked
         without the token held: etcd refuses any request with a token it forgot)."""
         answer = self.post("/auth/authenticate", {"name": name, "password": password}, _HEADERS)
-        self.headers = {**_HEADERS, "Authorization": str(answer["token"])}
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise EtcdHTTPError(200, "no token in the answer", json.dumps(answer)[:300])
+        self.headers = {**_HEADERS, "Authorization": token}
 
     def post(
         self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
@@ -219,9 +222,12 @@ def _answer(status: int, reason: str, text: bytes) -> Any:
     if status != 200:
         raise EtcdHTTPError(status, reason, body)
     try:
-        return json.loads(body)
+        answer = json.loads(body)
     except ValueError:
         raise EtcdHTTPError(status, "not JSON", body[:300]) from None
+    if not isinstance(answer, dict):  # etcd's answers are objects; callers read fields
+        raise EtcdHTTPError(status, "not a JSON object", body[:300])
+    return answer
 
 
 def _readable(sock: socket.socket) -> bool:
