@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import select
 import socket
 import ssl
 import threading
 import weakref
 from collections.abc import Generator, Mapping
 from typing import Any
+
+from elastic_runner.rendezvous.sockets import readable
 
 __all__ = ["EndpointUnreachable", "EtcdEndpoint", "EtcdHTTPError"]
 
@@ -114,7 +115,7 @@ class EtcdEndpoint:
 
     def _thread_connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and (conn.sock is None or _readable(conn.sock)):
+        if conn is not None and (conn.sock is None or readable(conn.sock)):
             # idle and readable: the server closed it (or said something unasked)
             self._forget(conn)
             conn = None
@@ -228,18 +229,6 @@ def _answer(status: int, reason: str, text: bytes) -> Any:
     if not isinstance(answer, dict):  # etcd's answers are objects; callers read fields
         raise EtcdHTTPError(status, "not a JSON object", body[:300])
     return answer
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Whether an idle connection has something to read: its end of stream."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    poller = select.poll()
-    try:
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -15,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from elastic_runner.rendezvous.sockets import readable
 from elastic_runner.rendezvous.store import (
     StoreArgumentError,
     StoreError,
@@ -257,9 +257,7 @@ class TCPStoreClient:
         (readable before a request was sent: its end of stream, or a parting word)."""
         if time.monotonic() - getattr(self._local, "used", 0.0) > IDLE_TIMEOUT / 2:
             return True
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        return _readable(sock, 0)
+        return readable(sock)
 
     def _drop(self, sock: socket.socket) -> None:
         """Forget and close a connection of this thread."""
@@ -276,7 +274,7 @@ class TCPStoreClient:
         when none has come within ``hello_warning``; the read that follows waits for the
         rest of ``limit``."""
         first = min(self._hello_warning, limit)
-        if self._said_silent or first >= limit or _readable(sock, first):
+        if self._said_silent or first >= limit or readable(sock, first):
             return
         self._said_silent = True
         log.warning(
@@ -416,20 +414,6 @@ class TCPStoreClient:
                 with contextlib.suppress(OSError):
                     sock.close()
             self._all.clear()
-
-
-def _readable(sock: socket.socket, seconds: float) -> bool:
-    """Whether ``sock`` has something to read (or was closed) within ``seconds``; a
-    failed wait counts as yes. ``poll``, not ``select``: select refuses descriptors from
-    1024 on, and answering yes for them made every request of a client with that many
-    files open (a store-hosting agent of a large job, a benchmark's client process) a
-    new connection and a hello."""
-    poller = select.poll()
-    try:
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(max(0, int(seconds * 1000))))
-    except (OSError, ValueError):
-        return True
 
 
 def _as_list(keys: Sequence[str]) -> Any:
