@@ -1,4 +1,4 @@
-"""What the store clients (tcp, etcd) ask of a connected socket."""
+"""What the store clients (tcp, etcd) and the tcp store's server ask of a connected socket."""
 
 from __future__ import annotations
 
