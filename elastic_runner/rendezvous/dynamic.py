@@ -518,8 +518,13 @@ class DynamicRendezvous:
         member reads both back, so a node whose own config differs still agrees."""
         p, store = self._p, self._store
         self._drop_lead()
+        # One (frozen) NodeInfo per run of alike nodes, repeated: building one per node
+        # cost every node O(N) object creations, 4,096 nodes in one benchmark process
+        # O(N²) (about a third of its CPU while a 4,096-node round formed).
         nodes = tuple(
-            NodeInfo(role, nproc) for role, nproc, count in summary.roles for _ in range(count)
+            info
+            for role, nproc, count in summary.roles
+            for info in (NodeInfo(role, nproc),) * count
         )
         master_key = f"{p}r{n}/master"
         # Group rank 0 and the candidates to host the store read the full record (O(N),
