@@ -415,6 +415,47 @@ def test_a_standby_ends_when_the_job_fails(spares: Callable[..., _Job]) -> None:
     assert time.monotonic() - t0 < 2
 
 
+def test_a_standby_reads_little_while_the_job_changes(spares: Callable[..., _Job]) -> None:
+    # It waited on every key of the job and read them all at each change: at 4,096
+    # nodes re-forming, 41 newcomers each read 1 MB per change and swamped the store.
+    job = spares(2, 2)
+    job.store = log = _ScanLog()
+    a, _ = _form_job(job, 2)
+    _, joining = _standby(job)
+    time.sleep(0.2)
+    before = len(log.scans)
+    for i in range(200):  # the job's keys change (as while a round of thousands forms)
+        log.set(f"{job.p}r0/failure/x{i}", "1")
+        time.sleep(0.001)
+    time.sleep(0.2)
+    whole = [s for s in log.scans[before:] if s == job.p]
+    print(f"{len(whole)} reads of every key of the job for 200 changes")
+    assert len(whole) <= 2, len(whole)
+    a.fail_job("restarts used up")  # and it still ends with the job
+    with pytest.raises(RendezvousError, match="the job failed on another node"):
+        joining.join()
+
+
+@pytest.mark.parametrize("end", ["finishes", "fails"])
+def test_a_standby_ends_at_once_between_its_looks(spares: Callable[..., _Job], end: str) -> None:
+    # It looks for lost members once a heartbeat; the job's end rings it at once.
+    job = spares(2, 2, heartbeat_interval=3.0, heartbeat_timeout=9.0)
+    a, b = _form_job(job, 2)
+    _, joining = _standby(job)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    if end == "fails":
+        a.fail_job("restarts used up")
+    else:
+        for h in (a, b):
+            threading.Thread(target=h.exit_barrier, daemon=True).start()
+    with pytest.raises(RendezvousError):
+        joining.join()
+    took = time.monotonic() - t0
+    print(f"the standby ended {took:.2f} s after the job {end}")
+    assert took < 1.5, took
+
+
 def test_a_standby_takes_a_lost_nodes_place_at_once(spares: Callable[..., _Job]) -> None:
     job = spares(2, 2)
     a, b = _form_job(job, 2)

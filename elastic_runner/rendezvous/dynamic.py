@@ -27,6 +27,8 @@ node's key expires by itself). Waiting is notified by the store. Keys, under
     restarts              failure restarts of the whole job (TORCHELASTIC_RESTART_COUNT)
     failed                the job failed for good (why), so nodes stop re-forming
     finished              the job finished: its nodes passed the exit barrier (who saw it)
+    round/bell            rung when the job fails or finishes, to wake the nodes outside
+                          the round (they wait on the keys under "round")
 
 A round completes at once when ``max_nodes`` have joined (and every live member of the
 previous round, which keeps its place before newcomers), or ``last_call_timeout`` after
@@ -411,11 +413,17 @@ class DynamicRendezvous:
                     self._drop_join_key()
                     self._drop_lead()
                 self._set_waiting(True, (n, summary))  # the round is under way without us
-                # Everything of the job: wake when it finishes, fails, loses a member.
-                found, version = store.scan(p)
-                if round_of(found.get(p + "round"), n) != n:
-                    continue  # moved on meanwhile (before this version: look again now)
-                outcome = self._exit.outcome(n, self._rounds.member_ids(n, summary), found)
+                outcome = None
+                # Whether the job finished, or lost every member, is read from all of its
+                # keys (O(N)): only when a few members say it may be so. Reading them on
+                # every change of the job (waiting on all of its keys) cost each node
+                # outside a round of 4,096 a 1 MB read per change while it re-formed:
+                # 41 such nodes kept the store busy, its answers 15 s late.
+                if self._exit.may_be_over(n, summary):
+                    found, _ = store.scan(p)
+                    if round_of(found.get(p + "round"), n) != n:
+                        continue  # moved on meanwhile
+                    outcome = self._exit.outcome(n, self._rounds.member_ids(n, summary), found)
                 if outcome == "finished":
                     raise RendezvousGracefulExitError(
                         "the job finished without needing this standby node"
@@ -440,7 +448,10 @@ class DynamicRendezvous:
                     self._progress = (STANDBY, s.min_nodes, s.max_nodes, deadline, None)
                 else:
                     self._progress = (OUTSIDE, s.min_nodes, s.max_nodes, deadline, None)
-                watched = p
+                # The round key and the bell beside it (rung when the job fails or
+                # finishes) wake this node at once; members lost are looked for once a
+                # heartbeat.
+                watched, longest = p + "round", s.heartbeat_interval
             else:
                 self._set_waiting(False)
                 if standby_for is not None:  # a round that may need this node: join it
@@ -464,11 +475,11 @@ class DynamicRendezvous:
                 # call too: r<n>/done-min), and looks again at least every
                 # heartbeat_timeout (the leader may have died): N joining nodes cost
                 # O(N) requests and bytes, not O(N²).
-                watched = f"{p}r{n}/done"
+                watched, longest = f"{p}r{n}/done", s.heartbeat_timeout
             left = deadline - self._clock()
             if left <= 0:
                 raise self._rounds.timeout_error(n)
-            wait = min(left, s.heartbeat_timeout)
+            wait = min(left, longest)
             if done is None and forming.leads:
                 for when in (forming.last_call, forming.look_at):
                     if when is not None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from elastic_runner.rendezvous.forming import Rounds
 from elastic_runner.rendezvous.host import ProtocolHost
-from elastic_runner.rendezvous.records import RoundSummary, round_of
+from elastic_runner.rendezvous.records import OUTSIDE_BELL, RoundSummary, round_of
 from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError, count_keys
 from elastic_runner.rendezvous.watching import MembershipWatcher
 
@@ -115,9 +115,29 @@ class Exiting:
         """Mark the job finished (standbys, and nodes waiting to join, end at once)."""
         h = self._h
         try:
-            h._store.compare_set(h._p + "finished", None, h.node_id)
+            if h._store.compare_set(h._p + "finished", None, h.node_id)[0]:
+                h._store.set(h._p + OUTSIDE_BELL, "finished")
         except StoreError as exc:
             log.warning("could not tell the standby nodes the job finished: %s", exc)
+
+    def may_be_over(self, n: int, summary: RoundSummary) -> bool:
+        """For a node outside round ``n``: whether :meth:`outcome` may find the job over
+        (finished, or every member gone), by one small read: the finished mark, and the
+        liveness and exit keys of the round's few monitors. While one of them is alive
+        and has not finished, the job is not over, and reading all of its keys (O(N))
+        would tell nothing more."""
+        h = self._h
+        p, sample = h._p, list(summary.monitors)
+        if not sample:  # a summary from before monitors
+            return True
+        keys = [p + "finished"]
+        keys += [p + "alive/" + m for m in sample]
+        keys += [f"{p}r{n}/exit/{m}" for m in sample]
+        values = h._store.multi_get(keys)
+        if values[0] is not None:
+            return True
+        alive, exited = values[1 : 1 + len(sample)], values[1 + len(sample) :]
+        return all(a is None or e is not None for a, e in zip(alive, exited, strict=True))
 
     def outcome(self, n: int, members: list[str], found: dict[str, str]) -> str | None:
         """For a node outside round ``n`` (``members``), from the job's keys ``found``:

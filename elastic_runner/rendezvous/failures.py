@@ -20,7 +20,7 @@ from typing import Protocol
 
 from elastic_runner.rendezvous.api import RendezvousError, RendezvousGracefulExitError
 from elastic_runner.rendezvous.host import ProtocolHost
-from elastic_runner.rendezvous.records import RoundSummary, failure_time
+from elastic_runner.rendezvous.records import OUTSIDE_BELL, RoundSummary, failure_time
 from elastic_runner.rendezvous.store import StoreError, StoreTimeoutError
 from elastic_runner.rendezvous.watching import watch_timeout
 
@@ -71,7 +71,8 @@ class Failures:
         """Tell every node the job failed for good (this node used up the restarts)."""
         h = self._h
         try:
-            h._store.compare_set(h._p + "failed", None, f"{h.node_id}: {reason}")
+            if h._store.compare_set(h._p + "failed", None, f"{h.node_id}: {reason}")[0]:
+                h._store.set(h._p + OUTSIDE_BELL, "failed")  # the nodes outside the round
             h._ring(h._round)
         except StoreError as exc:
             log.warning("could not tell the other nodes the job failed: %s", exc)

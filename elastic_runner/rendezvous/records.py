@@ -12,6 +12,7 @@ from typing import Any
 from elastic_runner.rendezvous.store import StoreError
 
 __all__ = [
+    "OUTSIDE_BELL",
     "CorruptKey",
     "RoundSummary",
     "count_of",
@@ -23,6 +24,11 @@ __all__ = [
     "round_of",
     "seat_of",
 ]
+
+
+#: The key (under the job's prefix) rung when the job fails or finishes: nodes outside
+#: the round wait on the keys under ``round``, this one among them.
+OUTSIDE_BELL = "round/bell"
 
 
 class CorruptKey(StoreError):
