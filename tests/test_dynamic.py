@@ -799,6 +799,20 @@ def test_a_re_form_costs_each_watcher_a_few_waits(tcp_jobs: Callable[..., _TCPJo
     assert waits <= 4 * n, waits
 
 
+def test_a_node_opens_two_connections_to_the_store(tcp_jobs: Callable[..., _TCPJob]) -> None:
+    # A connection per thread (requests, heartbeat, watcher) made three, the watchers'
+    # all opened when the round completed: 4,096 of them kept the store's hellos 10 s late.
+    n = 8
+    job = tcp_jobs(n, n, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    handlers = [job.node() for _ in range(n)]
+    assert {i.round for i in job.join(handlers)} == {0}
+    _until(lambda: all(h._watching_round == 0 for h in handlers))
+    time.sleep(0.5)  # heartbeats go on beside the watchers' waits
+    hellos = job.server.requests["hello"]
+    print(f"{hellos} connections for {n} nodes")
+    assert hellos <= 2 * n, hellos
+
+
 def test_the_lead_passes_on_when_the_leader_dies(tcp_jobs: Callable[..., _TCPJob]) -> None:
     # 2..4 nodes: the round completes at the leader's last call, not when it is full
     job = tcp_jobs(2, 4, heartbeat_interval=0.1, heartbeat_timeout=0.6, last_call_timeout=0.2)

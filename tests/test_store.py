@@ -445,6 +445,62 @@ def test_idle_connections_are_closed_and_clients_reconnect_unnoticed() -> None:
         server.close()
 
 
+def test_a_hello_and_requests_sent_with_the_connection_are_answered_in_order() -> None:
+    # A right hello already there when the connection is accepted is answered at once;
+    # what follows it is the connection's to read as usual.
+    server = _limited()
+    try:
+        for extra in (0, 1, 3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                frames = [_frame({"id": 0, "op": "hello", "token": "right"})]
+                frames += [
+                    _frame({"id": i + 1, "op": "set", "args": {"key": f"k{i}", "value": "v"}})
+                    for i in range(extra)
+                ]
+                s.sendall(b"".join(frames))
+                answers = [_answer(s) for _ in range(1 + extra)]
+                assert [a["id"] for a in answers] == list(range(1 + extra))
+                assert all(a["ok"] for a in answers)
+        assert server.store.get("k2") == "v"
+        with _raw(server, token=None) as s:  # a wrong token is refused as before
+            s.sendall(_frame({"id": 0, "op": "hello", "token": "wrong"}))
+            assert not _answer(s)["ok"]
+        assert server.refused["wrong token"] == 1
+    finally:
+        server.close()
+
+
+def test_a_connection_serves_any_thread_one_request_at_a_time(server: TCPStoreServer) -> None:
+    client = TCPStoreClient("127.0.0.1", server.port, token="right")
+    try:
+        client.set("k", "1")
+        for _ in range(3):  # threads one after another: the connection the first opened
+            t = threading.Thread(target=client.get, args=("k",))
+            t.start()
+            t.join(5)
+        assert server.requests["hello"] == 1
+        version = client.scan("k")[1]
+        waiting = threading.Thread(target=client.wait_for_change, args=("w/", version, 5.0))
+        waiting.start()
+        time.sleep(0.2)  # the wait holds its connection: another request opens one
+        assert client.get("k") == "1" and waiting.is_alive()
+        assert server.requests["hello"] == 2
+        client.set("w/x", "1")  # ends the wait; its connection is free again
+        waiting.join(5)
+        threads = [threading.Thread(target=client.get, args=("k",)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert server.requests["hello"] <= 3 and server.connections <= 3
+    finally:
+        client.close()
+    deadline = time.monotonic() + 5
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.connections == 0
+
+
 def test_a_client_replaces_a_connection_idle_for_half_the_idle_timeout(
     server: TCPStoreServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -260,8 +260,8 @@ def _host_store(
 
 
 def _check_capacity(server: TCPStoreServer, max_nodes: int) -> None:
-    """Warn when the store cannot take the connections of ``max_nodes`` nodes (three
-    each) under this process's open-file limit."""
+    """Warn when the store cannot take the connections of ``max_nodes`` nodes (two
+    each, three at moments) under this process's open-file limit."""
     needed = 3 * max_nodes + 8
     if server.limits.max_connections < needed:
         log.warning(

@@ -82,8 +82,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Most connections the store serves at once (a node uses three: its main thread, its
-#: heartbeat and its watcher), unless the open-file limit asks for fewer.
+#: Most connections the store serves at once (a node uses two: one for a wait, its own
+#: or its watcher's, and one for its heartbeat; three at moments), unless the open-file
+#: limit asks for fewer.
 MAX_CONNECTIONS = 4096
 #: Most connections at once that have not said ``hello`` yet.
 MAX_UNAUTHENTICATED = 64
@@ -105,8 +106,9 @@ class StoreLimits:
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     #: Seconds from connecting (TLS handshake included) to a complete ``hello``.
     hello_timeout: float = 5.0
-    #: Seconds a connection has to say ``hello`` before it may make room for another.
-    hello_grace: float = 0.5
+    #: Seconds a connection has to say ``hello`` before it may make room for another (an
+    #: agent starved of CPU may take a second between connecting and saying it).
+    hello_grace: float = 2.0
     #: Seconds a frame, once its first byte arrived, has to arrive whole; and an answer
     #: to be taken by the client.
     read_timeout: float = 15.0
@@ -332,8 +334,10 @@ class TCPStoreServer:
 
     def _on_acceptable(self) -> None:
         """The listener has connections waiting: take them (a batch at most, so that the
-        connections already in get their turn)."""
-        for _ in range(128):
+        connections already in get their turn; a swamped loop's turns come seconds
+        apart, and 128 a turn kept thousands of agents connecting at once in the
+        kernel's queue)."""
+        for _ in range(512):
             if not self._room_for_one():
                 return
             try:
@@ -442,8 +446,48 @@ class TCPStoreServer:
             return
         conn = _Conn(sock, peer, self._loop.time())
         self._conns.add(conn)
-        self._unauthenticated[conn] = None
+        if not self._hello_at_once(conn):
+            self._unauthenticated[conn] = None
         conn.task = self._loop.create_task(self._serve(conn))
+
+    def _hello_at_once(self, conn: _Conn) -> bool:
+        """Answer a right hello that came with the connection (plain TCP), here as it is
+        accepted: through the loop, it took four of its turns (the task, the transport,
+        the read, the answer), and a swamped store's turns last seconds (4,096 agents
+        connecting at once: hellos answered after over 10 s, heartbeats lost). Anything
+        else (no whole frame yet, not a hello, a wrong token, TLS) is left to
+        :meth:`_serve`, which reads it as usual: only a right hello is taken here."""
+        if self._ssl is not None:
+            return False
+        sock, limit = conn.sock, HEADER.size + self.limits.max_hello
+        try:
+            data = sock.recv(limit, socket.MSG_PEEK)
+            if len(data) < HEADER.size:
+                return False
+            (size,) = HEADER.unpack_from(data)
+            frame = HEADER.size + size
+            if size > self.limits.max_hello or len(data) < frame:
+                return False
+            message = decode(data[HEADER.size : frame])
+            token = message.get("token", "")
+            if (
+                message.get("op") != "hello"
+                or not isinstance(token, str)
+                or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token)
+            ):
+                return False
+            answer = encode({"id": _request_id(message.get("id")), "ok": True, "result": None})
+            sock.recv(frame)  # taken: the connection's reader starts after it
+            if sock.send(answer) != len(answer):  # (a new socket's buffer takes it whole)
+                sock.close()  # never seen; the task finds it closed and forgets it
+                return True
+        except (OSError, BadFrame):
+            return False
+        conn.authenticated = True
+        self.requests["hello"] += 1
+        self.bytes_in += frame
+        self.bytes_out += len(answer)
+        return True
 
     def _forget(self, conn: _Conn) -> None:
         self._conns.discard(conn)

@@ -46,8 +46,12 @@ class TCPStoreClient:
     """A :class:`~elastic_runner.rendezvous.store.Store` on a
     :class:`~elastic_runner.rendezvous.tcp_server.TCPStoreServer`.
 
-    Thread-safe: each thread gets its own connection, so a watcher blocked in
-    :meth:`wait_for_change` never holds up another thread's requests.
+    Thread-safe: a connection serves one request at a time, taken from those idle (for
+    any thread) or opened, so a watcher blocked in :meth:`wait_for_change` never holds
+    up another thread's requests, and a node opens as many connections as it has
+    requests at once (two: a wait and a heartbeat), not one per thread: its watcher
+    starting when a round completes takes the connection the round was formed on,
+    where 4,096 watchers connecting at once kept the store's hellos 10 s late.
 
     Once the store was reached, losing it is told apart by how reconnecting fails, for
     ``reconnect_timeout`` counted from the first loss (whichever thread saw it): refused
@@ -112,7 +116,10 @@ class TCPStoreClient:
         self._request_timeout = request_timeout
         self._local = threading.local()
         self._ids = 0
+        #: Every open connection, and those not in a request now (with when each was
+        #: last used): a connection serves one request at a time, for any thread.
         self._all: list[socket.socket] = []
+        self._idle: list[tuple[socket.socket, float]] = []
         #: Set by ``close``: no connection is opened after it (a thread still in a wait
         #: would otherwise reconnect, and that socket outlived the client).
         self._closed = False
@@ -121,16 +128,23 @@ class TCPStoreClient:
     @property
     def local_address(self) -> str:
         """This machine's address on the interface that reaches the store."""
-        return str(self._conn().getsockname()[0])
+        sock = self._conn()
+        try:
+            return str(sock.getsockname()[0])
+        finally:
+            self._release(sock)
 
     def _conn(self) -> socket.socket:
         if self._closed:
             raise StoreError(f"the client of the rendezvous store at {self.address} is closed")
-        sock: socket.socket | None = getattr(self._local, "sock", None)
-        if sock is not None:
-            if not self._stale(sock):
-                return sock
-            self._drop(sock)
+        while True:  # an idle connection, the last used first
+            with self._lock:
+                idle = self._idle.pop() if self._idle else None
+            if idle is None:
+                break
+            if not self._stale(*idle):
+                return idle[0]
+            self._drop(idle[0])
         patience = self._reconnect_timeout if self._connected_once else self._connect_timeout
         start = time.monotonic()
         if not self._connected_once:
@@ -190,7 +204,7 @@ class TCPStoreClient:
             # no longer than the patience left: a node that gives up at its join timeout
             # should not wait a whole hello timeout past it
             left = max(0.2, deadline - time.monotonic())
-            self._request(sock, "hello", hello_within=left, token=self._token)
+            self._request(sock, "hello", hello_within=left, pooled=False, token=self._token)
         except _HelloUnanswered:
             self._drop(sock)
             raise
@@ -210,7 +224,6 @@ class TCPStoreClient:
             self._drop(sock)
             raise
         self._local.shed = 0
-        self._local.sock = sock
         self._connected_once = True
         with self._lock:
             self._lost_since = None
@@ -251,18 +264,23 @@ class TCPStoreClient:
                 f"cannot reach the rendezvous store at {self.address}: {exc}"
             ) from None
 
-    def _stale(self, sock: socket.socket) -> bool:
-        """Whether this thread's connection must be replaced before its next request:
-        idle long enough that the server may be closing it, or already closed by it
-        (readable before a request was sent: its end of stream, or a parting word)."""
-        if time.monotonic() - getattr(self._local, "used", 0.0) > IDLE_TIMEOUT / 2:
+    def _stale(self, sock: socket.socket, used: float) -> bool:
+        """Whether an idle connection, last used at ``used``, must be replaced before its
+        next request: idle long enough that the server may be closing it, or already
+        closed by it (readable before a request was sent: its end of stream, or a
+        parting word)."""
+        if time.monotonic() - used > IDLE_TIMEOUT / 2:
             return True
         return readable(sock)
 
+    def _release(self, sock: socket.socket) -> None:
+        """A connection whose request got its answer is idle again, for any thread."""
+        with self._lock:
+            if not self._closed and sock in self._all:
+                self._idle.append((sock, time.monotonic()))
+
     def _drop(self, sock: socket.socket) -> None:
-        """Forget and close a connection of this thread."""
-        if getattr(self._local, "sock", None) is sock:
-            self._local.sock = None
+        """Forget and close a connection."""
         with self._lock:
             if sock in self._all:
                 self._all.remove(sock)
@@ -293,8 +311,11 @@ class TCPStoreClient:
         op: str,
         wait_s: float | None = None,
         hello_within: float | None = None,
+        pooled: bool = True,
         **args: Any,
     ) -> Any:
+        """Send one request on ``sock`` and read its answer; the connection is then idle
+        again (``pooled``) or dropped when it failed."""
         with self._lock:
             self._ids += 1
             rid = self._ids
@@ -307,7 +328,13 @@ class TCPStoreClient:
             payload["args"] = args
             sock.settimeout((wait_s or 0) + self._request_timeout)
         try:
-            sock.sendall(encode(payload))
+            frame = encode(payload)
+        except BaseException:  # arguments JSON cannot carry: nothing was sent
+            if pooled:
+                self._release(sock)
+            raise
+        try:
+            sock.sendall(frame)
             if op == "hello":
                 self._await_hello(sock, limit)
             answer = read_frame(sock)
@@ -331,7 +358,11 @@ class TCPStoreClient:
             raise StoreUnavailableError(
                 f"lost the rendezvous store at {self.address}: {exc}{hint}"
             ) from None
-        self._local.used = time.monotonic()
+        except BaseException:  # interrupted mid-request: what it reads next is unknown
+            self._drop(sock)
+            raise
+        if pooled:
+            self._release(sock)
         if not answer.get("ok"):
             error = str(answer.get("error"))[:1000]
             if answer.get("timeout"):
@@ -414,6 +445,7 @@ class TCPStoreClient:
                 with contextlib.suppress(OSError):
                     sock.close()
             self._all.clear()
+            self._idle.clear()
 
 
 def _as_list(keys: Sequence[str]) -> Any:
