@@ -550,11 +550,13 @@ class ElasticAgent:
     def _stop_by_signal(self, signum: int) -> RunResult:
         name = signal.Signals(signum).name
         sent = signum if signum in self._forward_signals else signal.SIGTERM
-        self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
-        # before passing the signal on: did the workers get it from outside too?
+        # Before passing the signal on: did the workers get it from outside too? Asked
+        # before leaving: a leave may wait a second for a store whose host got the signal
+        # too and left, and the workers' ends seen after it would look the agent's own.
         self._witness.await_answer(
             self._launcher.wait, self._clock, self._has_running_workers, self._record_exit
         )
+        self._rdzv.leave(f"stopped by {name}")  # the others stop waiting for this node now
         outside = self._witness.from_outside(signum)
         preempted = signum in self._preempt
         why = stop_reason(name, outside=outside, preempted=preempted)

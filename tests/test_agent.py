@@ -79,6 +79,7 @@ def make_agent(
     max_restarts: int = 0,
     policy: RestartPolicy | None = None,
     forward_signals: frozenset[int] = frozenset(),
+    stop_signals: frozenset[int] = frozenset(),
     lifecycle: Lifecycle | None = None,
     monitor: ResourceMonitor | None = None,
     memory_limit: int | None = None,
@@ -116,6 +117,7 @@ def make_agent(
         metrics=NoMetrics(),
         base_env={},
         forward_signals=forward_signals,
+        stop_signals=stop_signals,
         restart_policy=policy,
         crash_loop=crash_loop,
         checks_retry=checks_retry,
@@ -284,6 +286,35 @@ def test_stop_signal_forwards_it_and_exits_128_plus_n(
     assert result.exit_code == 128 + signum
     assert result.failures == []
     assert [e.returncode for e in result.exits] == [-sent, -sent]
+
+
+def test_a_signal_every_process_got_is_from_outside_though_the_store_answers_late(
+    tmp_path: Path,
+) -> None:
+    # Slurm's scancel: the agent and its workers get SIGTERM together; the store's host got
+    # it too and is gone, so telling the others this node left waits out its 1 s.
+    class LateStore(FakeRendezvous):
+        def leave(self, reason: str) -> None:
+            rig.clock.advance(1.0)
+            super().leave(reason)
+
+    term = signal.SIGTERM
+    rig = make_agent(
+        tmp_path,
+        [[ExitAt(0, -term, 5.01), ExitAt(1, -term, 5.02)]],
+        forward_signals=frozenset({term}),
+        stop_signals=frozenset({term}),
+        rdzv=LateStore(),
+    )
+    rig.launcher.at(5.0, lambda: rig.agent.request_stop(term))
+    result = rig.run()
+    assert result.from_outside
+    assert (
+        result.ended_because
+        == "stopped by SIGTERM from outside (the scheduler signalled every process)"
+    )
+    assert rig.launcher.stops[0] == 0  # not sent again: it could cut a checkpoint short
+    assert rig.rdzv.left_with == "stopped by SIGTERM"
 
 
 def test_ranks_and_master_come_from_the_round(tmp_path: Path) -> None:
