@@ -5,6 +5,7 @@ frame sizes, time limits, connection caps, bad requests, running out of descript
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import json
@@ -468,6 +469,26 @@ def test_a_hello_and_requests_sent_with_the_connection_are_answered_in_order() -
         assert server.refused["wrong token"] == 1
     finally:
         server.close()
+
+
+def test_waits_are_woken_once_however_many_changes_come_first(server: TCPStoreServer) -> None:
+    # The 4,096 join keys of a round going, while 4,096 watchers waited on their prefix,
+    # woke each wait at each change: N² wake-ups in one turn of the store's loop.
+    woken: list[int] = []
+
+    class Counted(asyncio.Event):
+        def set(self) -> None:
+            woken.append(1)
+            super().set()
+
+    async def burst() -> None:
+        server._waiters["w/"] = {Counted() for _ in range(100)}
+        for i in range(100):  # before any woken wait's task runs
+            server._changed(f"w/{i}")
+
+    asyncio.run_coroutine_threadsafe(burst(), server._loop).result(5)
+    assert len(woken) == 100, len(woken)
+    assert "w/" not in server._waiters
 
 
 def test_a_connection_serves_any_thread_one_request_at_a_time(server: TCPStoreServer) -> None:
