@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import sys
@@ -289,6 +290,8 @@ class Host:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
+    # the participants' warnings, timed (the bench keeps this log per client process)
+    logging.basicConfig(format="%(asctime)s %(threadName)s %(message)s", level=logging.WARNING)
     threading.stack_size(512 << 10)  # thousands of threads: keep their address space small
     host = Host(cfg)
     out = sys.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from typing import Any
 
 
@@ -57,6 +58,22 @@ def serve_tcp(profile: str | None) -> None:
         server._loop.call_soon_threadsafe(enable)
         started.wait(5)
     _reply({"port": server.port, "max_connections": limits.max_connections})
+    # How late the server's loop runs a callback (sampled every 0.2 s from this thread):
+    # a request waits about that long before it is read. Worst since the last stats.
+    lag = [0.0]
+
+    def sample() -> None:
+        while True:
+            ran = threading.Event()
+            asked = time.monotonic()
+            server._loop.call_soon_threadsafe(ran.set)
+            if not ran.wait(60):
+                lag[0] = max(lag[0], 60.0)
+                continue
+            lag[0] = max(lag[0], time.monotonic() - asked)
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "stats":
@@ -77,8 +94,10 @@ def serve_tcp(profile: str | None) -> None:
                     "bytes_out": server.bytes_out,
                     "connections": server.connections,
                     "refused": refused,
+                    "loop_lag_s": lag[0],
                 }
             )
+            lag[0] = 0.0
         elif cmd == "profile" and prof is not None and profile:
             done = threading.Event()
             text = io.StringIO()

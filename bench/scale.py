@@ -16,7 +16,12 @@ For each backend and each N (default 64, 128, ..., 8,192; ``--sizes``):
   ephemeral-port exhaustion; ``etcd``/``redis``: to one of the 8 addresses the server
   listens on), all calling ``next_round`` at one wall-clock time, with min = max = N,
   ``last_call_timeout`` 0 (torch: 1 ms, the least it takes), heartbeat every
-  ``--heartbeat-interval`` s (2) and a heartbeat timeout of 3 intervals.
+  ``--heartbeat-interval`` s (2) and a heartbeat timeout of 3 intervals;
+* as root, the store's process runs at niceness -20 and the client processes at 19:
+  their thousands of threads stand in for thousands of machines, and without it they
+  starved the store's thread (a tenth of a core for it, its answers up to 12 s late at
+  4,096 nodes) where on a cluster the store's host has its own CPU. The header says
+  whether it applied.
 
 Per N it reports: the time from the common start to each participant having the round
 (p50, p99, max over participants: the round is complete for all at max); the store's
@@ -140,6 +145,14 @@ def listen_overflows() -> int:
 
 # -- processes --------------------------------------------------------------------------
 
+#: Niceness of the store's process and of the participants' (as root; 0 otherwise). The
+#: participants stand in for thousands of machines: on 2 cores their thousands of threads,
+#: most of them runnable while they wait for their process's GIL, left the store's one
+#: thread about a tenth of a core at 4,096 nodes (its loop answered up to 12 s late, and
+#: heartbeats expired), where a store's host has its own CPU on a cluster.
+ROOT = os.geteuid() == 0
+STORE_NICE, CLIENT_NICE = (-20, 19) if ROOT else (0, 0)
+
 
 class Proc:
     """A child in its own session whose stdout lines are JSON answers (read by a thread)."""
@@ -151,11 +164,13 @@ class Proc:
         *,
         lines: bool = True,
         env: dict[str, str] | None = None,
+        nice: int = 0,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115  (closed in kill)
         self.proc = subprocess.Popen(
-            argv,
+            # (its threads inherit the niceness: on Linux it is each thread's own)
+            (["nice", "-n", str(nice)] if nice else []) + argv,
             stdin=subprocess.PIPE if lines else subprocess.DEVNULL,
             stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
             stderr=self._log,
@@ -276,7 +291,7 @@ class TcpStore(Store):
     def __init__(self, tmp: Path, profile: str | None) -> None:
         super().__init__(tmp)
         argv = [sys.executable, str(STORE), "tcp", profile or "-", str(tmp)]
-        self.proc = Proc(argv, tmp / "store.log")
+        self.proc = Proc(argv, tmp / "store.log", nice=STORE_NICE)
         first = self.proc.answer(60)
         self.port = int(first["port"])
         self.max_connections = int(first["max_connections"])
@@ -285,6 +300,10 @@ class TcpStore(Store):
         assert self.proc is not None
         s = self.proc.ask("stats", 60)
         self.by_op = {str(k): int(v) for k, v in s["by_op"].items()}
+        # connections the store closed or refused, by reason, beside the requests
+        self.by_op.update({f"refused ({k})": int(v) for k, v in s.get("refused", {}).items()})
+        if "loop_lag_s" in s:  # its worst since the last reading, in ms
+            self.by_op["loop lag ms (max)"] = int(1000 * float(s["loop_lag_s"]))
         return int(s["requests"]), int(s["bytes_in"]), int(s["bytes_out"])
 
     def profile(self) -> None:
@@ -297,7 +316,9 @@ class TorchStore(Store):
 
     def __init__(self, tmp: Path, python: str) -> None:
         super().__init__(tmp)
-        self.proc = Proc([python, str(STORE), "torch", "-", str(tmp)], tmp / "store.log")
+        self.proc = Proc(
+            [python, str(STORE), "torch", "-", str(tmp)], tmp / "store.log", nice=STORE_NICE
+        )
         self.port = int(self.proc.answer(120)["port"])
 
     def counters(self) -> tuple[int | None, int, int]:
@@ -325,7 +346,7 @@ class EtcdStore(Store):
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"bench={peer}", "--log-level", "error",
         ]  # fmt: skip
-        self.proc = Proc(argv, tmp / "store.log", lines=False)
+        self.proc = Proc(argv, tmp / "store.log", lines=False, nice=STORE_NICE)
         self._url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
@@ -381,7 +402,7 @@ class RedisStore(Store):
         argv = [exe, "--port", str(self.port), "--bind", binds, "--save", "",
                 "--appendonly", "no", "--dir", str(tmp), "--maxclients", str(soft - 64),
                 "--tcp-backlog", "4096"]  # fmt: skip
-        self.proc = Proc(argv, tmp / "store.log", lines=False)
+        self.proc = Proc(argv, tmp / "store.log", lines=False, nice=STORE_NICE)
         self._redis = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
         deadline = time.monotonic() + 30
         while True:
@@ -539,7 +560,7 @@ class Size:
             cfg = dict(base, first_index=first, count=count)
             first += count + k  # room for the +1% participants of this client
             argv = [python, str(CLIENT), json.dumps(cfg)]
-            self.clients.append(Proc(argv, self.tmp / f"client{i}.log", env=env))
+            self.clients.append(Proc(argv, self.tmp / f"client{i}.log", env=env, nice=CLIENT_NICE))
         for c in self.clients:
             c.answer(120 + n / 20)
         log(f"{self.backend} N={n}: store pid {store.pid}, {k_clients} clients ready")
@@ -597,6 +618,11 @@ class Size:
             log(f"{self.backend} N={n}: -{k} re-formed in {row.reform_minus:.2f} s")
         except TimeoutError as exc:
             row.note = str(exc)
+            # what the phase that did not complete cost, up to now
+            if row.reform_plus is None:
+                row.plus_by_op = _ops(s0, store.stats())
+            elif row.reform_minus is None:
+                row.minus_by_op = _ops(s0, store.stats())
 
         end = store.stats()
         row.store_cpu_s = end.cpu_s  # a fresh store per size: its whole life
@@ -644,11 +670,12 @@ def _bytes(before: StoreStats, after: StoreStats) -> int:
 
 
 def _ops(before: StoreStats, after: StoreStats) -> dict[str, int]:
-    """Requests by operation between two snapshots (tcp)."""
+    """Requests by operation between two snapshots (tcp); the loop's lag is the worst
+    between them, as read at ``after``."""
     return {
-        op: count - before.by_op.get(op, 0)
+        op: count if op.startswith("loop lag") else count - before.by_op.get(op, 0)
         for op, count in sorted(after.by_op.items())
-        if count > before.by_op.get(op, 0)
+        if op.startswith("loop lag") or count > before.by_op.get(op, 0)
     }
 
 
@@ -735,9 +762,14 @@ def table(backend: str, rows: list[Row]) -> list[str]:
             ("-1%", r.minus_by_op, r.minus_bytes),
         ):
             if ops:
-                top = sorted(ops.items(), key=lambda kv: -kv[1])[:4]
+                lag = ops.get("loop lag ms (max)")
+                counts = {op: c for op, c in ops.items() if not op.startswith("loop lag")}
+                top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
                 listed = ", ".join(f"{op} {count}" for op, count in top)
-                out.append(f"  N={r.n} {what}: {_f(size, '.2f', 2**20)} MiB; requests {listed}")
+                out.append(
+                    f"  N={r.n} {what}: {_f(size, '.2f', 2**20)} MiB; requests {listed}"
+                    + ("" if lag is None else f"; store loop lag up to {lag} ms")
+                )
     for attr, what in (("round_bytes", "bytes/round"), ("period_bytes", "bytes/period"),
                        ("round_max", "round time")):  # fmt: skip
         s = slope(rows, attr)
@@ -932,7 +964,8 @@ def main() -> int:
         print(
             f"rendezvous scale: heartbeat {args.heartbeat_interval:g} s (timeout "
             f"{3 * args.heartbeat_interval:g} s), {args.periods} periods, budget "
-            f"{args.budget:g} s/size, {os.cpu_count()} cores; load average at the end "
+            f"{args.budget:g} s/size, {os.cpu_count()} cores, niceness store "
+            f"{STORE_NICE} / participants {CLIENT_NICE}; load average at the end "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         print(
