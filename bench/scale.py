@@ -16,12 +16,7 @@ For each backend and each N (default 64, 128, ..., 8,192; ``--sizes``):
   ephemeral-port exhaustion; ``etcd``/``redis``: to one of the 8 addresses the server
   listens on), all calling ``next_round`` at one wall-clock time, with min = max = N,
   ``last_call_timeout`` 0 (torch: 1 ms, the least it takes), heartbeat every
-  ``--heartbeat-interval`` s (2) and a heartbeat timeout of 3 intervals;
-* as root, the store's process runs at niceness -20 and the client processes at 19:
-  their thousands of threads stand in for thousands of machines, and without it they
-  starved the store's thread (a tenth of a core for it, its answers up to 12 s late at
-  4,096 nodes) where on a cluster the store's host has its own CPU. The header says
-  whether it applied.
+  ``--heartbeat-interval`` s (2) and a heartbeat timeout of 3 intervals.
 
 Per N it reports: the time from the common start to each participant having the round
 (p50, p99, max over participants: the round is complete for all at max); the store's
@@ -145,14 +140,6 @@ def listen_overflows() -> int:
 
 # -- processes --------------------------------------------------------------------------
 
-#: Niceness of the store's process and of the participants' (as root; 0 otherwise). The
-#: participants stand in for thousands of machines: on 2 cores their thousands of threads,
-#: most of them runnable while they wait for their process's GIL, left the store's one
-#: thread about a tenth of a core at 4,096 nodes (its loop answered up to 12 s late, and
-#: heartbeats expired), where a store's host has its own CPU on a cluster.
-ROOT = os.geteuid() == 0
-STORE_NICE, CLIENT_NICE = (-20, 19) if ROOT else (0, 0)
-
 
 class Proc:
     """A child in its own session whose stdout lines are JSON answers (read by a thread)."""
@@ -164,13 +151,11 @@ class Proc:
         *,
         lines: bool = True,
         env: dict[str, str] | None = None,
-        nice: int = 0,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115  (closed in kill)
         self.proc = subprocess.Popen(
-            # (its threads inherit the niceness: on Linux it is each thread's own)
-            (["nice", "-n", str(nice)] if nice else []) + argv,
+            argv,
             stdin=subprocess.PIPE if lines else subprocess.DEVNULL,
             stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
             stderr=self._log,
@@ -291,7 +276,7 @@ class TcpStore(Store):
     def __init__(self, tmp: Path, profile: str | None) -> None:
         super().__init__(tmp)
         argv = [sys.executable, str(STORE), "tcp", profile or "-", str(tmp)]
-        self.proc = Proc(argv, tmp / "store.log", nice=STORE_NICE)
+        self.proc = Proc(argv, tmp / "store.log")
         first = self.proc.answer(60)
         self.port = int(first["port"])
         self.max_connections = int(first["max_connections"])
@@ -316,9 +301,7 @@ class TorchStore(Store):
 
     def __init__(self, tmp: Path, python: str) -> None:
         super().__init__(tmp)
-        self.proc = Proc(
-            [python, str(STORE), "torch", "-", str(tmp)], tmp / "store.log", nice=STORE_NICE
-        )
+        self.proc = Proc([python, str(STORE), "torch", "-", str(tmp)], tmp / "store.log")
         self.port = int(self.proc.answer(120)["port"])
 
     def counters(self) -> tuple[int | None, int, int]:
@@ -346,7 +329,7 @@ class EtcdStore(Store):
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"bench={peer}", "--log-level", "error",
         ]  # fmt: skip
-        self.proc = Proc(argv, tmp / "store.log", lines=False, nice=STORE_NICE)
+        self.proc = Proc(argv, tmp / "store.log", lines=False)
         self._url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
@@ -402,7 +385,7 @@ class RedisStore(Store):
         argv = [exe, "--port", str(self.port), "--bind", binds, "--save", "",
                 "--appendonly", "no", "--dir", str(tmp), "--maxclients", str(soft - 64),
                 "--tcp-backlog", "4096"]  # fmt: skip
-        self.proc = Proc(argv, tmp / "store.log", lines=False, nice=STORE_NICE)
+        self.proc = Proc(argv, tmp / "store.log", lines=False)
         self._redis = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
         deadline = time.monotonic() + 30
         while True:
@@ -560,7 +543,7 @@ class Size:
             cfg = dict(base, first_index=first, count=count)
             first += count + k  # room for the +1% participants of this client
             argv = [python, str(CLIENT), json.dumps(cfg)]
-            self.clients.append(Proc(argv, self.tmp / f"client{i}.log", env=env, nice=CLIENT_NICE))
+            self.clients.append(Proc(argv, self.tmp / f"client{i}.log", env=env))
         for c in self.clients:
             c.answer(120 + n / 20)
         log(f"{self.backend} N={n}: store pid {store.pid}, {k_clients} clients ready")
@@ -964,8 +947,7 @@ def main() -> int:
         print(
             f"rendezvous scale: heartbeat {args.heartbeat_interval:g} s (timeout "
             f"{3 * args.heartbeat_interval:g} s), {args.periods} periods, budget "
-            f"{args.budget:g} s/size, {os.cpu_count()} cores, niceness store "
-            f"{STORE_NICE} / participants {CLIENT_NICE}; load average at the end "
+            f"{args.budget:g} s/size, {os.cpu_count()} cores; load average at the end "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         print(
