@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from elastic_runner.rendezvous import tcp_store
 from elastic_runner.rendezvous.store import (
@@ -995,6 +997,27 @@ def test_count_is_the_keys_under_a_prefix_and_expires_with_them() -> None:
     assert store.count("r0/join/") == 2
     store.delete_prefix("r0/")
     assert store.count("r0/") == 0 and store.count("r1/") == 1
+
+
+#: Characters at the ends of the order (the least, the greatest) and between.
+EDGES = "\x00ab\uffff" + chr(sys.maxunicode)
+
+
+@given(
+    keys=st.sets(st.text(alphabet=EDGES, max_size=4), max_size=30),
+    prefix=st.text(alphabet=EDGES, max_size=3),
+)
+def test_count_scan_and_delete_prefix_take_exactly_the_keys_under_a_prefix(
+    keys: set[str], prefix: str
+) -> None:
+    # (the keys under a prefix are found by two binary searches, not by walking them)
+    store = MemoryStore()
+    store.multi_set(dict.fromkeys(keys, "v"))
+    under = {k for k in keys if k.startswith(prefix)}
+    assert store.count(prefix) == len(under)
+    assert set(store.scan(prefix)[0]) == under
+    assert store.delete_prefix(prefix) == len(under)
+    assert set(store.scan("")[0]) == keys - under
 
 
 def test_count_over_tcp_is_one_small_request(server: TCPStoreServer) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -229,6 +230,14 @@ def count_keys(store: Store, prefix: str) -> int:
     return len(store.scan(prefix)[0])
 
 
+def _past(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (its last
+    character below the greatest one, plus one), or ``None`` when there is none: every
+    string starts with an empty prefix, or with one of the greatest characters only."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    return stem[:-1] + chr(ord(stem[-1]) + 1) if stem else None
+
+
 @dataclass
 class _Entry:
     value: str
@@ -290,13 +299,21 @@ class MemoryStore:
         keys = self._keys
         del keys[bisect.bisect_left(keys, key)]
 
+    def _span(self, prefix: str) -> tuple[int, int]:
+        """Where the keys under ``prefix`` lie in the sorted keys: two binary searches.
+        Walking them to find the end made counting a round's N join keys O(N) a count,
+        O(N²) a round: 3.6 million comparisons, a tenth of the store's time, for one
+        2,048-node round and its re-form (bench/scale.py --profile)."""
+        keys = self._keys
+        start = bisect.bisect_left(keys, prefix)
+        after = _past(prefix)
+        end = len(keys) if after is None else bisect.bisect_left(keys, after, start)
+        return start, end
+
     def _under(self, prefix: str) -> list[str]:
         """The keys under ``prefix``, sorted."""
-        keys = self._keys
-        start = end = bisect.bisect_left(keys, prefix)
-        while end < len(keys) and keys[end].startswith(prefix):
-            end += 1
-        return keys[start:end]
+        start, end = self._span(prefix)
+        return self._keys[start:end]
 
     def _bump(self, key: str) -> None:
         self._version += 1
@@ -434,7 +451,8 @@ class MemoryStore:
         prefix = check_key(prefix, "prefix")
         with self._cond:
             self._expire()
-            return len(self._under(prefix))
+            start, end = self._span(prefix)
+            return end - start
 
     def _changed_since(self, prefix: str, version: int) -> bool:
         versions = self._prefix_versions
