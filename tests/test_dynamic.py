@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from elastic_runner.rendezvous import dynamic, network
+from elastic_runner.rendezvous import dynamic, network, watching
 from elastic_runner.rendezvous.api import (
     NodeInfo,
     RendezvousError,
@@ -797,6 +797,46 @@ def test_a_re_form_costs_each_watcher_a_few_waits(tcp_jobs: Callable[..., _TCPJo
     waits = (job.server.requests - before)["wait_for_change"]
     print(f"{waits} waits for {n} nodes to re-form")
     assert waits <= 4 * n, waits
+
+
+def test_an_idle_watcher_sleeps_until_its_round_completes(
+    tcp_jobs: Callable[..., _TCPJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While its round re-forms, a watcher has nothing to watch. It looked at its
+    # handler every 50 ms: 2,068 of them (a benchmark's, in 4 processes) took both
+    # cores, the store answered 19 s late, and the round formed in no 60 s.
+    monkeypatch.setattr(watching, "IDLE_GUARD", 30.0)  # woken, or not at all
+    n = 4
+    job = tcp_jobs(n, n, heartbeat_interval=0.2, heartbeat_timeout=0.8)
+    handlers = [job.node() for _ in range(n)]
+    assert {i.round for i in job.join(handlers)} == {0}
+    _until(lambda: all(h._watching_round == 0 for h in handlers))
+    looks = dict.fromkeys(range(n), 0)
+
+    def counted(i: int) -> threading.Event:
+        class Counted(threading.Event):
+            def wait(self, timeout: float | None = None) -> bool:
+                looks[i] += 1
+                return super().wait(timeout)
+
+        return Counted()
+
+    for i, h in enumerate(handlers):
+        h._round_moved = counted(i)
+    first = [_Joining(h) for h in handlers[1:]]  # round 1 waits for the last node
+    job.joining += first
+    _until(lambda: all(h._watching_round is None for h in handlers))
+    time.sleep(0.6)
+    print(f"looks at the handler in 0.6 s idle: {looks}")
+    assert max(looks.values()) <= 3, looks  # polling: 12 each
+    last = _Joining(handlers[0])
+    job.joining.append(last)
+    infos = [j.join(20) for j in [last, *first]]
+    assert {i.round for i in infos} == {1}
+    t0 = time.monotonic()
+    _until(lambda: all(h._watching_round == 1 for h in handlers), timeout=5)
+    took = time.monotonic() - t0
+    assert took < 0.5, f"the watchers went back to watching {took:.2f} s after the round"
 
 
 def test_a_node_opens_two_connections_to_the_store(tcp_jobs: Callable[..., _TCPJob]) -> None:

@@ -174,6 +174,8 @@ class DynamicRendezvous:
         self._callback: Callable[[], None] | None = None
         #: Set when this node leaves (``leave``) or shuts down: waits and threads end.
         self._stop = threading.Event()
+        #: Set when this node's round completes or it stops: wakes its watcher if idle.
+        self._round_moved = threading.Event()
         self._closed = False
         #: Why this node left the job for good (``leave``), for the others' logs.
         self._left: str | None = None
@@ -241,6 +243,7 @@ class DynamicRendezvous:
             return
         self._left = reason
         self._stop.set()
+        self._round_moved.set()
         if self._lease_callback is not None:
             self._lease_callback(None)  # leaving: nothing to fence
         p, node = self._p, self.node_id
@@ -308,6 +311,7 @@ class DynamicRendezvous:
             return
         self._closed = True
         self._stop.set()
+        self._round_moved.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         # The watcher may be inside a long store wait: closing the store below ends it.
@@ -567,6 +571,7 @@ class DynamicRendezvous:
             last, self._leaving = self._watching_round, None
             self._round, self._summary = n, summary
             self._record, self._restarts_seen = record, restarts
+        self._round_moved.set()  # (after the round's state: the watcher reads it next)
         self._tell_lease()
         self._set_waiting(False)
         if last is not None and last != n:
