@@ -115,8 +115,11 @@ DEFAULT_SIZES = [64 << i for i in range(8)]  # 64 .. 8,192
 BACKENDS = ("tcp", "etcd", "redis", "torch")
 #: Loopback addresses etcd and redis listen on (clients spread over them).
 SPREAD = 8
-#: Connections a participant holds on the tcp store: main thread, heartbeat, watcher.
-CONNS_PER_PARTICIPANT = 3
+#: Connections a participant holds on the tcp store: its threads (main, heartbeat,
+#: watcher) share a pool of connections, two of them most of the time (a third for a
+#: moment when a request comes while both are in use; past the cap the store answers
+#: "busy" and the client tries again).
+CONNS_PER_PARTICIPANT = 2
 
 
 class RunError(RuntimeError):
