@@ -52,9 +52,11 @@ record = {
 }
 node = f"_g{os.environ['GROUP_RANK']}_w{os.environ['WORLD_SIZE']}" if args.until_world else ""
 path = os.path.join(args.out, f"a{restart}_r{rank}{node}.json")
-with open(path + ".tmp", "w") as f:
+# (a temporary file of this process's own: two jobs of a sweep may write the same record)
+temporary = f"{path}.{os.getpid()}.tmp"
+with open(temporary, "w") as f:
     json.dump(record, f)
-os.replace(path + ".tmp", path)
+os.replace(temporary, path)
 print(f"probe rank {rank} restart {restart}", flush=True)
 if args.wait_for_peers and chosen:  # act only once every rank of this attempt is up
     world = int(os.environ["WORLD_SIZE"])
