@@ -755,9 +755,14 @@ def test_a_round_costs_each_node_no_refresh_and_one_read_of_master_addr(
     print(per_node, f"{spent.total() / n:.1f} a node")
     assert spent["refresh"] == 0, spent
     # the round's keys before the announcement and after the wake, then MASTER_ADDR's
-    # (3.5 to 3.8 a node before: 18.0 requests a node in all, now 16.2 to 17.4)
+    # (3.5 to 3.8 a node before)
     assert spent["multi_get"] <= 3 * n + 2, per_node
-    assert spent.total() <= 18.5 * n, per_node
+    # 14.9 to 17.3 a node alone, 18.6 once in a loaded CI run: 16 nodes joining at once
+    # race on the round's state, and a lost compare_set costs a scan or a get and
+    # another try (1.2 to 3.1 of each a node); the rest is 10.3 to 10.4 a node
+    racing = spent["compare_set"] + spent["scan"] + spent["get"]
+    assert spent.total() - racing <= 11 * n, per_node
+    assert spent.total() <= 21 * n, per_node
 
 
 def test_a_running_round_reads_nothing_of_the_job(tcp_jobs: Callable[..., _TCPJob]) -> None:
