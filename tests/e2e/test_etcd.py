@@ -69,7 +69,8 @@ def test_scale_up_and_down_over_etcd(
     assert len(list(job.out.glob("*_w2.json"))) == 2
 
     job = _job(elastic_run, tmp_path / "down", etcd_server, "1:2")
-    agents = [job.start(nproc=1, probe=("--until-world", "1")) for _ in range(2)]
+    shrink = ("--until-world", "1", "--after-world", "2")
+    agents = [job.start(nproc=1, probe=shrink) for _ in range(2)]
     wait_for(lambda: len(list(job.out.glob("*_w2.json"))) == 2)
     t0 = time.monotonic()
     agents[0].kill()  # scale down 2 -> 1: its lease expires

@@ -160,11 +160,10 @@ def test_scale_up_regroups_without_spending_a_restart(
 def test_scale_down_survivors_reform_and_finish(elastic_run: ElasticRunner, tmp_path: Path) -> None:
     job = Job(elastic_run, tmp_path, "2:3")
     # the victim must not be the agent hosting the store (that case fails by design)
-    agents = [job.start("rdzv.is_host=true", nproc=1, probe=("--until-world", "2"))]
+    shrink = ("--until-world", "2", "--after-world", "3")
+    agents = [job.start("rdzv.is_host=true", nproc=1, probe=shrink)]
     wait_for(lambda: _listening(job.port))
-    agents += [
-        job.start("rdzv.is_host=false", nproc=1, probe=("--until-world", "2")) for _ in range(2)
-    ]
+    agents += [job.start("rdzv.is_host=false", nproc=1, probe=shrink) for _ in range(2)]
     wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3)
     victim = agents[1]
     t0 = time.monotonic()

@@ -94,9 +94,10 @@ def test_the_verdict_of_an_elastic_job_that_lost_a_node_is_success(
     elastic_run: ElasticRunner, tmp_path: Path
 ) -> None:
     job = Job(elastic_run, tmp_path / "job", "2:3")
-    agents = [job.start("rdzv.is_host=true", probe=("--until-world", "2"))]
+    shrink = ("--until-world", "2", "--after-world", "3")
+    agents = [job.start("rdzv.is_host=true", probe=shrink)]
     wait_for(lambda: _listening(job.port))
-    agents += [job.start("rdzv.is_host=false", probe=("--until-world", "2")) for _ in range(2)]
+    agents += [job.start("rdzv.is_host=false", probe=shrink) for _ in range(2)]
     wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3)
     victim = agents[1]
     victim.kill()

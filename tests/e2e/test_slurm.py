@@ -350,7 +350,7 @@ def test_an_elastic_job_that_loses_a_node_succeeds_by_its_verdict(
     fast += ["rdzv.last_call_timeout=0.5"]
     step = agents_step(
         tmp_path,
-        *probe_job(out, "--until-world", "2", nproc=1),
+        *probe_job(out, "--until-world", "2", "--after-world", "3", nproc=1),
         "nnodes=2:3",
         *fast,
         srun="--ntasks-per-node=1 --kill-on-bad-exit=0",

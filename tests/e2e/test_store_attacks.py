@@ -368,7 +368,7 @@ def test_more_idle_connections_than_the_cap_do_not_crash_the_host(job: Job) -> N
 
 def test_nan_times_and_corrupt_keys_are_refused_and_lost_nodes_still_noticed(job: Job) -> None:
     job.nnodes = "2:3"
-    probe = probe_job(job.out, "--until-world", "2")
+    probe = probe_job(job.out, "--until-world", "2", "--after-world", "3")
     agents = [job.start(job=probe)]
     agents += [job.start(job=probe) for _ in range(2)]
     wait_for(lambda: len(list(job.out.glob("*_w3.json"))) == 3, what="three nodes")

@@ -17,7 +17,7 @@ def test_killing_the_store_host_the_others_move_the_store_and_finish(
     elastic_run: ElasticRunner, tmp_path: Path
 ) -> None:
     job = Job(elastic_run, tmp_path, "2:3")
-    probe = ("--until-world", "2", "--sleep", "1")
+    probe = ("--until-world", "2", "--after-world", "3", "--sleep", "1")
     host = job.start("rdzv.is_host=true", probe=probe)
     wait_for(lambda: _listening(job.port))
     others = [job.start("rdzv.is_host=false", probe=probe) for _ in range(2)]

@@ -3,7 +3,8 @@
 Writes ``<out>/a<RESTART_COUNT>_r<RANK>.json`` (argv, env, pid, start time), then:
 ``--exit-code N --ranks R,..`` exits N on those ranks; ``--sigkill-on-restart K`` SIGKILLs
 itself when TORCHELASTIC_RESTART_COUNT == K (on ``--ranks``); ``--sleep S`` sleeps first
-(on every rank, or on the others when ``--sleep-others``).
+(on every rank, or on the others when ``--sleep-others``). ``--until-world W`` sleeps
+60 s unless ``WORLD_SIZE`` is W (and, with ``--after-world M``, a world of M ran before).
 """
 
 import argparse
@@ -25,6 +26,12 @@ p.add_argument("--stderr", default="")
 p.add_argument("--sleep-others", action="store_true", help="chosen ranks do not sleep")
 p.add_argument("--wait-for-peers", action="store_true")
 p.add_argument("--until-world", type=int, default=0, help="sleep unless WORLD_SIZE is this")
+p.add_argument(
+    "--after-world",
+    type=int,
+    default=0,
+    help="--until-world counts only once a world of this size ran (a record of it is in --out)",
+)
 p.add_argument("--on-term", action="store_true", help="record the stop signal, exit 0")
 args, rest = p.parse_known_args()
 
@@ -67,7 +74,12 @@ if args.stderr and chosen:
     print(args.stderr, file=sys.stderr, flush=True)
 if args.sigkill_on_restart == restart and chosen:
     os.kill(os.getpid(), signal.SIGKILL)
-if args.until_world and int(os.environ["WORLD_SIZE"]) != args.until_world:
+# A job that is to shrink may first form at the smaller size (its last node slow to
+# start): those workers wait too, or the job would end before it grew.
+grown = not args.after_world or any(
+    name.endswith(f"_w{args.after_world}.json") for name in os.listdir(args.out)
+)
+if args.until_world and (int(os.environ["WORLD_SIZE"]) != args.until_world or not grown):
     time.sleep(60)
 if args.sleep and not (args.sleep_others and chosen):
     time.sleep(args.sleep)
