@@ -230,9 +230,12 @@ class StoreSuite:
 
     def test_wait_returns_when_keys_exist(self, make_store: MakeStore) -> None:
         a, b = make_store(), make_store()
-        threading.Timer(0.1, lambda: b.multi_set({"k1": "1", "k2": "2"})).start()
+        writer = threading.Timer(0.1, lambda: b.multi_set({"k1": "1", "k2": "2"}))
+        writer.start()
         a.wait(["k1", "k2"], timeout=5)
         assert a.multi_get(["k1", "k2"]) == ["1", "2"]
+        # its answer may still be on the way: closing b under it failed the writer's thread
+        writer.join(5)
 
     def test_a_blocked_waiter_does_not_block_its_client(self, make_store: MakeStore) -> None:
         client = make_store()
