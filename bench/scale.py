@@ -11,12 +11,13 @@ For each backend and each N (default 64, 128, ..., 8,192; ``--sizes``):
   ``--torch-python``, with torch's ``DynamicRendezvousHandler`` + ``C10dRendezvousBackend``
   as participants (skipped when torch does not import there);
 * N participants are spread over K client processes (``--clients``; default 2 below
-  N = 1,024, else 4; ``bench/_scale_client.py``), one thread each, each with its own store
-  client as a real agent has (``tcp``: from its own source address 127.1.x.y, so no
-  ephemeral-port exhaustion; ``etcd``/``redis``: to one of the 8 addresses the server
-  listens on), all calling ``next_round`` at one wall-clock time, with min = max = N,
-  ``last_call_timeout`` 0 (torch: 1 ms, the least it takes), heartbeat every
-  ``--heartbeat-interval`` s (2) and a heartbeat timeout of 3 intervals.
+  N = 1,024, else 4, and on redis at most 128 a process; ``bench/_scale_client.py``),
+  one thread each, each with its own store client as a real agent has (``tcp``: from
+  its own source address 127.1.x.y, so no ephemeral-port exhaustion; ``etcd``/``redis``:
+  to one of the 8 addresses the server listens on), all calling ``next_round`` at one
+  wall-clock time, with min = max = N, ``last_call_timeout`` 0 (torch: 1 ms, the least
+  it takes), heartbeat every ``--heartbeat-interval`` s (2) and a heartbeat timeout of
+  3 intervals.
 
 Per N it reports: the time from the common start to each participant having the round
 (p50, p99, max over participants: the round is complete for all at max); the store's
@@ -113,6 +114,8 @@ STORE = BENCH_DIR / "_scale_store.py"
 DEFAULT_TORCH_PYTHON = Path("/tmp/torchvenv/bin/python")
 DEFAULT_SIZES = [64 << i for i in range(8)]  # 64 .. 8,192
 BACKENDS = ("tcp", "etcd", "redis", "torch")
+#: Most participants in one client process on redis (see ``Size.run``).
+PER_REDIS_CLIENT = 128
 #: Loopback addresses etcd and redis listen on (clients spread over them).
 SPREAD = 8
 #: Connections a participant holds on the tcp store: its threads (main, heartbeat,
@@ -515,6 +518,13 @@ class Size:
     def run(self) -> Row:
         row, n, args = self.row, self.n, self.args
         k_clients = args.clients or (2 if n < 1024 else 4)
+        if self.backend == "redis" and not args.clients:
+            # redis-py spends about 2 ms of CPU a request here: 256 participants in one
+            # process were bound by its interpreter, answered late, and each looked again
+            # (N=512 on 2 processes: 23 to 36 s, 44 to 53 requests a node, 26 to 53
+            # CPU-s in the clients; on 4: 7.3 s, 20 requests, 9.7 CPU-s). A real agent
+            # has a process of its own.
+            k_clients = max(k_clients, -(-n // PER_REDIS_CLIENT))
         row.clients = k_clients
         row.load1 = os.getloadavg()[0]
         row.k = k = max(1, round(n / 100))
