@@ -521,7 +521,7 @@ class Size:
         if self.backend == "redis" and not args.clients:
             # redis-py spends about 2 ms of CPU a request here: 256 participants in one
             # process were bound by its interpreter, answered late, and each looked again
-            # (N=512 on 2 processes: 23 to 36 s, 44 to 53 requests a node, 26 to 53
+            # (N=512 on 2 processes: 23 to 36 s, 36 to 53 requests a node, 26 to 53
             # CPU-s in the clients; on 4: 7.3 s, 20 requests, 9.7 CPU-s). A real agent
             # has a process of its own.
             k_clients = max(k_clients, -(-n // PER_REDIS_CLIENT))
