@@ -554,6 +554,21 @@ def test_connections_without_hello_are_capped_oldest_first() -> None:
         server.close()
 
 
+def test_a_connection_closed_for_the_cap_is_closed_however_soon() -> None:
+    # Closed as its serving task had just started (with hello_grace 0, at once): the
+    # socket was left open in 16 of 100 tries when the task opened its transport in a
+    # task of its own (asyncio.wait_for's), cancelled before that task ran.
+    for _ in range(50):
+        server = _limited(max_unauthenticated=4, hello_grace=0.0)
+        socks = [_raw(server, token=None) for _ in range(6)]
+        try:
+            assert _closed_within(socks[0], 3) and _closed_within(socks[1], 3)
+        finally:
+            for s in socks:
+                s.close()
+            server.close()
+
+
 def test_a_burst_of_agents_connecting_together_is_not_cut_short() -> None:
     # up to four times the cap while none of them had its grace to say hello; further,
     # the newcomers wait in the kernel's queue until the oldest's grace is over
