@@ -560,8 +560,9 @@ def test_a_connection_closed_for_the_cap_is_closed_however_soon() -> None:
     # task of its own (asyncio.wait_for's), cancelled before that task ran.
     for _ in range(50):
         server = _limited(max_unauthenticated=4, hello_grace=0.0)
-        socks = [_raw(server, token=None) for _ in range(6)]
+        socks: list[socket.socket] = []
         try:
+            socks += [_raw(server, token=None) for _ in range(6)]
             assert _closed_within(socks[0], 3) and _closed_within(socks[1], 3)
         finally:
             for s in socks:
