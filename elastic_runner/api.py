@@ -112,6 +112,7 @@ def launch(
     every worker is gone), :class:`LaunchError` when it cannot start.
     """
     from elastic_runner.run import run
+    from elastic_runner.signals import LateStops
 
     if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
         raise LaunchError("overrides: a list of strings such as ['job.nproc_per_node=2']")
@@ -139,18 +140,22 @@ def launch(
     except BaseException:
         _remove_if_empty(where)
         raise
-    try:
-        with _run_log(where):
-            result = run(valid, plugins, run_dir=where, base_env=base_env)
-    except ConfigError as exc:  # found while building (a busy health port ...)
-        from elastic_runner.config import describe_config_error
+    # a stop signal after the run's loop reaches the caller once result.json is written
+    with LateStops(deliver=True) as late_stops:
+        try:
+            with _run_log(where):
+                result = run(
+                    valid, plugins, run_dir=where, base_env=base_env, late_stops=late_stops
+                )
+        except ConfigError as exc:  # found while building (a busy health port ...)
+            from elastic_runner.config import describe_config_error
 
-        raise LaunchError(describe_config_error(exc)) from None
-    finally:
-        with contextlib.suppress(OSError):
-            (where / _PAYLOAD).unlink()
-    unreadable = _collect_returns(result, where)
-    _write_result(result, hydra_overrides, time.monotonic() - started)
+            raise LaunchError(describe_config_error(exc)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                (where / _PAYLOAD).unlink()
+        unreadable = _collect_returns(result, where)
+        _write_result(result, hydra_overrides, time.monotonic() - started)
     if unreadable:
         raise RuntimeError(unreadable)
     if raise_on_failure and result.exit_code != 0:

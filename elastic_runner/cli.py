@@ -60,6 +60,7 @@ from elastic_runner.resources import conf_dir, example_path
 from elastic_runner.run import run
 from elastic_runner.schedulers.slurm import SlurmError
 from elastic_runner.schedulers.slurm import command_line as slurm_command_line
+from elastic_runner.signals import LateStops
 from elastic_runner.sweep import PointResult
 from elastic_runner.torchrun.hints import misuse_hint
 from elastic_runner.workers.logs import guard_log_files
@@ -150,30 +151,33 @@ def _main(startup_gc: _StartupGC) -> None:
             print(f"elastic-run: error: {problem}", file=sys.stderr, flush=True)
             codes.append(EXIT_CONFIG_ERROR)  # and no result.json: it cannot be written
             return
-        try:
-            outcome = run_job(cfg, plugins, base_env, patch)
-        except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
-            message: str | None
-            if isinstance(exc, ConfigError):
-                message = describe_config_error(exc)
-                message = patch.describe(exc, message) if patch else message
-            else:
-                message = describe_hydra_error(exc, sys.argv[1:], plugins.broken)
-            print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
-            outcome = PointResult(
-                [],
-                EXIT_CONFIG_ERROR,
-                "CONFIG ERROR",
-                0.0,
-                hydra_cfg.runtime.output_dir,
-                error=message,
-            )
-        # unresolved (an override may hold "${...}"), secrets as ***
-        outcome.overrides = redact(OmegaConf.to_container(hydra_cfg.overrides.task))
-        outcome.seconds = round(time.monotonic() - started, 3)
-        outcome.num = OmegaConf.select(hydra_cfg, "job.num", default=None)  # type: ignore[arg-type]
-        outcome.write()  # whatever happened; a failure is one line, the exit code stays
-        codes.append(outcome.exit_code)
+        # a sweep stops on a signal held until the point's result is written
+        multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+        with LateStops(deliver=multirun) as late_stops:
+            try:
+                outcome = run_job(cfg, plugins, base_env, patch, late_stops)
+            except (ConfigError, OmegaConfBaseException) as exc:  # before any worker started
+                message: str | None
+                if isinstance(exc, ConfigError):
+                    message = describe_config_error(exc)
+                    message = patch.describe(exc, message) if patch else message
+                else:
+                    message = describe_hydra_error(exc, sys.argv[1:], plugins.broken)
+                print(f"elastic-run: error: {message}", file=sys.stderr, flush=True)
+                outcome = PointResult(
+                    [],
+                    EXIT_CONFIG_ERROR,
+                    "CONFIG ERROR",
+                    0.0,
+                    hydra_cfg.runtime.output_dir,
+                    error=message,
+                )
+            # unresolved (an override may hold "${...}"), secrets as ***
+            outcome.overrides = redact(OmegaConf.to_container(hydra_cfg.overrides.task))
+            outcome.seconds = round(time.monotonic() - started, 3)
+            outcome.num = OmegaConf.select(hydra_cfg, "job.num", default=None)  # type: ignore[arg-type]
+            outcome.write()  # whatever happened; a failure is one line, the exit code stays
+            codes.append(outcome.exit_code)
 
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     job_dirs: list[str] = []
@@ -218,9 +222,11 @@ def run_job(
     plugins: LoadedPlugins,
     base_env: Mapping[str, str],
     patch: ConfigPatch | None = None,
+    late_stops: LateStops | None = None,
 ) -> PointResult:
     """One whole elastic run from a config Hydra composed (and the values a torchrun
-    command line gives it); returns how it ended."""
+    command line gives it); returns how it ended. ``late_stops`` holds a stop signal that
+    comes after the run's loop."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -238,6 +244,7 @@ def run_job(
         run_dir=run_dir,
         base_env=base_env,
         shared_terminal=shared_terminal,
+        late_stops=late_stops,
     )
     return PointResult.of_run(result)
 

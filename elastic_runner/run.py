@@ -45,7 +45,7 @@ from elastic_runner.registry import ComponentKind, Registry
 from elastic_runner.rendezvous.api import RendezvousError, RendezvousHandler
 from elastic_runner.rendezvous.tcp import TOKEN_ENV
 from elastic_runner.report import format_report, write_nested_error_file
-from elastic_runner.signals import handle_signals
+from elastic_runner.signals import LateStops, handle_signals
 from elastic_runner.spec import RunContext, RunResult, WorkerExit, WorkerSpec, WorkerState
 from elastic_runner.timer.api import TimerServer
 from elastic_runner.timer.server import FileTimerServer, worker_trees
@@ -80,12 +80,14 @@ def run(
     run_dir: Path,
     base_env: Mapping[str, str],
     shared_terminal: bool = False,
+    late_stops: LateStops | None = None,
 ) -> RunResult:
     """Run the job on this node until it succeeds, fails for good or is stopped, then
     print its report on stderr and call the ``run_end`` hooks.
 
     ``base_env`` is the environment workers inherit; ``shared_terminal`` says other runs
-    print to the same terminal (points of a parallel sweep): no live table then. A bad
+    print to the same terminal (points of a parallel sweep): no live table then;
+    ``late_stops`` takes the stop signals over when the run's loop ends. A bad
     value found while building raises :class:`~elastic_runner.errors.ConfigError` after
     everything built so far is closed; a rendezvous that cannot complete ends the run as
     failed (``ended_because`` says why)."""
@@ -95,7 +97,7 @@ def run(
     run_id = conf.rdzv.id or uuid.uuid4().hex
     context = RunContext(run_id, run_dir, socket.gethostname(), valid.min_nodes, valid.max_nodes)
     with _checks_registered(plugins, valid):
-        return _run(valid, plugins, context, base_env, command, shared_terminal)
+        return _run(valid, plugins, context, base_env, command, shared_terminal, late_stops)
 
 
 @contextlib.contextmanager
@@ -121,10 +123,13 @@ def _run(
     base_env: Mapping[str, str],
     command: tuple[str, ...],
     shared_terminal: bool,
+    late_stops: LateStops | None,
 ) -> RunResult:
     conf, run_id, run_dir = valid.config, context.run_id, context.run_dir
     lifecycle = Lifecycle(plugins.pm, context)
-    assembly = _Assembly(valid, plugins.registry, context, lifecycle, base_env, shared_terminal)
+    assembly = _Assembly(
+        valid, plugins.registry, context, lifecycle, base_env, shared_terminal, late_stops
+    )
     try:
         with contextlib.ExitStack() as stack:
             spec, result = assembly.run(stack, command)
@@ -157,6 +162,8 @@ class _Assembly:
     lifecycle: Lifecycle
     base_env: Mapping[str, str]
     shared_terminal: bool
+    #: Takes the stop signals over when the loop ends (the report and result follow).
+    late_stops: LateStops | None = None
     #: Set once the agent exists (a failed rendezvous reports its attempts).
     agent: ElasticAgent | None = None
 
@@ -256,6 +263,7 @@ class _Assembly:
                     _STOP_SIGNALS - ignored,
                     ignored,
                     wakeup_fd=supervisor.wake_fd,
+                    then=self.late_stops,
                 )
             )
         if view is not None:

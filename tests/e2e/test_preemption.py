@@ -31,10 +31,13 @@ def _agent(
 
 
 def _fake_scontrol(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """``scontrol`` on PATH that logs its arguments to the returned file and, as Slurm does
+    on ``scontrol requeue``, SIGTERMs the job's processes (here: the agent that ran it)
+    before it returns."""
     calls = tmp_path / "scontrol.calls"
     exe = tmp_path / "bin" / "scontrol"
     exe.parent.mkdir()
-    exe.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -TERM $PPID\nsleep 0.2\n')
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{exe.parent}:{os.environ['PATH']}"}
     return env, calls
@@ -65,8 +68,10 @@ def test_a_preempted_run_exits_75_requeues_and_resumes_with_its_restarts(
     for proc in [*agent.children(recursive=True), agent]:  # as Slurm: every process
         proc.send_signal(signal.SIGUSR1)
     _, err = first.communicate(timeout=30)
+    # the requeue's SIGTERM came after the run: held until its result was written
     assert first.returncode == 75, err
     assert "elastic-run: preempted by SIGUSR1 from outside" in err
+    assert "elastic-run: SIGTERM after the run ended: writing its result first" in err, err
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["state"], result["exit_code"]) == ("PREEMPTED by SIGUSR1", 75)
     assert (result["attempts"], result["restarts"]) == (2, 1)

@@ -301,11 +301,14 @@ def test_preemption_checkpoints_requeues_and_resumes_with_the_restart_count(
     )
     assert {(1, r) for r in range(4)} <= set(probe_records(out)), slurm.output(job_id)
     slurm.scancel(job_id, "--signal=USR1")  # what sbatch --signal=USR1@N sends the step
-    wait_for(
-        lambda: all((tmp_path / f"node{n}" / "result.json").exists() for n in range(2)),
-        timeout=30,
-        what="both nodes' results",
-    )
+    try:  # node 0's requeue SIGTERMs both nodes' agents as they write their results
+        wait_for(
+            lambda: all((tmp_path / f"node{n}" / "result.json").exists() for n in range(2)),
+            timeout=30,
+            what="both nodes' results",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{slurm.output(job_id)}") from None
     for node in range(2):
         result = _result(tmp_path / f"node{node}")
         assert (result["state"], result["exit_code"], result["restarts"]) == (
