@@ -61,6 +61,7 @@ Reproduce from the repository root (``etcd``, ``redis-server`` on PATH; torch pi
     .venv/bin/python bench/scale.py                             # tcp, 64 .. 8,192
     .venv/bin/python bench/scale.py --backends tcp,etcd,redis,torch --json
     .venv/bin/python bench/scale.py --sizes 1024 --profile /tmp/store.prof   # tcp profile
+    .venv/bin/python bench/scale.py --backends etcd --sizes 1024 --profile /tmp/etcd.pprof
     # the run behind the published table (tcp first, then the others merged in):
     .venv/bin/python bench/scale.py --phase-budget 180 --save /tmp/scale_tcp.json
     .venv/bin/python bench/scale.py --backends etcd,redis,torch --budget 300 \
@@ -103,6 +104,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import pprof_top
 import psutil
 from _procs import sweep, torch_version  # bench/ is on the path: scripts run from it
 
@@ -318,7 +320,7 @@ class TorchStore(Store):
 class EtcdStore(Store):
     backend = "etcd"
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, profile: str | None = None) -> None:
         super().__init__(tmp)
         from elastic_runner.testing.etcd import etcd_binary
 
@@ -335,6 +337,8 @@ class EtcdStore(Store):
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"bench={peer}", "--log-level", "error",
         ]  # fmt: skip
+        if profile:
+            argv.append("--enable-pprof")
         self.proc = Proc(argv, tmp / "store.log", lines=False)
         self._url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
@@ -348,6 +352,21 @@ class EtcdStore(Store):
             if self.proc.proc.poll() is not None or time.monotonic() > deadline:
                 raise RunError(f"etcd did not start: {self.proc.tail()}")
             time.sleep(0.05)
+
+    def start_profile(self, seconds: float, path: Path) -> threading.Thread:
+        """A thread saving etcd's CPU profile of the next ``seconds`` to ``path``."""
+
+        def fetch() -> None:
+            url = f"{self._url}/debug/pprof/profile?seconds={max(1, round(seconds))}"
+            try:
+                with urllib.request.urlopen(url, timeout=seconds + 60) as answer:
+                    path.write_bytes(answer.read())
+            except OSError as exc:
+                log(f"etcd profile: {exc}")
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        return thread
 
     def counters(self) -> tuple[int | None, int, int]:
         with urllib.request.urlopen(self._url + "/metrics", timeout=30) as answer:
@@ -487,7 +506,7 @@ class Size:
         if self.backend == "torch":
             return TorchStore(self.tmp, self.args.torch_python)
         if self.backend == "etcd":
-            return EtcdStore(self.tmp)
+            return EtcdStore(self.tmp, self.args.profile)
         return RedisStore(self.tmp)
 
     def _all(self, line: str, timeout: float) -> list[dict[str, Any]]:
@@ -566,6 +585,11 @@ class Size:
         clients_cpu = self._clients_cpu()
         busy, wall = _busy(), time.monotonic()
         t0 = time.time() + 1.0 + n / 2000  # every thread started by then
+        profiling: tuple[threading.Thread, Path] | None = None
+        if isinstance(store, EtcdStore) and args.profile:
+            path = Path(f"{args.profile}.{n}")
+            seconds = t0 - time.time() + args.profile_seconds
+            profiling = (store.start_profile(seconds, path), path)
         self._all(f"go {t0!r}", 60)
         times = self._wait(t0, n, "the first round", first=True)
         after = store.stats()
@@ -627,6 +651,12 @@ class Size:
         row.wall_s = time.monotonic() - started
         if isinstance(store, TcpStore) and args.profile:
             store.profile()
+        if profiling is not None:
+            thread, path = profiling
+            thread.join()
+            if path.exists():
+                log(f"etcd N={n}, from the round's start ({path}):")
+                log(pprof_top.report(pprof_top.Profile(path)))
         return row
 
     def _clients_cpu(self) -> float:
@@ -874,7 +904,14 @@ def main() -> int:
         default=0.1,
         help="torch agents poll num_nodes_waiting this often (torchrun: 0.1)",
     )
-    parser.add_argument("--profile", help="tcp: append the store thread's cProfile here")
+    parser.add_argument(
+        "--profile",
+        help="tcp: append the store thread's cProfile here; etcd: save its CPU profile "
+        "from the round's start to PROFILE.<N> and print where the time went",
+    )
+    parser.add_argument(
+        "--profile-seconds", type=float, default=20.0, help="etcd: how long it profiles"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="N=32,64 on tcp, heartbeat 0.5 s, ~20 s"
     )

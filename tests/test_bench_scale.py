@@ -1,12 +1,15 @@
 """``bench/scale.py --quick`` runs end to end (tcp, N = 32 and 64; about 15 s): it
-completes, prints its table and targets, and leaves no process or temp dir behind."""
+completes, prints its table and targets, and leaves no process or temp dir behind; with
+``--profile`` on etcd it saves etcd's CPU profile and says where its time went."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +53,40 @@ def test_quick_mode_completes_prints_the_table_and_cleans_up(tmp_path: Path) -> 
     assert "targets:" in out
     assert not _processes_mentioning(str(tmp_path))
     assert not list(tmp_path.glob("bench-scale-*"))
+
+
+@pytest.mark.timeout(90)
+def test_an_etcd_profile_says_where_etcds_time_went(tmp_path: Path) -> None:
+    from elastic_runner.testing.etcd import etcd_binary
+
+    if etcd_binary() is None:
+        pytest.fail("no etcd binary: apt-get install etcd-server")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    profile = tmp_path / "etcd.pprof"
+    argv = [sys.executable, str(BENCH), "--backends", "etcd", "--sizes", "16", "--periods", "1"]
+    argv += ["--heartbeat-interval", "0.5", "--budget", "30"]
+    argv += ["--profile", str(profile), "--profile-seconds", "2"]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=BENCH.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "etcd N=16, from the round's start" in proc.stderr, proc.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("pprof_top", BENCH.parent / "pprof_top.py")
+    assert spec is not None and spec.loader is not None
+    pprof_top: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pprof_top)
+    # the saved profile is etcd's own: its samples' stacks name etcd's and Go's functions
+    read = pprof_top.Profile(profile.with_name("etcd.pprof.16"))
+    assert read.total_ns > 0 and read.samples
+    assert any(name.startswith("go.etcd.io/") for stack, _ in read.samples for name in stack)
+    text = pprof_top.report(read)
+    parts = text.split("functions by cumulative CPU")[0].splitlines()[1:]
+    shares = [float(line.split("%")[0]) for line in parts]
+    assert abs(sum(shares) - 100) < 1, shares
+    assert not _processes_mentioning(str(tmp_path))
