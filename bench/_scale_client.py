@@ -111,7 +111,8 @@ def _elastic_handler(
         from elastic_runner.rendezvous.etcd_store import EtcdStore
 
         # etcd listens on several loopback addresses: spread the connections over them
-        store = EtcdStore([(_spread(p.index, int(cfg["spread"])), port)], timeout=patience)
+        address = (_spread(p.index, int(cfg["spread"])), port)
+        store = EtcdStore([address], timeout=patience, api=str(cfg.get("etcd_api", "auto")))
     elif backend == "redis":
         from elastic_runner_redis.store import RedisStore
 

@@ -564,6 +564,7 @@ class Size:
             "heartbeat_interval": interval, "heartbeat_timeout": 3 * interval,
             "torch_monitor_interval": args.torch_monitor_interval, "spread": SPREAD,
             "source_prefix": "127.1", "min_nodes": n, "max_nodes": n, "marker": str(self.tmp),
+            "etcd_api": args.etcd_api,
         }  # fmt: skip
         python = args.torch_python if self.backend == "torch" else sys.executable
         # torch 2.13's rank 0 serves the workers' store and publishes its address in the
@@ -911,6 +912,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile-seconds", type=float, default=20.0, help="etcd: how long it profiles"
+    )
+    parser.add_argument(
+        "--etcd-api",
+        choices=("auto", "grpc", "http"),
+        default="auto",
+        help="etcd: how participants reach it (auto: gRPC when grpcio is installed)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="N=32,64 on tcp, heartbeat 0.5 s, ~20 s"

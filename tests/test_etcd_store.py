@@ -1,4 +1,5 @@
-"""The store conformance suite on a real etcd (v3 API), plus etcd-only behaviour."""
+"""The store conformance suite on a real etcd (v3 API), over gRPC and through its JSON
+gateway, plus etcd-only behaviour."""
 
 from __future__ import annotations
 
@@ -18,17 +19,39 @@ from elastic_runner.testing.etcd import EtcdServer
 from elastic_runner.testing.store_suite import StoreSuite
 
 
+@pytest.fixture(params=["grpc", "http"])
+def api(request: pytest.FixtureRequest) -> str:
+    """Each test over gRPC and through etcd's JSON gateway."""
+    value: str = request.param
+    return value
+
+
+def _token(store: EtcdStore) -> str:
+    client: Any = store._clients[0]
+    if store.api == "grpc":
+        return str(dict(client._metadata)["token"])
+    return str(client.headers["Authorization"])
+
+
+def _set_token(store: EtcdStore, token: str) -> None:
+    client: Any = store._clients[0]
+    if store.api == "grpc":
+        client._metadata = (("token", token),)
+    else:
+        client.headers["Authorization"] = token
+
+
 class TestEtcdStore(StoreSuite):
     TTL = 2.0
 
     @pytest.fixture
-    def make_store(self, etcd_server: EtcdServer) -> Iterator[Callable[[], EtcdStore]]:
+    def make_store(self, etcd_server: EtcdServer, api: str) -> Iterator[Callable[[], EtcdStore]]:
         stores: list[EtcdStore] = []
         namespace = f"/test-{time.monotonic_ns()}/"
 
         def make() -> EtcdStore:
             stores.append(
-                EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace=namespace)
+                EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace=namespace, api=api)
             )
             return stores[-1]
 
@@ -37,30 +60,32 @@ class TestEtcdStore(StoreSuite):
             s.close()
 
 
-def test_failover_to_a_second_endpoint(etcd_server: EtcdServer) -> None:
+def test_failover_to_a_second_endpoint(etcd_server: EtcdServer, api: str) -> None:
     dead = ("127.0.0.1", 1)
-    store = EtcdStore([dead, *parse_endpoints(etcd_server.endpoint, 2379)])
+    store = EtcdStore([dead, *parse_endpoints(etcd_server.endpoint, 2379)], api=api)
     store.set("k", "v")
     assert store.get("k") == "v"
 
 
-def test_unreachable_names_every_endpoint() -> None:
-    store = EtcdStore([("127.0.0.1", 1), ("127.0.0.1", 2)], timeout=1)
+def test_unreachable_names_every_endpoint(api: str) -> None:
+    store = EtcdStore([("127.0.0.1", 1), ("127.0.0.1", 2)], timeout=1, api=api)
     with pytest.raises(StoreError, match=r"cannot reach etcd at any of 127.0.0.1:1,127.0.0.1:2"):
         store.get("k")
 
 
-def test_close_revokes_leases_so_ttl_keys_go_at_once(etcd_server: EtcdServer) -> None:
+def test_close_revokes_leases_so_ttl_keys_go_at_once(etcd_server: EtcdServer, api: str) -> None:
     endpoints = parse_endpoints(etcd_server.endpoint, 2379)
-    a, b = EtcdStore(endpoints), EtcdStore(endpoints)
+    a, b = EtcdStore(endpoints, api=api), EtcdStore(endpoints, api=api)
     a.set("alive/x", "1", ttl=60)
     assert b.get("alive/x") == "1"
     a.close()
     assert b.get("alive/x") is None
 
 
-def test_multi_get_and_set_beyond_etcds_transaction_limit(etcd_server: EtcdServer) -> None:
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379))
+def test_multi_get_and_set_beyond_etcds_transaction_limit(
+    etcd_server: EtcdServer, api: str
+) -> None:
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), api=api)
     items = {f"many/{i:04d}": str(i) for i in range(300)}  # etcd allows 128 ops per txn
     store.multi_set(items)
     assert store.multi_get(list(items)) == list(items.values())
@@ -80,11 +105,11 @@ def _count_posts(store: EtcdStore, monkeypatch: pytest.MonkeyPatch) -> list[str]
 
 
 def test_a_wait_for_keys_that_exist_is_one_request(
-    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch, api: str
 ) -> None:
     # A member waits for MASTER_ADDR before reading it: when it is there already, that
     # wait is one range request (it was a range for the version and a read of the keys).
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/wait-one/")
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/wait-one/", api=api)
     store.multi_set({"r0/master": "[1]", "r0/seat": "2", "r0/other": ""})
     posts = _count_posts(store, monkeypatch)
     store.wait(["r0/master", "r0/other"], timeout=5)  # an empty value exists too
@@ -94,7 +119,7 @@ def test_a_wait_for_keys_that_exist_is_one_request(
     store.close()
 
 
-def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:
+def test_user_and_password_authentication(etcd_server: EtcdServer, api: str) -> None:
     import urllib.request
 
     base = f"http://{etcd_server.endpoint}/v3"
@@ -107,15 +132,15 @@ def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:
             pass  # an error status raises
     endpoints = parse_endpoints(etcd_server.endpoint, 2379)
     with pytest.raises(StoreError, match=r"user name is empty|permission denied|token"):
-        EtcdStore(endpoints).set("k", "v")  # no credentials: refused, clearly
-    store = EtcdStore(endpoints, user="root", password="pw")
+        EtcdStore(endpoints, api=api).set("k", "v")  # no credentials: refused, clearly
+    store = EtcdStore(endpoints, user="root", password="pw", api=api)
     store.set("k", "v")
     assert store.get("k") == "v"
     # A token etcd no longer knows (simple tokens expire after 5 idle minutes, and may
     # be lost when etcd restarts): the store gets another, once, and goes on.
-    store._clients[0].headers["Authorization"] = "forgotten.1"
+    _set_token(store, "forgotten.1")
     store.set("k", "with a new token")
-    assert store._clients[0].headers["Authorization"] != "forgotten.1"
+    assert _token(store) != "forgotten.1"
     etcd_server.kill()
     etcd_server.start()
     store.set("k", "after a restart")
@@ -123,7 +148,7 @@ def test_user_and_password_authentication(etcd_server: EtcdServer) -> None:
     store.close()
 
 
-def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+def test_tls_with_a_private_ca(tmp_path: Path, api: str) -> None:
     import subprocess
 
     from elastic_runner.testing.etcd import etcd_binary
@@ -188,20 +213,22 @@ def test_tls_with_a_private_ca(tmp_path: Path) -> None:
     server.start()
     try:
         endpoints = parse_endpoints(server.endpoint, 2379)
-        store = EtcdStore(endpoints, ca_cert=str(tmp_path / "ca.pem"))
+        store = EtcdStore(endpoints, ca_cert=str(tmp_path / "ca.pem"), api=api)
         store.set("k", "over tls")
         assert store.get("k") == "over tls"
         with pytest.raises(StoreError):  # plain HTTP to a TLS-only etcd fails, clearly
-            EtcdStore(endpoints, timeout=2).get("k")
+            EtcdStore(endpoints, timeout=2, api=api).get("k")
     finally:
         server.stop()
 
 
-def test_a_short_wait_runs_out_as_a_timeout_not_as_a_lost_etcd(etcd_server: EtcdServer) -> None:
+def test_a_short_wait_runs_out_as_a_timeout_not_as_a_lost_etcd(
+    etcd_server: EtcdServer, api: str
+) -> None:
     """A rendezvous's last call can leave a wait of a millisecond: it must end as a
     timeout (retried), never as "cannot reach etcd" (which fails the round); and the
     watch's connection is closed when the wait ends, not left to the garbage collector."""
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379))
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), api=api)
     try:
         _, version = store.scan("p/")
         before = sorted(os.listdir("/proc/self/fd"))
@@ -215,11 +242,13 @@ def test_a_short_wait_runs_out_as_a_timeout_not_as_a_lost_etcd(etcd_server: Etcd
 
 
 def test_a_put_whose_new_lease_is_gone_gets_another(
-    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch, api: str
 ) -> None:
     # On a loaded etcd a write can arrive after the lease granted for it expired: etcd
     # answers "requested lease not found", and 9 of 512 joining nodes failed on it.
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/lease-gone/")
+    store = EtcdStore(
+        parse_endpoints(etcd_server.endpoint, 2379), namespace="/lease-gone/", api=api
+    )
     grant = store._put_op
     lost: list[int] = []
 
@@ -243,12 +272,12 @@ def test_a_put_whose_new_lease_is_gone_gets_another(
 
 
 def test_a_key_tied_to_another_lives_and_is_refreshed_with_it(
-    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch, api: str
 ) -> None:
     # A node's join key rides on its liveness key's lease: its heartbeat keeps both with
     # one keep-alive (two before), and a round costs one lease grant less per node.
-    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/")
-    other = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/")
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/", api=api)
+    other = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), namespace="/tied/", api=api)
     try:
         store.set("alive/a", "1", ttl=2)
         posts = _count_posts(store, monkeypatch)

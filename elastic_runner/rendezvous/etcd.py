@@ -7,19 +7,23 @@ under ``rdzv.prefix`` + ``rdzv/<run id>/`` and are removed by the last node to l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from elastic_runner.errors import ConfigError
 from elastic_runner.hookspecs import hookimpl
 from elastic_runner.registry import ComponentSpec
 from elastic_runner.rendezvous.dynamic import DynamicRendezvous
-from elastic_runner.rendezvous.etcd_store import EtcdStore
+from elastic_runner.rendezvous.etcd_store import APIS, EtcdStore, grpc_available
 from elastic_runner.rendezvous.kit import StoreConnection, StoreRendezvousConfig, store_rendezvous
 from elastic_runner.spec import RunContext
 
 __all__ = ["DEFAULT_PORT", "EtcdRendezvousConfig"]
 
 DEFAULT_PORT = 2379
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,9 +40,19 @@ class EtcdRendezvousConfig(StoreRendezvousConfig):
     password: str | None = None
     #: Seconds one etcd request may take before the next endpoint is tried.
     request_timeout: float = 10.0
+    #: How to reach etcd: ``grpc``, ``http`` (its JSON gateway) or ``auto`` (gRPC when
+    #: ``grpcio`` is installed: ``pip install 'elastic-runner[etcd]'``).
+    api: str = "auto"
 
 
 def _etcd(config: EtcdRendezvousConfig, context: RunContext) -> DynamicRendezvous:
+    if config.api not in APIS:
+        raise ConfigError("rdzv.api", config.api, f"allowed: {', '.join(APIS)}")
+    if config.api == "grpc" and not grpc_available():
+        raise ConfigError(
+            "rdzv.api", "grpc", "needs grpcio: pip install 'elastic-runner[etcd]' (or grpcio)"
+        )
+
     def connect(endpoints: list[tuple[str, int]]) -> StoreConnection:
         store = EtcdStore(
             endpoints,
@@ -49,7 +63,10 @@ def _etcd(config: EtcdRendezvousConfig, context: RunContext) -> DynamicRendezvou
             user=config.user,
             password=config.password,
             timeout=config.request_timeout,
+            api=config.api,
         )
+        way = "gRPC" if store.api == "grpc" else "its JSON gateway (rdzv.api=http)"
+        log.info("etcd at %s, over %s", store.address, way)
         return StoreConnection(store, address=store.address)
 
     return store_rendezvous(config, context, connect, default_port=DEFAULT_PORT)

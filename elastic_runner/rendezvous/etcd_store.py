@@ -1,5 +1,6 @@
-"""The :class:`~elastic_runner.rendezvous.store.Store` on etcd's v3 API (through its JSON
-gateway: :mod:`elastic_runner.rendezvous.etcd_http`).
+"""The :class:`~elastic_runner.rendezvous.store.Store` on etcd's v3 API, over gRPC
+(:mod:`elastic_runner.rendezvous.etcd_grpc`) or through etcd's JSON gateway
+(:mod:`elastic_runner.rendezvous.etcd_http`): the same requests either way.
 
 - Liveness is a lease: a TTL key is put with its own lease and :meth:`EtcdStore.refresh`
   is a lease keep-alive, which changes no key (watchers stay asleep); when a node dies
@@ -21,7 +22,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from elastic_runner.rendezvous.etcd_http import EndpointUnreachable, EtcdEndpoint, EtcdHTTPError
 from elastic_runner.rendezvous.store import (
@@ -31,7 +33,15 @@ from elastic_runner.rendezvous.store import (
     check_keys,
 )
 
-__all__ = ["EtcdStore"]
+if TYPE_CHECKING:
+    from elastic_runner.rendezvous.etcd_grpc import EtcdGrpcEndpoint
+
+__all__ = ["APIS", "EtcdStore", "grpc_available"]
+
+#: How a client may reach etcd (``auto``: gRPC when ``grpcio`` can be imported).
+APIS = ("auto", "grpc", "http")
+#: One endpoint's client, either way.
+Endpoint = Union["EtcdEndpoint", "EtcdGrpcEndpoint"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,7 +75,18 @@ class EtcdStore:
         user: str | None = None,
         password: str | None = None,
         timeout: float = 10.0,
+        api: str = "auto",
     ) -> None:
+        """``api``: ``grpc``, ``http`` (the JSON gateway) or ``auto`` (gRPC when
+        ``grpcio`` can be imported)."""
+        if api not in APIS:
+            raise ValueError(f"api: {api!r}, not one of {', '.join(APIS)}")
+        if api != "http" and _grpc_endpoint() is None:
+            if api == "grpc":
+                raise StoreError("etcd over gRPC needs grpcio: pip install grpcio")
+            api = "http"
+        #: ``grpc`` or ``http``: how this client reaches etcd.
+        self.api = "grpc" if api == "auto" else api
         self._endpoints = list(endpoints)
         self._ns = namespace
         self._ca_cert, self._cert, self._key = ca_cert, cert, key
@@ -74,7 +95,7 @@ class EtcdStore:
         self._current = 0
         self._lock = threading.Lock()
         self._leases: dict[str, int] = {}  # key -> lease id of its TTL
-        self._clients: dict[int, EtcdEndpoint] = {}
+        self._clients: dict[int, Endpoint] = {}
         #: Set by ``close``: no request after it (a watcher thread still waiting would
         #: otherwise open a connection that outlives the client).
         self._closed = False
@@ -85,7 +106,7 @@ class EtcdStore:
 
     # -- transport ----------------------------------------------------------------------
 
-    def _client(self, index: int) -> EtcdEndpoint:
+    def _client(self, index: int) -> Endpoint:
         if self._closed:
             raise StoreError(f"the client of etcd at {self.address} is closed")
         with self._lock:
@@ -93,7 +114,7 @@ class EtcdStore:
         if client is not None:
             return client
         host, port = self._endpoints[index]
-        client = EtcdEndpoint(host, port, timeout=self._timeout, ssl_context=self._tls())
+        client = self._endpoint(host, port)
         try:
             self._authenticate(client)
         except BaseException:
@@ -105,7 +126,24 @@ class EtcdStore:
                 raise StoreError(f"the client of etcd at {self.address} is closed")
             return self._clients.setdefault(index, client)
 
-    def _authenticate(self, client: EtcdEndpoint) -> None:
+    def _endpoint(self, host: str, port: int) -> Endpoint:
+        if self.api == "http":
+            return EtcdEndpoint(host, port, timeout=self._timeout, ssl_context=self._tls())
+        grpc_endpoint = _grpc_endpoint()
+        assert grpc_endpoint is not None  # checked when made
+        if not (self._ca_cert or self._cert):
+            return grpc_endpoint(host, port, timeout=self._timeout)
+        files = {}
+        for name, path in (("ca_cert", self._ca_cert), ("cert", self._cert), ("key", self._key)):
+            try:
+                files[name] = Path(path).read_bytes() if path else None
+            except OSError as exc:
+                raise StoreError(
+                    f"etcd at {self.address}: cannot read rdzv.{name} {path}: {exc.strerror}"
+                ) from None
+        return grpc_endpoint(host, port, timeout=self._timeout, **files)
+
+    def _authenticate(self, client: Endpoint) -> None:
         """Get a token for ``client`` (with ``user`` and ``password``; else nothing)."""
         if self._auth:
             name, password = self._auth
@@ -126,7 +164,7 @@ class EtcdStore:
             ) from None
         return context
 
-    def _call(self, fn: Callable[[EtcdEndpoint], T]) -> T:
+    def _call(self, fn: Callable[[Endpoint], T]) -> T:
         """Run ``fn(endpoint)`` on the current endpoint, failing over to the next ones."""
         errors = []
         for attempt in range(len(self._endpoints)):
@@ -364,7 +402,7 @@ class EtcdStore:
         }
         deadline = time.monotonic() + timeout
 
-        def watch(client: EtcdEndpoint) -> int:
+        def watch(client: Endpoint) -> int:
             # A watch stream of its own, closed when this returns or the store closes.
             messages = client.watch(
                 "/watch",
@@ -428,6 +466,21 @@ class EtcdStore:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             client.close()  # a thread reading a watch wakes at once
+
+
+@functools.cache
+def _grpc_endpoint() -> type[EtcdGrpcEndpoint] | None:
+    """The gRPC endpoint class, or None without ``grpcio``."""
+    try:
+        from elastic_runner.rendezvous.etcd_grpc import EtcdGrpcEndpoint
+    except ImportError:
+        return None
+    return EtcdGrpcEndpoint
+
+
+def grpc_available() -> bool:
+    """Whether ``grpcio`` can be imported (``api="auto"`` then speaks gRPC)."""
+    return _grpc_endpoint() is not None
 
 
 def _chunks(keys: list[str], size: int = 100) -> list[list[str]]:

@@ -24,12 +24,14 @@ ETCD_FAST = [
 ]
 
 
-def _job(elastic_run: ElasticRunner, tmp_path: Path, etcd: EtcdServer, nnodes: str) -> Job:
+def _job(
+    elastic_run: ElasticRunner, tmp_path: Path, etcd: EtcdServer, nnodes: str, *more: str
+) -> Job:
     return Job(
         elastic_run,
         tmp_path,
         nnodes,
-        rdzv=["rdzv=etcd", f"rdzv.endpoint={etcd.endpoint}", *ETCD_FAST],
+        rdzv=["rdzv=etcd", f"rdzv.endpoint={etcd.endpoint}", *ETCD_FAST, *more],
     )
 
 
@@ -41,19 +43,31 @@ def _job_keys(etcd: EtcdServer, run_id: str) -> dict[str, str]:
         store.close()
 
 
-@pytest.mark.parametrize("agents", [2, 3])
+@pytest.mark.parametrize(
+    ("agents", "api", "over"),
+    [(2, "auto", "gRPC"), (3, "grpc", "gRPC"), (2, "http", "its JSON gateway")],
+)
 def test_agents_form_a_job_over_etcd_and_clean_up(
-    elastic_run: ElasticRunner, tmp_path: Path, etcd_server: EtcdServer, agents: int
+    elastic_run: ElasticRunner,
+    tmp_path: Path,
+    etcd_server: EtcdServer,
+    agents: int,
+    api: str,
+    over: str,
 ) -> None:
-    job = _job(elastic_run, tmp_path, etcd_server, str(agents))
+    job = _job(elastic_run, tmp_path, etcd_server, str(agents), f"rdzv.api={api}")
     for _ in range(agents):
         job.start(nproc=2)
     results = job.finish()
     assert [code for code, _ in results] == [0] * agents, results
+    assert all(f"etcd at {etcd_server.endpoint}, over {over}" in err for _, err in results)
+    # grpcio said nothing as the agents forked their workers (it did, once per worker)
+    assert not any("fork() handlers" in err for _, err in results), results
     assert job.rendezvous_counts() == [1] * agents
     envs = [rec["env"] for rec in probe_records(job.out).values()]
     assert sorted(int(e["RANK"]) for e in envs) == list(range(2 * agents))
     assert {e["WORLD_SIZE"] for e in envs} == {str(2 * agents)}
+    assert not any("GRPC_ENABLE_FORK_SUPPORT" in e for e in envs)  # the agents' own setting
     assert _job_keys(etcd_server, job.run_id) == {}  # the last node out removed them
 
 
@@ -132,6 +146,16 @@ def test_unreachable_etcd_fails_clearly(elastic_run: ElasticRunner) -> None:
     assert last.startswith("elastic-run: rendezvous failed:")
     assert f"cannot reach etcd at any of {endpoints}" in last
     assert "Traceback" not in run.stderr
+
+
+def test_an_unknown_api_is_one_line_and_exit_2(elastic_run: ElasticRunner) -> None:
+    run = elastic_run(
+        "+job=hello", "rdzv=etcd", "rdzv.endpoint=127.0.0.1:1", "rdzv.api=carrier-pigeon"
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "elastic-run: error: rdzv.api=carrier-pigeon: allowed: auto, grpc, http"
+    )
 
 
 def test_unquoted_endpoint_list_gets_a_quoting_hint(elastic_run: ElasticRunner) -> None:
