@@ -175,7 +175,8 @@ def test_proxy_variables_do_not_come_between_the_agents_and_etcd(
     # request to the proxy, here a port nobody serves, and never formed the job).
     dead = f"http://127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
-    env |= {name: dead for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY")}
+    proxies = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY", "grpc_proxy")  # gRPC's
+    env |= {name: dead for name in proxies}
     job = _job(elastic_run, tmp_path, etcd_server, "2")
     for _ in range(2):
         job.start("rdzv.join_timeout=15", env=env)
