@@ -447,6 +447,8 @@ class Row:
     n: int
     status: str = "ok"  # ok, over budget, failed, skipped
     note: str = ""
+    #: etcd: how the participants reached it (grpc or http, the JSON gateway).
+    api: str = ""
     clients: int = 0
     load1: float = 0.0
     round_p50: float | None = None
@@ -545,6 +547,11 @@ class Size:
             # has a process of its own.
             k_clients = max(k_clients, -(-n // PER_REDIS_CLIENT))
         row.clients = k_clients
+        if self.backend == "etcd":
+            from elastic_runner.rendezvous.etcd_store import grpc_available
+
+            api = args.etcd_api
+            row.api = ("grpc" if grpc_available() else "http") if api == "auto" else api
         row.load1 = os.getloadavg()[0]
         row.k = k = max(1, round(n / 100))
         started = time.monotonic()
@@ -759,8 +766,9 @@ def _f(value: float | None, fmt: str, scale: float = 1.0) -> str:
 
 
 def table(backend: str, rows: list[Row]) -> list[str]:
+    apis = sorted({r.api for r in rows if r.api})
     out = [
-        f"== {backend} ==",
+        f"== {backend}{' over ' + ', '.join(apis) if apis else ''} ==",
         f"{'N':>5} {'K':>2} {'load':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} "
         f"{'req/round':>10} {'MiB/round':>10} {'req/period':>10} {'KiB/period':>10} "
         f"{'+1% s':>7} {'-1% s':>7} {'cpu s':>7} {'RSS MiB':>8} {'cli cpu':>7} {'oth%':>5} "

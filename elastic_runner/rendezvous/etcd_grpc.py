@@ -17,10 +17,13 @@ Needs ``grpcio``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
 import threading
-from collections.abc import Generator, Iterator, Mapping
-from typing import Any
+from collections.abc import Coroutine, Generator, Mapping
+from typing import Any, TypeVar
 
 from elastic_runner.rendezvous import etcd_proto as proto
 from elastic_runner.rendezvous.etcd_http import EndpointUnreachable, EtcdHTTPError
@@ -34,6 +37,7 @@ _FORK_SUPPORT = os.environ.get("GRPC_ENABLE_FORK_SUPPORT")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 try:
     import grpc
+    import grpc.aio
 finally:
     if _FORK_SUPPORT is None:
         del os.environ["GRPC_ENABLE_FORK_SUPPORT"]
@@ -66,11 +70,131 @@ def _identity(data: bytes) -> bytes:
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
     """The call's status; a deadline etcd saw pass first is the deadline too (etcd 3.4
     answers it as UNKNOWN "context deadline exceeded" when it ends the call before the
-    client does)."""
+    client does), and grpcio's "Internal error from Core" is an unreachable endpoint."""
     code: grpc.StatusCode = exc.code()
-    if code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in (exc.details() or ""):
+    details = exc.details() or ""
+    if code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in details:
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if code == grpc.StatusCode.INTERNAL and "from Core" in details:
+        # grpcio's own failure to run the call, not etcd's answer: try again
+        return grpc.StatusCode.UNAVAILABLE
     return code
+
+
+T = TypeVar("T")
+
+#: A channel's name: its target and TLS files (None: plain).
+_Name = tuple[str, bytes | None, bytes | None, bytes | None]
+
+
+class _Calls:
+    """gRPC's asyncio API on one event loop thread per process, for every store in it.
+
+    Why not grpcio's blocking API: a thread waiting on a stream there wakes every 0.1 s
+    (to see signals), and each channel with a call in flight has a thread polling it.
+    Measured with 1,024 participants of the scale benchmark on 4 processes, their round
+    took 90 s and 158 s of their CPU (13.5 s and 13 s through the JSON gateway). Here a
+    caller blocks on a future until its answer comes, and the loop sleeps in between.
+
+    Channels are shared too: one per etcd endpoint and TLS setting, closed with the
+    last endpoint using it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.current_thread()
+        self._channels: dict[_Name, Any] = {}
+        self._users: dict[_Name, int] = {}
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    try:
+                        loop.run_forever()
+                    finally:
+                        loop.close()
+
+                self._thread = threading.Thread(target=serve, name="etcd-grpc", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on the loop; its future (cancelling it cancels the call)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._running_loop())
+
+    def take(self, name: _Name) -> Any:
+        """The channel called ``name``, opened if need be (on the loop: grpc.aio's
+        objects belong to the loop they are made on)."""
+        with self._lock:
+            channel = self._channels.get(name)
+            self._users[name] = self._users.get(name, 0) + 1
+        if channel is None:
+            channel = self.submit(_open(name)).result()
+            with self._lock:
+                channel = self._channels.setdefault(name, channel)
+        return channel
+
+    def give_back(self, name: _Name) -> None:
+        """One user of ``name`` less; the last one closes it, and the loop and its thread
+        end with the last channel (nothing of gRPC's stays open in the process: a caller
+        of ``launch()`` gets back what it had)."""
+        with self._lock:
+            self._users[name] -= 1
+            if self._users[name] > 0:
+                return
+            del self._users[name]
+            channel = self._channels.pop(name, None)
+            loop, thread = self._loop, self._thread
+            last = not self._users
+            if last:
+                self._loop = None
+        if channel is not None and loop is not None:
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                asyncio.run_coroutine_threadsafe(_close(channel, last), loop).result(5)
+        if last and loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not threading.current_thread():
+                thread.join(5)
+
+
+async def _close(channel: Any, last: bool) -> None:
+    """Close ``channel`` (its calls are cancelled); the ``last`` one waits for every
+    call's task to end first: a call still winding down when the loop stops keeps
+    gRPC's poller thread and its sockets for good."""
+    if last:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+
+
+async def _open(name: _Name) -> Any:
+    target, ca_cert, cert, key = name
+    options = [
+        # etcd answers a scan of a 4,096-node job's keys in more than 4 MiB
+        ("grpc.max_receive_message_length", 256 * 2**20),
+        # not shared with other users of gRPC in the process
+        ("grpc.use_local_subchannel_pool", 1),
+        # etcd is reached directly: not through http_proxy / grpc_proxy, which cluster
+        # nodes often set for the outside world
+        ("grpc.enable_http_proxy", 0),
+    ]
+    if ca_cert is not None or cert is not None:
+        credentials = grpc.ssl_channel_credentials(ca_cert, key, cert)
+        return grpc.aio.secure_channel(name[0], credentials, options)
+    return grpc.aio.insecure_channel(target, options)
+
+
+_CALLS = _Calls()
 
 
 class EtcdGrpcEndpoint:
@@ -89,23 +213,13 @@ class EtcdGrpcEndpoint:
         self.host, self.port = host, port
         self._timeout = timeout
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        options = [
-            # etcd answers a scan of a 4,096-node job's keys in more than gRPC's 4 MiB
-            ("grpc.max_receive_message_length", 256 * 2**20),
-            # each store is its own client: no channel shared with other stores here
-            ("grpc.use_local_subchannel_pool", 1),
-            # etcd is reached directly: not through http_proxy / grpc_proxy, which
-            # cluster nodes often set for the outside world
-            ("grpc.enable_http_proxy", 0),
-        ]
-        if ca_cert is not None or cert is not None:
-            credentials = grpc.ssl_channel_credentials(ca_cert, key, cert)
-            self._channel = grpc.secure_channel(target, credentials, options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
+        self._name: _Name = (target, ca_cert, cert, key)
+        self._channel = _CALLS.take(self._name)
         #: Sent with every call (the token once authenticated).
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._lock = threading.Lock()
+        #: This endpoint's calls in flight, cancelled by ``close`` (the channel is shared).
+        self._calls: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -121,84 +235,107 @@ class EtcdGrpcEndpoint:
             raise EtcdHTTPError(0, "no token in the answer", "")
         self._metadata = (("token", token),)
 
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """``coroutine``'s result, run on the loop; :meth:`close` cancels it."""
+        with self._lock:
+            if self._closed:
+                coroutine.close()
+                raise EndpointUnreachable(f"{self}: closed")
+            future = _CALLS.submit(coroutine)
+            self._calls.add(future)
+        error: Exception
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            error = EndpointUnreachable(f"{self}: closed")
+        except grpc.RpcError as exc:
+            error = self._error(exc)
+        finally:
+            with self._lock:
+                self._calls.discard(future)
+        # Raised with nothing of the call: the error's traceback holds this frame, and
+        # the future and the coroutine would keep the call and its channel open (and
+        # gRPC's poller thread) for as long as a caller keeps the error.
+        del future, coroutine
+        raise error
+
     def post(self, path: str, body: Mapping[str, Any]) -> Any:
         """The call the gateway serves at ``path``, with ``body``; its answer."""
         if path == "/lease/keepalive":
-            return self._keep_alive(body)
+            method, request, response = proto.KEEP_ALIVE
+            data = self._run(self._first_answer(method, proto.encode(request, body)))
+            # as the gateway answers a stream; a lease etcd no longer knows: TTL 0
+            return {"result": self._decode(response, data)}
         method, request, response = _UNARY[path]
+        data = self._run(self._unary(method, proto.encode(request, body)))
+        return self._decode(response, data)
+
+    async def _unary(self, method: str, data: bytes) -> bytes:
         call = self._channel.unary_unary(
             method, request_serializer=_identity, response_deserializer=_identity
         )
-        data = proto.encode(request, body)
-        try:
-            answer = call(data, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
-        except ValueError:  # "Cannot invoke RPC on closed channel!"
-            raise EndpointUnreachable(f"{self}: closed") from None
-        return self._decode(response, answer)
+        answer: bytes = await call(data, timeout=self._timeout, metadata=self._metadata)
+        return answer
 
-    def _keep_alive(self, body: Mapping[str, Any]) -> Any:
-        """One keep-alive on a stream of its own, as the gateway answers it
-        (``{"result": ...}``); a lease etcd no longer knows answers TTL 0."""
-        method, request, response = proto.KEEP_ALIVE
+    async def _first_answer(self, method: str, data: bytes) -> bytes:
+        """A stream's first answer to ``data``, sent alone (etcd answers a keep-alive,
+        then ends the stream once the send side is closed)."""
         call = self._channel.stream_stream(
             method, request_serializer=_identity, response_deserializer=_identity
-        )
+        )([data], timeout=self._timeout, metadata=self._metadata)
         try:
-            stream = call(
-                iter([proto.encode(request, body)]),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except ValueError:  # a closed channel
-            raise EndpointUnreachable(f"{self}: closed") from None
-        try:
-            for answer in stream:
-                return {"result": self._decode(response, answer)}
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+            answer = await call.read()
         finally:
-            stream.cancel()
-        raise EndpointUnreachable(f"{self}: the keep-alive stream ended without an answer")
+            call.cancel()
+        if answer is grpc.aio.EOF:
+            raise EndpointUnreachable(f"{self}: the stream ended without an answer")
+        assert isinstance(answer, bytes)
+        return answer
+
+    async def _watch(self, data: bytes, timeout: float) -> list[bytes]:
+        """A watch's answers up to the first with events or a cancellation."""
+        method = proto.WATCH[0]
+        # sent as the call's request stream, which grpcio writes and then closes (etcd
+        # keeps a watch whose send side closed): an explicit write() that meets the
+        # stream already ended by etcd fails as INTERNAL "Internal error from Core"
+        # (grpc/grpc#36066), not with etcd's own status (1 of 512 participants once)
+        call = self._channel.stream_stream(
+            method, request_serializer=_identity, response_deserializer=_identity
+        )([data], timeout=timeout, metadata=self._metadata)
+        answers: list[bytes] = []
+        try:
+            while True:
+                answer = await call.read()
+                if answer is grpc.aio.EOF:
+                    raise EndpointUnreachable(f"{self}: the watch stream ended")
+                assert isinstance(answer, bytes)
+                answers.append(answer)
+                decoded = self._decode(proto.WATCH[2], answer)
+                if decoded.get("events") or decoded.get("canceled"):
+                    return answers
+        except grpc.RpcError as exc:
+            if _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED and not self._closed:
+                raise TimeoutError(f"{self}: no answer in {timeout:g} s") from None
+            raise
+        finally:
+            call.cancel()
 
     def watch(
         self, path: str, body: Mapping[str, Any], connect_timeout: float, read_timeout: float
     ) -> Generator[Any, None, None]:
         """The answers of a watch (``{"result": ...}``, or ``{"error": ...}`` when etcd
-        cancels it), on a stream of its own that is cancelled when the iteration ends.
-        Longer than ``read_timeout`` in all raises :class:`TimeoutError`; ``close`` ends
-        it with :class:`EndpointUnreachable`. ``connect_timeout``: the gateway's; a
-        stream needs no connection of its own."""
+        cancels it) up to the first with events, on a stream of its own. Longer than
+        ``read_timeout`` in all raises :class:`TimeoutError`; ``close`` ends it with
+        :class:`EndpointUnreachable`. ``connect_timeout``: the gateway's; a stream
+        needs no connection of its own."""
         del path, connect_timeout
-        method, request, response = proto.WATCH
-        done = threading.Event()
-
-        def requests() -> Iterator[bytes]:
-            yield proto.encode(request, body)
-            done.wait()  # the send side stays open: a closed one may end the watch
-
-        call = self._channel.stream_stream(
-            method, request_serializer=_identity, response_deserializer=_identity
-        )
-        try:
-            stream = call(requests(), timeout=read_timeout, metadata=self._metadata)
-        except ValueError:  # a closed channel
-            raise EndpointUnreachable(f"{self}: closed") from None
-        try:
-            for data in stream:
-                answer = self._decode(response, data)
-                if answer.get("canceled"):
-                    yield {"error": answer.get("cancel_reason") or "the watch was cancelled"}
-                    return
-                yield {"result": answer}
-        except grpc.RpcError as exc:
-            if _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED and not self._closed:
-                raise TimeoutError(f"{self}: no answer in {read_timeout:g} s") from None
-            raise self._error(exc) from None
-        finally:
-            done.set()
-            stream.cancel()
+        data = proto.encode(proto.WATCH[1], body)
+        for answer in self._run(self._watch(data, read_timeout)):
+            decoded = self._decode(proto.WATCH[2], answer)
+            if decoded.get("canceled"):
+                yield {"error": decoded.get("cancel_reason") or "the watch was cancelled"}
+                return
+            yield {"result": decoded}
 
     def _decode(self, message: proto.Message, data: bytes) -> dict[str, Any]:
         try:
@@ -216,8 +353,14 @@ class EtcdGrpcEndpoint:
         return EtcdHTTPError(int(code.value[0]), code.name, details)
 
     def close(self) -> None:
-        """Close the connection; a thread waiting on a watch wakes at once, and no call
-        is made after this."""
+        """Cancel this endpoint's calls (a thread waiting on a watch wakes at once) and
+        give its channel back; no call is made after this."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-        self._channel.close()
+            calls, self._calls = list(self._calls), set()
+        for call in calls:
+            call.cancel()
+        self._channel = None  # grpc.aio lets its poller go with the last channel object
+        _CALLS.give_back(self._name)
