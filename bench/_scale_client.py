@@ -112,7 +112,7 @@ def _elastic_handler(
 
         # etcd listens on several loopback addresses: spread the connections over them
         address = (_spread(p.index, int(cfg["spread"])), port)
-        store = EtcdStore([address], timeout=patience, api=str(cfg.get("etcd_api", "auto")))
+        store = EtcdStore([address], timeout=patience, api=str(cfg.get("etcd_api", "http")))
     elif backend == "redis":
         from elastic_runner_redis.store import RedisStore
 

@@ -548,10 +548,7 @@ class Size:
             k_clients = max(k_clients, -(-n // PER_REDIS_CLIENT))
         row.clients = k_clients
         if self.backend == "etcd":
-            from elastic_runner.rendezvous.etcd_store import grpc_available
-
-            api = args.etcd_api
-            row.api = ("grpc" if grpc_available() else "http") if api == "auto" else api
+            row.api = args.etcd_api
         row.load1 = os.getloadavg()[0]
         row.k = k = max(1, round(n / 100))
         started = time.monotonic()
@@ -923,9 +920,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--etcd-api",
-        choices=("auto", "grpc", "http"),
-        default="auto",
-        help="etcd: how participants reach it (auto: gRPC when grpcio is installed)",
+        choices=("http", "grpc"),
+        default="http",
+        help="etcd: how participants reach it (http: its JSON gateway; grpc needs grpcio)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="N=32,64 on tcp, heartbeat 0.5 s, ~20 s"

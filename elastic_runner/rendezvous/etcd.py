@@ -40,9 +40,9 @@ class EtcdRendezvousConfig(StoreRendezvousConfig):
     password: str | None = None
     #: Seconds one etcd request may take before the next endpoint is tried.
     request_timeout: float = 10.0
-    #: How to reach etcd: ``grpc``, ``http`` (its JSON gateway) or ``auto`` (gRPC when
-    #: ``grpcio`` is installed: ``pip install 'elastic-runner[etcd]'``).
-    api: str = "auto"
+    #: How to reach etcd: ``http`` (its JSON gateway) or ``grpc`` (a third of the
+    #: gateway's CPU on etcd; needs ``grpcio``: ``pip install 'elastic-runner[etcd]'``).
+    api: str = "http"
 
 
 def _etcd(config: EtcdRendezvousConfig, context: RunContext) -> DynamicRendezvous:
@@ -65,7 +65,7 @@ def _etcd(config: EtcdRendezvousConfig, context: RunContext) -> DynamicRendezvou
             timeout=config.request_timeout,
             api=config.api,
         )
-        way = "gRPC" if store.api == "grpc" else "its JSON gateway (rdzv.api=http)"
+        way = "gRPC (rdzv.api=grpc)" if store.api == "grpc" else "its JSON gateway"
         log.info("etcd at %s, over %s", store.address, way)
         return StoreConnection(store, address=store.address)
 

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["APIS", "EtcdStore", "grpc_available"]
 
-#: How a client may reach etcd (``auto``: gRPC when ``grpcio`` can be imported).
-APIS = ("auto", "grpc", "http")
+#: How a client may reach etcd: its JSON gateway, or gRPC (with ``grpcio``).
+APIS = ("http", "grpc")
 #: One endpoint's client, either way.
 Endpoint = Union["EtcdEndpoint", "EtcdGrpcEndpoint"]
 
@@ -75,18 +75,15 @@ class EtcdStore:
         user: str | None = None,
         password: str | None = None,
         timeout: float = 10.0,
-        api: str = "auto",
+        api: str = "http",
     ) -> None:
-        """``api``: ``grpc``, ``http`` (the JSON gateway) or ``auto`` (gRPC when
-        ``grpcio`` can be imported)."""
+        """``api``: ``http`` (etcd's JSON gateway) or ``grpc`` (needs ``grpcio``)."""
         if api not in APIS:
             raise ValueError(f"api: {api!r}, not one of {', '.join(APIS)}")
-        if api != "http" and _grpc_endpoint() is None:
-            if api == "grpc":
-                raise StoreError("etcd over gRPC needs grpcio: pip install grpcio")
-            api = "http"
+        if api == "grpc" and _grpc_endpoint() is None:
+            raise StoreError("etcd over gRPC needs grpcio: pip install grpcio")
         #: ``grpc`` or ``http``: how this client reaches etcd.
-        self.api = "grpc" if api == "auto" else api
+        self.api = api
         self._endpoints = list(endpoints)
         self._ns = namespace
         self._ca_cert, self._cert, self._key = ca_cert, cert, key
@@ -479,7 +476,7 @@ def _grpc_endpoint() -> type[EtcdGrpcEndpoint] | None:
 
 
 def grpc_available() -> bool:
-    """Whether ``grpcio`` can be imported (``api="auto"`` then speaks gRPC)."""
+    """Whether ``grpcio`` can be imported (``api="grpc"`` needs it)."""
     return _grpc_endpoint() is not None
 
 

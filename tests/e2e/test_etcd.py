@@ -45,7 +45,11 @@ def _job_keys(etcd: EtcdServer, run_id: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("agents", "api", "over"),
-    [(2, "auto", "gRPC"), (3, "grpc", "gRPC"), (2, "http", "its JSON gateway")],
+    [
+        (2, "http", "its JSON gateway"),
+        (3, "http", "its JSON gateway"),
+        (2, "grpc", "gRPC (rdzv.api=grpc)"),
+    ],
 )
 def test_agents_form_a_job_over_etcd_and_clean_up(
     elastic_run: ElasticRunner,
@@ -154,7 +158,7 @@ def test_an_unknown_api_is_one_line_and_exit_2(elastic_run: ElasticRunner) -> No
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
-        "elastic-run: error: rdzv.api=carrier-pigeon: allowed: auto, grpc, http"
+        "elastic-run: error: rdzv.api=carrier-pigeon: allowed: http, grpc"
     )
 
 
