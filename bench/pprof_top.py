@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-from collections.abc import Iterator
 from pathlib import Path
+
+from elastic_runner.rendezvous.etcd_proto import read_fields, read_varint
 
 __all__ = ["PARTS", "Profile", "report"]
 
@@ -41,45 +42,13 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) of a protobuf message."""
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(data, i)
-            yield number, wire, value
-        elif wire == 2:
-            size, i = _varint(data, i)
-            yield number, wire, data[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            yield number, wire, data[i : i + size]
-            i += size
-        else:
-            raise ValueError(f"wire type {wire} at byte {i}: not a profile.proto")
-
-
 def _ints(value: int | bytes) -> list[int]:
     """A repeated integer field: one value, or several packed."""
     if isinstance(value, int):
         return [value]
     out, i = [], 0
     while i < len(value):
-        item, i = _varint(value, i)
+        item, i = read_varint(value, i)
         out.append(item)
     return out
 
@@ -93,26 +62,26 @@ class Profile:
         raw_samples: list[tuple[list[int], list[int]]] = []
         locations: dict[int, list[int]] = {}
         functions: dict[int, int] = {}
-        for number, _, value in _fields(data):
+        for number, _, value in read_fields(data):
             if number == 6 and isinstance(value, bytes):
                 strings.append(value.decode(errors="replace"))
             elif number == 2 and isinstance(value, bytes):
                 ids: list[int] = []
                 values: list[int] = []
-                for n, _, v in _fields(value):
+                for n, _, v in read_fields(value):
                     (ids if n == 1 else values if n == 2 else []).extend(_ints(v))
                 raw_samples.append((ids, values))
             elif number == 4 and isinstance(value, bytes):
                 location, lines = 0, []
-                for n, _, v in _fields(value):
+                for n, _, v in read_fields(value):
                     if n == 1 and isinstance(v, int):
                         location = v
                     elif n == 4 and isinstance(v, bytes):
-                        lines += [f for m, _, f in _fields(v) if m == 1 and isinstance(f, int)]
+                        lines += [f for m, _, f in read_fields(v) if m == 1 and isinstance(f, int)]
                 locations[location] = lines
             elif number == 5 and isinstance(value, bytes):
                 function = name = 0
-                for n, _, v in _fields(value):
+                for n, _, v in read_fields(value):
                     if n == 1 and isinstance(v, int):
                         function = v
                     elif n == 2 and isinstance(v, int):

@@ -28,6 +28,8 @@ __all__ = [
     "Message",
     "decode",
     "encode",
+    "read_fields",
+    "read_varint",
 ]
 
 #: A message: each field's name -> (number, kind, what the kind needs). Kinds: ``bytes``
@@ -208,7 +210,7 @@ def encode(message: Message, values: Mapping[str, Any]) -> bytes:
     return bytes(out)
 
 
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+def read_varint(data: bytes, i: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if i >= len(data) or shift > 63:
@@ -221,16 +223,18 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def read_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field of a protobuf message; a
+    malformed one raises :class:`ValueError`."""
     i = 0
     while i < len(data):
-        key, i = _read_varint(data, i)
+        key, i = read_varint(data, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _read_varint(data, i)
+            value, i = read_varint(data, i)
             yield number, wire, value
         elif wire == 2:
-            size, i = _read_varint(data, i)
+            size, i = read_varint(data, i)
             if i + size > len(data):
                 raise ValueError("a field longer than its message")
             yield number, wire, data[i : i + size]
@@ -250,7 +254,7 @@ def decode(message: Message, data: bytes) -> dict[str, Any]:
     absent, as the gateway leaves it out)."""
     by_number = {number: (name, kind, sub) for name, (number, kind, sub) in message.items()}
     out: dict[str, Any] = {}
-    for number, _wire, value in _fields(data):
+    for number, _wire, value in read_fields(data):
         known = by_number.get(number)
         if known is None:
             continue
