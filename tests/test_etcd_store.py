@@ -301,3 +301,65 @@ def test_a_key_tied_to_another_lives_and_is_refreshed_with_it(
     finally:
         store.close()
         other.close()
+
+
+class _LosesWatches:
+    """A gRPC channel whose first ``lose`` watch calls fail as grpcio fails a call it
+    could not send (INTERNAL "Internal error from Core"); everything else goes to the
+    real channel."""
+
+    def __init__(self, channel: Any, lose: int) -> None:
+        self._channel, self.lose, self.watches = channel, lose, 0
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(*args, **kwargs)
+
+    def stream_stream(self, method: str, **kwargs: Any) -> Any:
+        make = self._channel.stream_stream(method, **kwargs)
+        if not method.endswith("/Watch"):
+            return make
+        self.watches += 1
+        if self.watches > self.lose:
+            return make
+        import grpc.aio
+
+        class _Unsent:
+            async def read(self) -> Any:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="Internal error from Core",
+                    debug_error_string='Failed "execute_batch": (SendMessageOperation)',
+                )
+
+            def cancel(self) -> bool:
+                return True
+
+        return lambda *args, **kwargs: _Unsent()
+
+
+def test_a_watch_grpcio_could_not_send_is_sent_again(etcd_server: EtcdServer) -> None:
+    """Under load grpcio may fail a watch it could not send (the call ended first) with
+    INTERNAL "Internal error from Core"; a join failed as "cannot reach etcd" for it.
+    The watch is sent again and sees the change; one that keeps failing is a timeout
+    (the caller waits again), never a lost etcd."""
+    store = EtcdStore(parse_endpoints(etcd_server.endpoint, 2379), api="grpc")
+    try:
+        _, version = store.scan("w/")
+        client: Any = store._clients[0]
+        channel = client._channel
+        client._channel = lossy = _LosesWatches(channel, lose=2)
+        store.set("w/a", "1")
+        assert store.wait_for_change("w/", version, 10.0) > version
+        assert lossy.watches == 3
+
+        client._channel = lossy = _LosesWatches(channel, lose=10**6)
+        started = time.monotonic()
+        with pytest.raises(StoreTimeoutError):
+            store.wait_for_change("w/", version + 100, 0.5)
+        assert time.monotonic() - started < 2.0
+        assert 2 <= lossy.watches < 20  # sent again, backing off, not spun on
+        client._channel = channel
+    finally:
+        store.close()

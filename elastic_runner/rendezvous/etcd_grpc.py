@@ -75,10 +75,19 @@ def _code(exc: grpc.RpcError) -> grpc.StatusCode:
     details = exc.details() or ""
     if code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in details:
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if code == grpc.StatusCode.INTERNAL and "from Core" in details:
+    if _not_sent(exc):
         # grpcio's own failure to run the call, not etcd's answer: try again
         return grpc.StatusCode.UNAVAILABLE
     return code
+
+
+def _not_sent(exc: grpc.RpcError) -> bool:
+    """Whether grpcio failed to run (part of) the call itself: INTERNAL "Internal error
+    from Core", a batch of operations the call no longer takes. Seen on a watch whose
+    request could not be sent (``Failed "execute_batch": (SendMessageOperation ...)``)
+    with two 1,024-node benchmarks at once on 2 cores: the call had ended first (its
+    deadline passed while the loop was behind), so etcd never saw the watch."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "from Core" in (exc.details() or "")
 
 
 T = TypeVar("T")
@@ -293,7 +302,31 @@ class EtcdGrpcEndpoint:
         return answer
 
     async def _watch(self, data: bytes, timeout: float) -> list[bytes]:
-        """A watch's answers up to the first with events or a cancellation."""
+        """A watch's answers up to the first with events or a cancellation, within
+        ``timeout`` (then :class:`TimeoutError`). A watch grpcio could not send is sent
+        again while time is left: a watch changes nothing at etcd, and the caller waits
+        from its revision whatever the stream it is read on."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.01
+        while True:
+            try:
+                return await self._watch_once(data, max(deadline - loop.time(), 0.001))
+            except grpc.RpcError as exc:
+                if self._closed:
+                    raise
+                if _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"{self}: no answer in {timeout:g} s") from None
+                if not _not_sent(exc):
+                    raise
+                # Once 1 of 1,024 participants' watches (two benchmarks at once): that
+                # node's join failed as "cannot reach etcd", and so did the round.
+                if loop.time() + pause >= deadline:
+                    raise TimeoutError(f"{self}: no answer in {timeout:g} s") from None
+            await asyncio.sleep(pause)  # a channel that fails at once is not spun on
+            pause = min(pause * 2, 0.5)
+
+    async def _watch_once(self, data: bytes, timeout: float) -> list[bytes]:
         method = proto.WATCH[0]
         # sent as the call's request stream, which grpcio writes and then closes (etcd
         # keeps a watch whose send side closed): an explicit write() that meets the
@@ -313,10 +346,6 @@ class EtcdGrpcEndpoint:
                 decoded = self._decode(proto.WATCH[2], answer)
                 if decoded.get("events") or decoded.get("canceled"):
                     return answers
-        except grpc.RpcError as exc:
-            if _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED and not self._closed:
-                raise TimeoutError(f"{self}: no answer in {timeout:g} s") from None
-            raise
         finally:
             call.cancel()
 
