@@ -90,3 +90,37 @@ def test_an_etcd_profile_says_where_etcds_time_went(tmp_path: Path) -> None:
     shares = [float(line.split("%")[0]) for line in parts]
     assert abs(sum(shares) - 100) < 1, shares
     assert not _processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.timeout(90)
+def test_what_an_etcd_request_costs_both_ways(tmp_path: Path) -> None:
+    """``bench/etcd_client.py`` prints each store call's cost through the gateway and
+    over gRPC, from several threads at once, and leaves no etcd behind."""
+    from elastic_runner.testing.etcd import etcd_binary
+
+    if etcd_binary() is None:
+        pytest.fail("no etcd binary: apt-get install etcd-server")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    argv = [sys.executable, str(BENCH.parent / "etcd_client.py"), "--runs", "1"]
+    argv += ["--calls", "5", "--threads", "3"]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=BENCH.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    costs = {}
+    for line in proc.stdout.splitlines():
+        name, _, figures = line.rpartition(", ")
+        if figures.split()[:1] in (["gateway"], ["gRPC"]):
+            way, *numbers = figures.split()
+            costs[(name, way)] = [float(n) for n in numbers]
+    calls = ["get", "set", "set with a TTL (2 requests)", "scan", "refresh (keep-alive)"]
+    assert set(costs) == {(c, w) for c in calls for w in ("gateway", "gRPC")}, proc.stdout
+    # client CPU, wall and etcd's CPU, each a real figure
+    assert all(len(v) == 3 and v[1] > 0 for v in costs.values()), proc.stdout
+    assert not _processes_mentioning(str(tmp_path))
