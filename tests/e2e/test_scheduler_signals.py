@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from elastic_runner.outside import WINDOW
 from elastic_runner.testing.runner import ElasticRunner
 from tests.conftest import probe_job, probe_records
 
@@ -69,24 +70,39 @@ def test_a_signal_to_every_process_is_reported_as_from_outside(
 ) -> None:
     name = signal.Signals(sig).name
     verb = "preempted" if code == 75 else "stopped"
-    gaps = []
-    for i in range(3):  # the same outcome every time
-        out = tmp_path / f"probe{i}"
+    gaps, origins = [], []
+    # the same outcome every time, three times; up to three more when none of them could
+    # tell it came from outside (see below)
+    while len(origins) < 3 or ("outside" not in origins and len(origins) < 6):
+        out = tmp_path / f"probe{len(origins)}"
         out.mkdir()
         proc, run_dir = _start(elastic_run, out, *(["--on-term"] if catch else []))
         _signal_every_process(proc.pid, sig, agent_first)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == code, err
-        reason = f"{verb} by {name} from outside (the scheduler signalled every process)"
-        assert f"elastic-run: {reason} after 1 attempt" in err, err
         assert "root cause" not in err and "stopped by the agent" not in err
         result = json.loads((run_dir / "result.json").read_text())
         assert result["state"] == f"{verb.upper()} by {name}"
-        assert result["exit_code"] == code and result["error"] == reason
+        assert result["exit_code"] == code
         meta = _signal_event(run_dir)
-        assert meta["origin"] == "outside" and meta["preempted"] == (code == 75)
+        assert meta["preempted"] == (code == 75)
+        if meta["origin"] == "outside":
+            reason = f"{verb} by {name} from outside (the scheduler signalled every process)"
+            assert meta["gap_ms"] is not None and meta["gap_ms"] <= WINDOW * 1e3
+        else:
+            # As documented: when no worker ends within the window after the agent got
+            # the signal first, it cannot tell; it passes the signal on, and only the
+            # report's words differ. Seen on a loaded CI machine (2 cores, the suite on
+            # two processes): workers that catch SIGUSR1 and exit 0 took longer.
+            assert agent_first, err
+            assert meta["gap_ms"] is None or meta["gap_ms"] > WINDOW * 1e3, meta
+            reason = f"{verb} by {name}"
+        assert f"elastic-run: {reason} after 1 attempt" in err, err
+        assert result["error"] == reason
         gaps.append(meta["gap_ms"])
-    print(f"{name} catch={catch} agent_first={agent_first}: gaps (ms) {gaps}")
+        origins.append(meta["origin"])
+    assert "outside" in origins, origins
+    print(f"{name} catch={catch} agent_first={agent_first}: gaps (ms) {gaps}, {origins}")
 
 
 def test_a_signal_to_the_agent_alone_is_not_from_outside(
