@@ -70,7 +70,8 @@ def test_a_signal_to_every_process_is_reported_as_from_outside(
 ) -> None:
     name = signal.Signals(sig).name
     verb = "preempted" if code == 75 else "stopped"
-    gaps, origins = [], []
+    gaps: list[float | None] = []
+    origins: list[str] = []
     # the same outcome every time, three times; up to three more when none of them could
     # tell it came from outside (see below)
     while len(origins) < 3 or ("outside" not in origins and len(origins) < 6):
