@@ -85,8 +85,8 @@ def _not_sent(exc: grpc.RpcError) -> bool:
     """Whether grpcio failed to run (part of) the call itself: INTERNAL "Internal error
     from Core", a batch of operations the call no longer takes. Seen on a watch whose
     request could not be sent (``Failed "execute_batch": (SendMessageOperation ...)``)
-    with two 1,024-node benchmarks at once on 2 cores: the call had ended first (its
-    deadline passed while the loop was behind), so etcd never saw the watch."""
+    with two 1,024-node benchmarks at once on 2 cores: the call had already ended (most
+    likely its deadline, passed while the loop ran behind), so etcd never saw the watch."""
     return exc.code() == grpc.StatusCode.INTERNAL and "from Core" in (exc.details() or "")
 
 
