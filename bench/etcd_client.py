@@ -78,6 +78,8 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="callers at once (1)")
     args = parser.parse_args()
+    if args.threads < 1 or args.calls < 1 or args.runs < 1:
+        parser.error("--threads, --calls and --runs must be at least 1")
     apis = ["http", "grpc"] if args.api == "both" else [args.api]
     if "grpc" in apis and not grpc_available():
         if args.api == "grpc":

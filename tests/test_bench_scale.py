@@ -30,20 +30,32 @@ def _processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.timeout(90)
-def test_quick_mode_completes_prints_the_table_and_cleans_up(tmp_path: Path) -> None:
-    # every temp dir of the bench (its processes name it) lands under tmp_path
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+def _run_bench(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a bench script to its end, every temp dir of it (its processes name it) under
+    ``tmp_path``; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
+        argv,
         capture_output=True,
         text=True,
         timeout=80,
-        env=env,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         stdin=subprocess.DEVNULL,
         cwd=BENCH.parent.parent,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
+def _needs_etcd() -> None:
+    from elastic_runner.testing.etcd import etcd_binary
+
+    if etcd_binary() is None:
+        pytest.fail("no etcd binary: apt-get install etcd-server")
+
+
+@pytest.mark.timeout(90)
+def test_quick_mode_completes_prints_the_table_and_cleans_up(tmp_path: Path) -> None:
+    proc = _run_bench([sys.executable, str(BENCH), "--quick"], tmp_path)
     out = proc.stdout
     assert "== tcp ==" in out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["32"], ["64"])]
@@ -57,25 +69,12 @@ def test_quick_mode_completes_prints_the_table_and_cleans_up(tmp_path: Path) -> 
 
 @pytest.mark.timeout(90)
 def test_an_etcd_profile_says_where_etcds_time_went(tmp_path: Path) -> None:
-    from elastic_runner.testing.etcd import etcd_binary
-
-    if etcd_binary() is None:
-        pytest.fail("no etcd binary: apt-get install etcd-server")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    _needs_etcd()
     profile = tmp_path / "etcd.pprof"
     argv = [sys.executable, str(BENCH), "--backends", "etcd", "--sizes", "16", "--periods", "1"]
     argv += ["--heartbeat-interval", "0.5", "--budget", "30"]
     argv += ["--profile", str(profile), "--profile-seconds", "2"]
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=80,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        cwd=BENCH.parent.parent,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    proc = _run_bench(argv, tmp_path)
     assert "etcd N=16, from the round's start" in proc.stderr, proc.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("pprof_top", BENCH.parent / "pprof_top.py")
     assert spec is not None and spec.loader is not None
@@ -96,23 +95,10 @@ def test_an_etcd_profile_says_where_etcds_time_went(tmp_path: Path) -> None:
 def test_what_an_etcd_request_costs_both_ways(tmp_path: Path) -> None:
     """``bench/etcd_client.py`` prints each store call's cost through the gateway and
     over gRPC, from several threads at once, and leaves no etcd behind."""
-    from elastic_runner.testing.etcd import etcd_binary
-
-    if etcd_binary() is None:
-        pytest.fail("no etcd binary: apt-get install etcd-server")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    _needs_etcd()
     argv = [sys.executable, str(BENCH.parent / "etcd_client.py"), "--runs", "1"]
     argv += ["--calls", "5", "--threads", "3"]
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=80,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        cwd=BENCH.parent.parent,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    proc = _run_bench(argv, tmp_path)
     costs = {}
     for line in proc.stdout.splitlines():
         name, _, figures = line.rpartition(", ")
